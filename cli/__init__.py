@@ -1,0 +1,1 @@
+"""The ``sdlora`` command line (installed as ``sdlora_dist.cli``)."""

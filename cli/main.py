@@ -1,0 +1,75 @@
+"""Entry point of the ``sdlora`` console script: a thin Typer app; errors a user can cause exit with code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sdlora_dist.errors import UserError
+
+app = typer.Typer(
+    name="sdlora",
+    help="SD-LoRA class-incremental learning on ViTs: shards, DeepSpeed training, ONNX export and serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.command("config-docs")
+def config_docs(
+    out: str = typer.Option(None, "--out", help="Write the Markdown here instead of stdout."),
+) -> None:
+    """Print the configuration reference generated from the config classes."""
+    from pathlib import Path
+
+    from sdlora_dist.config import config_reference
+
+    text = config_reference() + "\n"
+    if out:
+        Path(out).write_text(text)
+    else:
+        typer.echo(text, nl=False)
+
+
+def _register_commands() -> None:
+    # Each command group lives in its own module and adds itself to ``app``.
+    from sdlora_dist.cli import data_cmds, export_cmds, train_cmds
+
+    for module in (data_cmds, train_cmds, export_cmds):
+        module.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a UserError becomes one ``error: ...`` line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return 2
+        raise
+    return 0
+
+
+def entry() -> None:
+    """Console-script shim."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,1 @@
+"""Merge, ONNX export and onnxruntime inference (installed as ``sdlora_dist.export``)."""

@@ -1,0 +1,1 @@
+"""Source layouts -> WebDataset task shards, manifest, and the per-task streaming pipeline."""
