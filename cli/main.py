@@ -17,6 +17,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """SD-LoRA class-incremental learning on ViTs: shards, DeepSpeed training, ONNX export and serving."""
+
+
 @app.command("config-docs")
 def config_docs(
     out: str = typer.Option(None, "--out", help="Write the Markdown here instead of stdout."),
@@ -45,24 +50,14 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; a UserError becomes one ``error: ...`` line on stderr and exit code 2."""
+    """Run the CLI and return its exit code; a UserError becomes one ``error: ...`` line and code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="sdlora")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except typer.Exit as exc:
-        return exc.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # click usage errors carry their own exit code and message
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return 2
-        raise
+    except SystemExit as exc:  # typer's standalone mode always ends this way
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
 
 
