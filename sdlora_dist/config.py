@@ -71,7 +71,9 @@ class AdapterConfig:
     magnitude: str = field(default="shared", metadata=_help("'shared' (one alpha per task) or 'per_layer'."))
     init_magnitude: float = field(default=0.8, metadata=_help("Initial alpha of a new task (official reset too)."))
     kd: bool = field(default=False, metadata=_help("SD-LoRA-KD: absorb a new direction into past ones when possible."))
-    kd_threshold: float = field(default=9e-4, metadata=_help("KD: relative least-squares residual below which to absorb."))
+    kd_threshold: float = field(
+        default=9e-4, metadata=_help("KD: relative least-squares residual below which to absorb.")
+    )
     compute: str = field(
         default="dense",
         metadata=_help("Forward kernel: 'dense' folds all directions into W0 + dW per step, 'lowrank' keeps factors."),
@@ -89,14 +91,18 @@ class DataConfig:
     num_workers: int = field(default=4, metadata=_help("DataLoader worker processes per rank."))
     normalize: str = field(
         default="model",
-        metadata=_help("'model' (mean/std of the pretrained cfg), 'none' (reference code: [0,1]), 'imagenet', 'half'."),
+        metadata=_help(
+            "'model' (mean/std of the pretrained cfg), 'none' (reference code: [0,1]), 'imagenet', 'half'."
+        ),
     )
     train_crop_scale: list[float] = field(
         default_factory=lambda: [0.05, 1.0], metadata=_help("RandomResizedCrop scale range for training.")
     )
     hflip: float = field(default=0.5, metadata=_help("Horizontal flip probability for training."))
     eval_crop_pct: float = field(default=0.875, metadata=_help("Eval: resize to img_size/crop_pct, center crop."))
-    corrupt: str = field(default="skip", metadata=_help("Corrupt sample policy: 'skip' (counted, reported) or 'error'."))
+    corrupt: str = field(
+        default="skip", metadata=_help("Corrupt sample policy: 'skip' (counted, reported) or 'error'.")
+    )
     bad_shard: str = field(default="error", metadata=_help("Truncated/missing shard policy: 'error' or 'skip'."))
 
 
@@ -115,7 +121,9 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list, metadata=_help("MultiStepLR epochs (empty = constant lr)."))
     gamma: float = field(default=0.1, metadata=_help("MultiStepLR decay factor."))
     seed: int = field(default=1993, metadata=_help("Seed of model init and data order (data: seed, task, epoch)."))
-    precision: str = field(default="auto", metadata=_help("'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16', 'fp16'."))
+    precision: str = field(
+        default="auto", metadata=_help("'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16', 'fp16'.")
+    )
     zero_stage: int = field(default=0, metadata=_help("DeepSpeed ZeRO stage (0-3)."))
     checkpoint_every: int = field(default=0, metadata=_help("Mid-task engine checkpoint every N steps (0 = off)."))
     max_steps_per_epoch: int | None = field(default=None, metadata=_help("Cap steps per epoch (smoke runs)."))
@@ -372,7 +380,9 @@ def config_reference() -> str:
             for f in section:
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
                 tp = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
-                lines.append(f"| `{prefix}{f.name}` | `{tp}` | `{json.dumps(default)}` | {f.metadata.get('help', '')} |")
+                lines.append(
+                    f"| `{prefix}{f.name}` | `{tp}` | `{json.dumps(default)}` | {f.metadata.get('help', '')} |"
+                )
             lines.append("")
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):

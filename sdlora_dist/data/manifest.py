@@ -1,0 +1,188 @@
+"""``manifest.json``: the index of a shard set (classes, class order, tasks, shards with counts and sha256).
+
+Schema (``format`` 1)::
+
+    {"format": 1, "benchmark": "digits", "fingerprint": "<sha256 of the source listing and options>",
+     "class_names": [...],            # index = global label = position in the class order
+     "class_order": [...],            # class_order[g] = the source's native class index of global label g
+     "seed": 1993, "split_seed": 0, "resize": 256, "shard_size": 1000,
+     "classes_per_task": [2, 2, ...],
+     "shards": {"train": [[{"path": "train/task_000/shard-000000.tar", "count": 7, "bytes": 1, "sha256": "..."}]],
+                "test": [[...]]},    # shards[split][task] = list of shards
+     "skipped": [{"path": "...", "reason": "..."}],   # source images that could not be read at prepare time
+     "added_tasks": [{"task": 5, "root": "...", "fingerprint": "..."}]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdlora_dist.errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+SPLITS = ("train", "test")
+
+
+@dataclass
+class ShardInfo:
+    """One tar file of a task's split: its path relative to the shard directory, sample count, size and sha256."""
+
+    path: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """A shard set as described by ``DIR/manifest.json``."""
+
+    benchmark: str
+    class_names: list[str]
+    classes_per_task: list[int]
+    seed: int
+    class_order: list[int]
+    shards: dict[str, list[list[ShardInfo]]]
+    fingerprint: str
+    resize: int = 256
+    shard_size: int = 1000
+    split_seed: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    added_tasks: list[dict[str, Any]] = field(default_factory=list)
+    format: int = MANIFEST_FORMAT
+
+    def num_tasks(self) -> int:
+        """Number of tasks in the shard set."""
+        return len(self.classes_per_task)
+
+    def class_offset(self, task: int) -> int:
+        """First global label owned by ``task`` (task t owns [offset, offset + classes_per_task[t]))."""
+        self._check_task(task)
+        return sum(self.classes_per_task[:task])
+
+    def task_labels(self, task: int) -> range:
+        """Global labels owned by ``task``."""
+        start = self.class_offset(task)
+        return range(start, start + self.classes_per_task[task])
+
+    def task_shards(self, split: str, task: int) -> list[ShardInfo]:
+        """The shards of one task's split, in written order."""
+        if split not in self.shards:
+            raise UserError(f"unknown split {split!r}: valid splits are {', '.join(SPLITS)}")
+        self._check_task(task)
+        return self.shards[split][task]
+
+    def num_samples(self, split: str, task: int) -> int:
+        """Samples of ``task`` in ``split`` (sum of its shards' counts)."""
+        return sum(s.count for s in self.task_shards(split, task))
+
+    def _check_task(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks():
+            raise UserError(f"task {task} does not exist: the shard set has tasks 0..{self.num_tasks() - 1}")
+
+    def to_json(self) -> str:
+        """Serialise (stable key order)."""
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+
+def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
+    """Build a Manifest from parsed JSON; raises KeyError/TypeError/ValueError on a malformed one."""
+    if raw.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"unsupported manifest format {raw.get('format')!r} (expected {MANIFEST_FORMAT})")
+    shards = {split: [[ShardInfo(**s) for s in task] for task in raw["shards"][split]] for split in SPLITS}
+    kwargs = {f.name: raw[f.name] for f in dataclasses.fields(Manifest) if f.name in raw and f.name != "shards"}
+    manifest = Manifest(shards=shards, **kwargs)
+    n_tasks = len(manifest.classes_per_task)
+    if sum(manifest.classes_per_task) != len(manifest.class_names) or len(manifest.class_order) != len(
+        manifest.class_names
+    ):
+        raise ValueError("classes_per_task, class_names and class_order disagree")
+    if any(len(manifest.shards[split]) != n_tasks for split in SPLITS):
+        raise ValueError("the shard lists do not have one entry per task")
+    return manifest
+
+
+def load_manifest(shards_dir: str | Path) -> Manifest:
+    """Read ``shards_dir/manifest.json``; UserError when it is missing or corrupt."""
+    path = Path(shards_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise UserError(
+            f"no {MANIFEST_NAME} in {shards_dir}: it is not a shard set; create one with 'sdlora data prepare'"
+        )
+    try:
+        return manifest_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise UserError(
+            f"{path} is corrupt ({type(exc).__name__}: {exc}); re-create the shard set with 'sdlora data prepare'"
+        ) from exc
+
+
+def write_manifest(manifest: Manifest, shards_dir: str | Path) -> None:
+    """Write ``manifest.json`` atomically (temp file, fsync, rename)."""
+    atomic_write_text(Path(shards_dir) / MANIFEST_NAME, manifest.to_json())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_shards(manifest: Manifest, shards_dir: str | Path) -> int:
+    """Check every shard's existence, size and sha256 against the manifest; returns the number checked.
+
+    Raises UserError naming every shard that is missing, truncated or whose checksum differs.
+    """
+    problems: list[str] = []
+    checked = 0
+    for split in SPLITS:
+        for task_shards in manifest.shards[split]:
+            for shard in task_shards:
+                problem = _shard_problem(Path(shards_dir) / shard.path, shard, check_sha=True)
+                checked += 1
+                if problem:
+                    problems.append(f"{shard.path} ({problem})")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise UserError(
+            f"{len(problems)} shard(s) in {shards_dir} fail verification: {shown}; "
+            "re-create the shard set with 'sdlora data prepare' (or restore the files)"
+        )
+    return checked
+
+
+def _shard_problem(path: Path, shard: ShardInfo, check_sha: bool) -> str | None:
+    """Why a shard file is unusable (missing, wrong size, checksum), or None when it matches the manifest."""
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != shard.bytes:
+        return f"truncated or altered: {size} bytes, manifest says {shard.bytes}"
+    if check_sha and file_sha256(path) != shard.sha256:
+        return "sha256 mismatch"
+    return None
+
+
+def shard_problem(shards_dir: str | Path, shard: ShardInfo) -> str | None:
+    """Cheap check (existence and size, no hashing) used by the loaders before they open a shard."""
+    return _shard_problem(Path(shards_dir) / shard.path, shard, check_sha=False)
