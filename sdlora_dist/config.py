@@ -306,7 +306,7 @@ def validate_rank_schedule(schedule: list[list[int]] | None, key: str = "adapter
     tasks = [e[0] for e in schedule]
     if tasks[0] != 0:
         errors.append(f"{key}: the first entry must start at task 0 (got {schedule!r})")
-    if any(b <= a for a, b in zip(tasks, tasks[1:])):
+    if any(b <= a for a, b in zip(tasks, tasks[1:], strict=False)):
         errors.append(f"{key}: task indices must be strictly ascending (got {schedule!r})")
     if any(e[1] <= 0 for e in schedule):
         errors.append(f"{key}: ranks must be > 0 (got {schedule!r})")

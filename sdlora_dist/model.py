@@ -89,7 +89,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             if part
         )
         raise UserError(
-            f"model.weights: {path} does not fit model.name/model.kwargs ({detail}); use weights of the same architecture"
+            f"model.weights: {path} does not fit model.name/model.kwargs ({detail}); "
+            "use weights of the same architecture"
         )
     backbone.load_state_dict(state, strict=True)
 
