@@ -1,7 +1,63 @@
-"""Placeholder: replaced by the owner of this command group."""
+"""``sdlora data``: prepare shards from a benchmark's layout, add a task of new classes, inspect a shard set."""
+
+from __future__ import annotations
 
 import typer
 
+data_app = typer.Typer(name="data", help="Benchmark layouts -> per-task WebDataset shards.", no_args_is_help=True)
+
+
+@data_app.command("prepare")
+def prepare_cmd(
+    benchmark: str = typer.Option(
+        ..., "--benchmark", help="imagenet-r, imagenet-a, domainnet, cifar100, cub200, imagefolder or digits."
+    ),
+    out: str = typer.Option(..., "--out", help="Shard directory to create (refused if it holds another dataset)."),
+    root: str = typer.Option(None, "--root", help="Dataset folder in the benchmark's own layout (not for digits)."),
+    tasks: int = typer.Option(None, "--tasks", help="Number of tasks (default: the paper's for the benchmark)."),
+    seed: int = typer.Option(None, "--seed", help="Class-order seed (default: the paper's for the benchmark)."),
+    resize: int = typer.Option(256, "--resize", help="Downscale short sides above this once (0 = keep size)."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
+    workers: int = typer.Option(None, "--workers", help="Encoding processes (default: all cores)."),
+) -> None:
+    """Write a benchmark as per-task train/test shards plus manifest.json (resumes an interrupted run)."""
+    from sdlora_dist.data.prepare import prepare
+
+    manifest = prepare(
+        benchmark, root, out, tasks=tasks, seed=seed, resize=resize, shard_size=shard_size, workers=workers
+    )
+    n_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
+    n_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
+    typer.echo(
+        f"{out}: {manifest.benchmark}, {len(manifest.class_names)} classes in {manifest.num_tasks()} tasks, "
+        f"{n_train} train / {n_test} test samples, {len(manifest.skipped)} unreadable source images skipped"
+    )
+
+
+@data_app.command("add-task")
+def add_task_cmd(
+    out: str = typer.Option(..., "--out", help="Existing shard directory to extend."),
+    root: str = typer.Option(..., "--root", help="Folder of new classes: train/<class>/* and test/<class>/*."),
+    workers: int = typer.Option(None, "--workers", help="Encoding processes (default: all cores)."),
+) -> None:
+    """Append one task made of new classes to an existing shard set."""
+    from sdlora_dist.data.prepare import add_task
+
+    task = add_task(out, root, workers=workers)
+    typer.echo(f"{out}: added task {task}")
+
+
+@data_app.command("inspect")
+def inspect_cmd(
+    shards_dir: str = typer.Argument(..., help="Shard directory written by 'sdlora data prepare'."),
+    verify: bool = typer.Option(False, "--verify", help="Check every shard's size and sha256 against the manifest."),
+) -> None:
+    """Print the tasks, their classes and sample counts; --verify checks checksums first."""
+    from sdlora_dist.data.prepare import inspect_table
+
+    typer.echo(inspect_table(shards_dir, verify=verify))
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add the ``data`` command group to the app."""
+    app.add_typer(data_app, name="data")

@@ -1,0 +1,470 @@
+"""Source layouts -> per-task WebDataset shards + ``manifest.json`` (``sdlora data prepare`` / ``add-task``).
+
+Each sample is three tar members sharing a key: the image (``.jpg`` or ``.png``), ``.cls`` (the global label as
+text) and ``.json`` (label, class name, original path), the layout ``webdataset.WebDataset`` reads. Tar headers are
+fixed (mtime 0, root owner), so the same input gives byte-identical shards and checksums.
+
+Atomicity: ``prepare`` writes into ``<out>.partial/`` and renames it to ``<out>`` only after the manifest is in
+place. Every finished shard is renamed from a temp file and gets a ``.done`` record, so an interrupted prepare resumes
+where it stopped (same inputs -> same fingerprint) and ``<out>`` never holds a manifest pointing at missing or
+partial shards. ``add_task`` stages the new task the same way and rewrites the manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from sdlora_dist.data.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    ShardInfo,
+    atomic_write_text,
+    file_sha256,
+    load_manifest,
+    verify_shards,
+    write_manifest,
+)
+from sdlora_dist.data.sources import DEFAULTS, READERS, Source, SourceItem, read_image_folder, read_source
+from sdlora_dist.errors import UserError
+from sdlora_dist.logs import log_rank_zero
+
+JPEG_QUALITY = 95
+STATE_NAME = "prepare-state.json"
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class ShardPlan:
+    """What goes into one shard: its relative path and (key, item, global label, class name) per sample."""
+
+    path: str
+    split: str
+    task: int
+    samples: list[tuple[str, SourceItem, int, str]]
+
+
+@dataclass
+class Encoded:
+    """An item encoded for a shard, or the reason it was skipped."""
+
+    data: bytes | None
+    ext: str
+    reason: str | None = None
+
+
+def class_order(num_classes: int, seed: int) -> list[int]:
+    """The reference code's class order: ``np.random.seed(seed); np.random.permutation(n)``."""
+    return np.random.RandomState(seed).permutation(num_classes).tolist()
+
+
+def split_classes(num_classes: int, tasks: int) -> list[int]:
+    """Classes per task: equal shares, the first ``num_classes % tasks`` tasks take one more."""
+    if tasks <= 0:
+        raise UserError(f"--tasks must be >= 1 (got {tasks})")
+    if tasks > num_classes:
+        raise UserError(f"--tasks {tasks} is more than the {num_classes} classes of the dataset: use at most that")
+    base, extra = divmod(num_classes, tasks)
+    return [base + (1 if t < extra else 0) for t in range(tasks)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Encoding (runs in pool workers)
+
+
+def _downscale(img: Image.Image, short: int) -> Image.Image:
+    w, h = img.size
+    scale = short / min(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img.draft("RGB", size)  # JPEG: let the decoder skip detail we throw away (DCT scaling, stays >= size)
+    return img.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
+
+
+def encode_item(item: SourceItem, resize: int) -> Encoded:
+    """Read one source image, downscale it once if its short side exceeds ``resize`` (never upscale), encode it.
+
+    Files kept at their size keep their original JPEG/PNG bytes (verified to decode); resized images become JPEG;
+    array sources (CIFAR, digits) become PNG at native size.
+    """
+    if item.pixels is not None:
+        buf = io.BytesIO()
+        Image.fromarray(item.pixels).save(buf, format="PNG")
+        return Encoded(buf.getvalue(), "png")
+    try:
+        raw = Path(item.file).read_bytes()
+    except OSError as exc:
+        return Encoded(None, "", f"unreadable file: {exc.strerror or exc}")
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            fmt = img.format
+            if resize and min(img.size) > resize:
+                out = _downscale(img, resize)
+                buf = io.BytesIO()
+                out.save(buf, format="JPEG", quality=JPEG_QUALITY)
+                return Encoded(buf.getvalue(), "jpg")
+            img.load()  # full decode: a truncated file fails here, not in the training loop
+            if fmt in ("JPEG", "PNG"):
+                return Encoded(raw, "jpg" if fmt == "JPEG" else "png")
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format="PNG")
+            return Encoded(buf.getvalue(), "png")
+    except _DECODE_ERRORS as exc:
+        return Encoded(None, "", f"corrupt image: {type(exc).__name__}: {exc}")
+
+
+def _encode_star(args: tuple[SourceItem, int]) -> Encoded:
+    return encode_item(*args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shard files
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    info.uname = info.gname = "root"
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes, str, int, dict]]) -> ShardInfo:
+    """Write ``(key, image bytes, ext, label, meta)`` samples to ``path`` atomically; returns the shard's record."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, data, ext, label, meta in samples:
+                _tar_add(tar, f"{key}.{ext}", data)
+                _tar_add(tar, f"{key}.cls", str(label).encode())
+                _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+    sha, size = file_sha256(tmp), tmp.stat().st_size
+    os.replace(tmp, path)
+    return ShardInfo(path="", count=len(samples), bytes=size, sha256=sha)
+
+
+def plan_shards(
+    source: Source, order: list[int], per_task: list[int], seed: int, shard_size: int, first_task: int = 0
+) -> list[ShardPlan]:
+    """Assign every item to (split, task, shard): classes by the seeded order, samples shuffled within a task."""
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
+    global_label = {native: g for g, native in enumerate(order)}
+    offsets = np.cumsum([0] + per_task).tolist()
+    names = [source.class_names[n] for n in order]
+    plans = []
+    for split_idx, (split, items) in enumerate((("train", source.train), ("test", source.test))):
+        by_task: list[list[SourceItem]] = [[] for _ in per_task]
+        for item in items:
+            g = global_label[item.label]
+            by_task[int(np.searchsorted(offsets, g, side="right")) - 1].append(item)
+        for t, task_items in enumerate(by_task):
+            task = first_task + t
+            # shuffle within the task so every shard mixes the task's classes (seeded: same input, same shards)
+            perm = np.random.default_rng([seed, task, split_idx]).permutation(len(task_items))
+            samples = []
+            for i, j in enumerate(perm.tolist()):
+                g = global_label[task_items[j].label]
+                samples.append((f"{split}-t{task:03d}-{i:07d}", task_items[j], g, names[g]))
+            for s, start in enumerate(range(0, max(len(samples), 1), shard_size)):
+                plans.append(
+                    ShardPlan(
+                        f"{split}/task_{task:03d}/shard-{s:06d}.tar", split, task, samples[start : start + shard_size]
+                    )
+                )
+    return plans
+
+
+def _done_record(stage: Path, plan: ShardPlan) -> Path:
+    p = stage / plan.path
+    return p.with_name(f".{p.name}.done.json")
+
+
+def _encoded_stream(plans: list[ShardPlan], resize: int, workers: int) -> Iterator[Encoded]:
+    jobs = ((item, resize) for plan in plans for _, item, _, _ in plan.samples)
+    if workers <= 1:
+        yield from map(_encode_star, jobs)
+        return
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(_encode_star, jobs, chunksize=8)
+
+
+def write_shards(
+    plans: list[ShardPlan], stage: Path, *, label_offset: int, resize: int, workers: int, progress: bool, desc: str
+) -> tuple[dict[str, ShardInfo], list[dict[str, str]]]:
+    """Encode and write every planned shard under ``stage`` (resuming finished ones); returns records and skips."""
+    records: dict[str, ShardInfo] = {}
+    skipped: list[dict[str, str]] = []
+    todo = []
+    for plan in plans:
+        done = _done_record(stage, plan)
+        if done.is_file() and (stage / plan.path).is_file():  # finished by an earlier, interrupted run
+            state = json.loads(done.read_text())
+            records[plan.path] = ShardInfo(**state["shard"])
+            skipped += state["skipped"]
+        else:
+            todo.append(plan)
+    total = sum(len(p.samples) for p in todo)
+    encoded = _encoded_stream(todo, resize, workers)
+    with tqdm(total=total, unit="img", desc=desc, file=sys.stderr, disable=not progress or total == 0) as bar:
+        for plan in todo:
+            samples, shard_skips = [], []
+            for key, item, label, name in plan.samples:
+                enc = next(encoded)
+                bar.update(1)
+                if enc.data is None:
+                    shard_skips.append({"path": item.path, "reason": enc.reason or "unreadable"})
+                    continue
+                meta = {"label": label + label_offset, "class": name, "path": item.path}
+                samples.append((key, enc.data, enc.ext, label + label_offset, meta))
+            (stage / plan.path).parent.mkdir(parents=True, exist_ok=True)
+            info = write_shard(stage / plan.path, samples)
+            info.path = plan.path
+            atomic_write_text(_done_record(stage, plan), json.dumps({"shard": vars(info), "skipped": shard_skips}))
+            records[plan.path] = info
+            skipped += shard_skips
+    return records, skipped
+
+
+def _shard_lists(
+    plans: list[ShardPlan], records: dict[str, ShardInfo], tasks: range
+) -> dict[str, list[list[ShardInfo]]]:
+    return {
+        split: [[records[p.path] for p in plans if p.split == split and p.task == t] for t in tasks]
+        for split in SPLITS
+    }
+
+
+def _clear_done_records(stage: Path) -> None:
+    for record in stage.rglob(".*.done.json"):
+        record.unlink()
+
+
+def _report_skipped(skipped: list[dict[str, str]]) -> None:
+    if skipped:
+        shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log_rank_zero(
+            f"warning: skipped {len(skipped)} unreadable source image(s) (listed in the manifest): {shown}{more}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prepare
+
+
+def dataset_fingerprint(source: Source, options: dict) -> str:
+    """Identity of a shard set: the source listing (paths, labels, sizes) plus every option that changes shards."""
+    digest = hashlib.sha256(source.fingerprint_payload())
+    digest.update(json.dumps(options, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _check_out(out: Path, fingerprint: str, benchmark: str) -> bool:
+    """True when ``out`` already holds this exact shard set; UserError when it holds anything else."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a folder path for the shard set")
+    if (out / MANIFEST_NAME).is_file():
+        existing = load_manifest(out)
+        if existing.fingerprint == fingerprint:
+            return True
+        raise UserError(
+            f"--out {out} already holds a different shard set (benchmark {existing.benchmark!r}, fingerprint "
+            f"{existing.fingerprint[:12]}; this {benchmark!r} input has {fingerprint[:12]}): pass another --out "
+            "or delete that folder first"
+        )
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} is a non-empty folder without {MANIFEST_NAME}: pass an empty or new folder")
+    return False
+
+
+def prepare(
+    benchmark: str,
+    root: str | Path | None,
+    out: str | Path,
+    *,
+    tasks: int | None = None,
+    seed: int | None = None,
+    resize: int = 256,
+    shard_size: int = 1000,
+    split_seed: int = 0,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Write ``benchmark`` read from ``root`` as per-task shards under ``out``; returns the manifest.
+
+    ``tasks``/``seed`` default to the paper's setting for the benchmark. Refuses an ``out`` that holds a different
+    shard set; returns at once when it holds this one; resumes an interrupted run from ``<out>.partial``.
+    """
+    if benchmark not in READERS:
+        raise UserError(f"unknown benchmark {benchmark!r}: valid benchmarks are {', '.join(READERS)}")
+    if resize < 0:
+        raise UserError(f"--resize must be >= 0 (0 keeps the original size; got {resize})")
+    default_tasks, default_seed = DEFAULTS[benchmark]
+    tasks = tasks if tasks is not None else default_tasks
+    if tasks is None:
+        raise UserError(f"benchmark {benchmark!r} has no default task count: pass --tasks")
+    seed = default_seed if seed is None else seed
+    out = Path(out)
+    source = read_source(benchmark, root, split_seed)
+    per_task = split_classes(len(source.class_names), tasks)
+    options = {"tasks": tasks, "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed}
+    fingerprint = dataset_fingerprint(source, options)
+    if _check_out(out, fingerprint, benchmark):
+        log_rank_zero(f"{out} already holds this shard set (fingerprint {fingerprint[:12]}): nothing to do")
+        return load_manifest(out)
+
+    stage = out.with_name(out.name + ".partial")
+    _open_stage(stage, fingerprint)
+    order = class_order(len(source.class_names), seed)
+    plans = plan_shards(source, order, per_task, seed, shard_size)
+    records, skipped = write_shards(
+        plans,
+        stage,
+        label_offset=0,
+        resize=resize,
+        workers=workers or os.cpu_count() or 1,
+        progress=progress,
+        desc=f"prepare {benchmark}",
+    )
+    manifest = Manifest(
+        benchmark=benchmark,
+        class_names=[source.class_names[n] for n in order],
+        classes_per_task=per_task,
+        seed=seed,
+        class_order=order,
+        shards=_shard_lists(plans, records, range(tasks)),
+        fingerprint=fingerprint,
+        resize=resize,
+        shard_size=shard_size,
+        split_seed=split_seed,
+        skipped=skipped,
+    )
+    _clear_done_records(stage)
+    (stage / STATE_NAME).unlink()
+    write_manifest(manifest, stage)
+    if out.is_dir():
+        out.rmdir()  # empty (checked above); rename cannot replace it on every platform
+    os.replace(stage, out)
+    _report_skipped(skipped)
+    return manifest
+
+
+def _open_stage(stage: Path, fingerprint: str) -> None:
+    """Create ``stage`` or reuse it when it was left by an interrupted run over the same input."""
+    state = stage / STATE_NAME
+    if stage.exists():
+        try:
+            same = json.loads(state.read_text()).get("fingerprint") == fingerprint
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            log_rank_zero(f"resuming the interrupted prepare in {stage}")
+            return
+        if not state.is_file() and any(stage.iterdir()):
+            raise UserError(f"{stage} exists and was not written by 'sdlora data prepare': move or delete it")
+        shutil.rmtree(stage)  # staging of an older, different input: start over
+    stage.mkdir(parents=True)
+    atomic_write_text(state, json.dumps({"fingerprint": fingerprint}))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# add-task
+
+
+def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = None, progress: bool = True) -> int:
+    """Append one task of the new classes in ``root`` (``train/<class>/*``, ``test/<class>/*``); returns its index.
+
+    Images get the shard set's resize and shard size; the new classes take the next global labels in a seeded
+    order. The manifest is rewritten last, so an interrupted add-task leaves the shard set as it was.
+    """
+    out = Path(out_dir)
+    manifest = load_manifest(out)
+    source = read_image_folder(Path(root), manifest.split_seed, benchmark="add-task")
+    clash = sorted(set(source.class_names) & set(manifest.class_names))
+    if clash:
+        raise UserError(
+            f"add-task: classes already in {out}: {', '.join(clash[:5])}; a new task must bring only new classes"
+        )
+    fingerprint = dataset_fingerprint(source, {"resize": manifest.resize, "shard_size": manifest.shard_size})
+    task = manifest.num_tasks()
+    order = class_order(len(source.class_names), manifest.seed + task)
+    offset = len(manifest.class_names)
+    plans = plan_shards(source, order, [len(order)], manifest.seed, manifest.shard_size, first_task=task)
+    stage = out / f".add-task-{task:03d}.partial"
+    _open_stage(stage, fingerprint)
+    records, skipped = write_shards(
+        plans,
+        stage,
+        label_offset=offset,
+        resize=manifest.resize,
+        workers=workers or os.cpu_count() or 1,
+        progress=progress,
+        desc=f"add task {task}",
+    )
+    _clear_done_records(stage)
+    for split in SPLITS:
+        final = out / split / f"task_{task:03d}"
+        if final.exists():  # left by an add-task interrupted after its move: not in the manifest, replace it
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(stage / split / f"task_{task:03d}", final)
+    lists = _shard_lists(plans, records, range(task, task + 1))
+    for split in SPLITS:
+        manifest.shards[split].append(lists[split][0])
+    manifest.class_names += [source.class_names[n] for n in order]
+    manifest.class_order += [offset + n for n in order]
+    manifest.classes_per_task.append(len(order))
+    manifest.skipped += skipped
+    manifest.added_tasks.append({"task": task, "root": str(root), "fingerprint": fingerprint})
+    write_manifest(manifest, out)
+    shutil.rmtree(stage)
+    _report_skipped(skipped)
+    return task
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# inspect
+
+
+def inspect_table(shards_dir: str | Path, *, verify: bool = False) -> str:
+    """A text table of tasks, their classes and sample/shard counts; with ``verify`` checks every sha256 first."""
+    manifest = load_manifest(shards_dir)
+    lines = []
+    if verify:
+        n = verify_shards(manifest, shards_dir)
+        lines.append(f"verified {n} shards: sizes and sha256 match the manifest")
+    lines += [
+        f"benchmark {manifest.benchmark}: {len(manifest.class_names)} classes, {manifest.num_tasks()} tasks, "
+        f"class-order seed {manifest.seed}, resize {manifest.resize}, fingerprint {manifest.fingerprint[:12]}",
+        f"{'task':>4}  {'labels':>11}  {'classes':>7}  {'train':>8}  {'test':>8}  {'shards':>6}  first classes",
+    ]
+    for t in range(manifest.num_tasks()):
+        labels = manifest.task_labels(t)
+        names = ", ".join(manifest.class_names[g] for g in labels[:3]) + (", ..." if len(labels) > 3 else "")
+        n_shards = sum(len(manifest.task_shards(s, t)) for s in SPLITS)
+        lines.append(
+            f"{t:>4}  {f'{labels.start}-{labels.stop - 1}':>11}  {len(labels):>7}  "
+            f"{manifest.num_samples('train', t):>8}  {manifest.num_samples('test', t):>8}  {n_shards:>6}  {names}"
+        )
+    total_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
+    total_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
+    lines.append(f"{'all':>4}  {'':>11}  {len(manifest.class_names):>7}  {total_train:>8}  {total_test:>8}")
+    if manifest.skipped:
+        lines.append(f"{len(manifest.skipped)} source image(s) were unreadable at prepare time and skipped")
+    return "\n".join(lines)
