@@ -1,7 +1,77 @@
-"""Placeholder: replaced by the owner of this command group."""
+"""``sdlora export``, ``sdlora predict``, ``sdlora evaluate``: the merged model as ONNX, and onnxruntime serving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
+from sdlora_dist.errors import UserError
+
+
+def export(
+    out: Path = typer.Argument(..., help="Output .onnx file (written atomically after verification)."),
+    run: Path = typer.Option(None, "--run", help="Run directory; default: the newest complete run under --runs-root."),
+    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for runs when --run is omitted."),
+    fp16: bool = typer.Option(False, "--fp16", help="Half-precision weights and compute (GPU serving); fp32 I/O."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (17-23)."),
+    with_preprocessing: bool = typer.Option(
+        False, "--with-preprocessing", help="Take uint8 NHWC images and normalise inside the graph."
+    ),
+    verify_images: int = typer.Option(64, "--verify-images", help="Real test images to verify on (0 = random only)."),
+    triton: Path = typer.Option(None, "--triton", help="Also write a Triton model repository entry here."),
+    triton_name: str = typer.Option(None, "--triton-name", help="Triton model name (default: OUT's stem)."),
+    triton_max_batch: int = typer.Option(64, "--triton-max-batch", help="Triton max_batch_size."),
+) -> None:
+    """Export the merged final model of a run as one ONNX file, verified against PyTorch with onnxruntime."""
+    from sdlora_dist.export.from_run import export_run
+
+    report = export_run(
+        out,
+        run_dir=run,
+        runs_root=runs_root,
+        opset=opset,
+        fp16=fp16,
+        with_preprocessing=with_preprocessing,
+        verify_images=verify_images,
+        triton_dir=triton,
+        triton_name=triton_name,
+        triton_max_batch=triton_max_batch,
+    )
+    typer.echo(report.summary())
+
+
+def predict(
+    model: Path = typer.Argument(..., help="An .onnx file written by 'sdlora export'."),
+    images: list[str] = typer.Argument(..., help="Image files."),
+    top_k: int = typer.Option(5, "--top-k", help="Classes to print per image."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per onnxruntime call."),
+    provider: str = typer.Option(None, "--provider", help="cuda, tensorrt or cpu (default: CUDA when installed)."),
+) -> None:
+    """Classify images with onnxruntime: one JSON line per image on stdout; unreadable files reported on stderr."""
+    from sdlora_dist.export.inference import run_predict
+
+    failed = run_predict(model, images, top_k=top_k, batch_size=batch_size, provider=provider)
+    if failed:
+        raise UserError(f"{failed} of {len(images)} files could not be predicted (see the lines above)")
+
+
+def evaluate(
+    model: Path = typer.Argument(..., help="An .onnx file written by 'sdlora export'."),
+    data: Path = typer.Option(..., "--data", help="Shard directory (from 'sdlora data prepare')."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per onnxruntime call."),
+    provider: str = typer.Option(None, "--provider", help="cuda, tensorrt or cpu (default: CUDA when installed)."),
+) -> None:
+    """Accuracy of an exported model on the test shards of every task it has seen (JSON on stdout)."""
+    from sdlora_dist.export.evaluate import evaluate_onnx
+
+    result = evaluate_onnx(model, data, batch_size=batch_size, provider=provider)
+    typer.echo(json.dumps(result.to_dict()))
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add ``export``, ``predict`` and ``evaluate`` to the app."""
+    app.command("export")(export)
+    app.command("predict")(predict)
+    app.command("evaluate")(evaluate)

@@ -194,6 +194,11 @@ def _verify(
     return tuple(reports)
 
 
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    # A copy in eval mode, fp32 on CPU: the caller's module keeps its mode, device and dtype.
+    return copy.deepcopy(module).float().cpu().eval()
+
+
 def _check_verify_inputs(verify_inputs: np.ndarray | None, meta: ModelMetadata) -> None:
     if verify_inputs is None:
         return
@@ -215,6 +220,7 @@ def export_onnx(
     with_preprocessing: bool = False,
     verify_inputs: np.ndarray | None = None,
     tolerance: float | None = None,
+    reference: nn.Module | None = None,
 ) -> ExportReport:
     """Export ``model`` (a plain timm ViT, e.g. ``SDLoRAViT.merge()``) to ``out_path`` and verify it.
 
@@ -223,7 +229,9 @@ def export_onnx(
     ``with_preprocessing``: the graph takes uint8 (batch, H, W, 3) and normalises inside. ``fp16``: half-precision
     weights and compute, fp32 input/output. ``verify_inputs``: real images as uint8 (N, H, W, 3) crops at the input
     size, checked in addition to fixed random inputs at batch sizes 1, 3 and 8. ``tolerance`` overrides the stated
-    one (``verify.py``). Past tolerance -> UserError and no file written (an existing file is kept).
+    one (``verify.py``). ``reference``: the PyTorch model the file must reproduce, default ``model``; pass the
+    unmerged SD-LoRA model so the check covers the merge too. Past tolerance -> UserError and no file written (an
+    existing file is kept).
     """
     start = time.perf_counter()
     _check_plain_vit(model)
@@ -241,8 +249,8 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        reference = copy.deepcopy(model).float().cpu()
-        module: nn.Module = copy.deepcopy(reference)
+        plain = copy.deepcopy(model).float().cpu()
+        module: nn.Module = copy.deepcopy(plain)
         if fp16:
             module = _HalfPrecision(module)
         input_name = INPUT_UINT8 if with_preprocessing else INPUT_FLOAT
@@ -268,7 +276,9 @@ def export_onnx(
     tmp = Path(tmp_name)
     try:
         onnx.save_model(proto, str(tmp))
-        checks = _verify(tmp, reference, meta, verify_inputs, tolerance)
+        checks = _verify(
+            tmp, _frozen_copy(reference) if reference is not None else plain, meta, verify_inputs, tolerance
+        )
         failed = [c for c in checks if not c.passed]
         if failed:
             raise UserError(

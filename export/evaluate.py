@@ -1,0 +1,94 @@
+"""``sdlora evaluate MODEL.onnx --data SHARDS``: accuracy of the exported file on the test shards, per task.
+
+Preprocessing comes from the file's metadata and runs through the data pipeline's eval transform (the one training
+evaluated with), so the counts are comparable with the PyTorch evaluation of the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sdlora_dist.export.inference import OnnxClassifier
+from sdlora_dist.export.metadata import LAYOUT_UINT8, ModelMetadata
+from tqdm import tqdm
+
+from sdlora_dist.errors import UserError
+from sdlora_dist.logs import log_rank_zero
+
+
+@dataclass
+class EvalResult:
+    """Correct and total counts, per task and overall."""
+
+    correct: int = 0
+    total: int = 0
+    per_task: dict[int, tuple[int, int]] = field(default_factory=dict)  # task -> (correct, total)
+    skipped: int = 0  # corrupt samples the loader skipped
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 accuracy over all evaluated samples."""
+        return self.correct / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary."""
+        return {
+            "correct": self.correct,
+            "total": self.total,
+            "accuracy": round(self.accuracy, 6),
+            "per_task": {str(t): {"correct": c, "total": n} for t, (c, n) in sorted(self.per_task.items())},
+            "skipped_corrupt": self.skipped,
+        }
+
+
+def _check_shards_match(meta: ModelMetadata, class_names: list[str], shards_dir: Path) -> None:
+    seen = class_names[: meta.num_classes]
+    if len(seen) < meta.num_classes or list(meta.class_names) != seen:
+        raise UserError(
+            f"the shards in {shards_dir} do not match the model: its {meta.num_classes} classes start "
+            f"{list(meta.class_names[:3])}, the shards' class order starts {class_names[:3]}; pass the shard set "
+            "the model was trained on"
+        )
+
+
+def evaluate_onnx(
+    model_path: str | Path,
+    shards_dir: str | Path,
+    *,
+    batch_size: int = 64,
+    provider: str | None = None,
+    tasks: list[int] | None = None,
+    num_workers: int = 0,
+) -> EvalResult:
+    """Top-1 correct counts of the ONNX model on the test shards of ``tasks`` (default: every task it has seen)."""
+    from sdlora_dist.data.manifest import load_manifest
+    from sdlora_dist.data.pipeline import TransformSpec, make_eval_loader
+
+    classifier = OnnxClassifier(model_path, provider=provider)
+    log_rank_zero(classifier.describe_provider())
+    meta = classifier.metadata
+    manifest = load_manifest(shards_dir)
+    _check_shards_match(meta, manifest.class_names, Path(shards_dir))
+    tasks = list(range(min(meta.num_tasks, manifest.num_tasks()))) if tasks is None else tasks
+    uint8 = meta.input_layout == LAYOUT_UINT8
+    # A uint8 model takes raw pixels: mean 0, std 1/255 makes the loader return the pixel values themselves.
+    mean, std = ((0.0, 0.0, 0.0), (1 / 255,) * 3) if uint8 else (meta.mean, meta.std)
+    spec = TransformSpec(meta.image_hw[0], mean, std, interpolation=meta.interpolation, crop_pct=meta.crop_pct)
+    result = EvalResult()
+    for task in tasks:
+        loader = make_eval_loader(shards_dir, [task], spec=spec, batch_size=batch_size, num_workers=num_workers)
+        correct = total = 0
+        for images, labels in tqdm(loader, desc=f"evaluate task {task}", leave=False, file=None):
+            x = images.numpy()
+            if uint8:
+                x = np.ascontiguousarray(x.round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+            pred = classifier.run(x).argmax(axis=1)
+            correct += int((pred == labels.numpy()).sum())
+            total += len(labels)
+        result.per_task[task] = (correct, total)
+        result.correct += correct
+        result.total += total
+        result.skipped += loader.stats.corrupt
+    return result
