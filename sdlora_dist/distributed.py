@@ -1,0 +1,476 @@
+"""Every distributed concern in one place: process group, DeepSpeed engine, collectives, engine checkpoints.
+
+This is the only module that imports ``deepspeed`` or ``torch.distributed``. Everything here also works in a
+single process without a launcher: collectives become identities and :func:`build_engine` creates a one-rank
+process group on demand (DeepSpeed cannot build an engine without one).
+
+CPU facts this module relies on (DeepSpeed 0.19, torch 2.13):
+
+* ``DS_ACCELERATOR=cpu`` must be set before DeepSpeed first resolves its accelerator; we set it when CUDA is
+  absent, so DeepSpeed uses gloo and no CUDA probing happens.
+* Every DeepSpeed process-group start (``TorchBackend``) JIT-compiles the ``deepspeed_shm_comm`` C++ op on the
+  CPU accelerator (about 30 s on 2 cores, needs a compiler). That op only serves ``inference_all_reduce``
+  (tensor-parallel inference); training collectives go through torch.distributed. We mark it incompatible in
+  DeepSpeed's op table before the first start, so nothing is compiled.
+* The process-group timeout bounds every collective: a dead or hung peer ends the job with an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sdlora_dist.errors import UserError
+from sdlora_dist.launch import first_slurm_host
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_TEMPLATE_NAME = "template.json"
+_SHM_OP_NAME = "deepspeed_shm_comm"
+_CLIENT_KEY = "sdlora_client_state"
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job: global rank, world size, rank on its node, node index, device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    node_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, the rank that decides, writes files and logs."""
+        return self.rank == 0
+
+
+class RankFailure(RuntimeError):
+    """A collective failed: a peer rank died, or did not answer within the process-group timeout."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Process group
+
+
+def _env_int(environ: dict[str, str] | os._Environ, name: str) -> int | None:
+    value = environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name} must be an integer (got {value!r})") from None
+
+
+def _slurm_to_torch_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """RANK/WORLD_SIZE/... from the variables ``srun`` sets for each task (empty outside an srun step)."""
+    world = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    if "SLURM_PROCID" not in environ or "SLURM_STEP_NUM_TASKS" not in environ or world is None:
+        return {}
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    job_id = _env_int(environ, "SLURM_JOB_ID") or 0
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": world,
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "NODE_RANK": environ.get("SLURM_NODEID", "0"),
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or first_slurm_host(nodelist),
+        # A port derived from the job id keeps two jobs sharing a node apart.
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + job_id % 20000),
+    }
+
+
+def _node_rank(environ: dict[str, str] | os._Environ, rank: int) -> int:
+    # torchrun sets GROUP_RANK, DeepSpeed's launcher CROSS_RANK, our SLURM mapping NODE_RANK.
+    for name in ("GROUP_RANK", "CROSS_RANK", "NODE_RANK"):
+        value = _env_int(environ, name)
+        if value is not None:
+            return value
+    local_world = _env_int(environ, "LOCAL_WORLD_SIZE") or _env_int(environ, "LOCAL_SIZE")
+    return rank // local_world if local_world else 0
+
+
+def _want_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+
+
+def _prepare_deepspeed() -> Any:
+    """Import DeepSpeed with the accelerator pinned and the shm comm op (never used in training) disabled."""
+    if not _want_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    # The op table is computed once per process and cached in the module; DeepSpeed reads it when it starts its
+    # backend and builds the shm op only where the table says it is compatible.
+    deepspeed.ops.__compatible_ops__[_SHM_OP_NAME] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def _current_env() -> DistEnv:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = _env_int(os.environ, "LOCAL_RANK") or 0
+    device = torch.device("cuda", local_rank) if _want_cuda() else torch.device("cpu")
+    return DistEnv(rank, world, local_rank, _node_rank(os.environ, rank), device)
+
+
+def init_distributed(timeout_s: int = 600) -> DistEnv:
+    """Join the job's process group (gloo on CPU, NCCL on CUDA) through DeepSpeed and say where we are.
+
+    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (set by torchrun, DeepSpeed's launcher or the user),
+    or maps an srun step's SLURM_* variables onto them. Without any of them this is a single process: no process
+    group is created and the world has one rank. ``timeout_s`` bounds the rendezvous and every later collective.
+    """
+    if timeout_s <= 0:
+        raise UserError(f"the process-group timeout must be > 0 seconds (got {timeout_s})")
+    if dist.is_available() and dist.is_initialized():
+        return _current_env()
+    for key, value in _slurm_to_torch_env(os.environ).items():
+        os.environ.setdefault(key, value)
+    rank, world = _env_int(os.environ, "RANK"), _env_int(os.environ, "WORLD_SIZE")
+    local_rank = _env_int(os.environ, "LOCAL_RANK") or 0
+    cuda = _want_cuda()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if rank is None or world is None:
+        return DistEnv(0, 1, 0, 0, device)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise UserError(
+            f"RANK={rank} and WORLD_SIZE={world} are set but {', '.join(missing)} is not: launch through "
+            "`sdlora train` (it sets them) or export the address and port of rank 0"
+        )
+    if not 0 <= rank < world:
+        raise UserError(f"RANK must be in [0, WORLD_SIZE) (got RANK={rank}, WORLD_SIZE={world})")
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))  # DeepSpeed's engine reads it
+    if cuda:
+        torch.cuda.set_device(device)
+        # Let NCCL abort a collective that times out instead of blocking forever.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    deepspeed = _prepare_deepspeed()
+    deepspeed.init_distributed(
+        dist_backend="nccl" if cuda else "gloo",
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        init_method="env://",
+        rank=rank,
+        world_size=world,
+        verbose=False,
+    )
+    return _current_env()
+
+
+def _ensure_process_group(timeout_s: int = 600) -> None:
+    """A DeepSpeed engine needs a process group; a single process gets a one-rank group on an in-memory store."""
+    if dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    if os.environ["WORLD_SIZE"] != "1":
+        init_distributed(timeout_s)
+        return
+    backend = "nccl" if _want_cuda() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    store = dist.HashStore()
+    dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    """Leave the process group (no-op without one); DeepSpeed's communication backend is reset with it."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import deepspeed.comm.comm as ds_comm
+
+    if ds_comm.cdb is not None:
+        # DeepSpeed's teardown also drops the sub-groups it cached (data-parallel, world clone).
+        ds_comm.destroy_process_group()
+        ds_comm.cdb = None  # the next start in this process builds DeepSpeed's backend afresh
+    else:
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """Global rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Precision and DeepSpeed config
+
+
+def precision_for(precision: str, device: torch.device | str) -> str:
+    """Resolve ``auto`` (bf16 on CUDA, fp32 on CPU) and check the choice fits the device."""
+    device_type = torch.device(device).type
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"train.precision: must be one of auto, {', '.join(PRECISIONS)} (got {precision!r})")
+    if precision == "fp16" and device_type != "cuda":
+        raise UserError("train.precision: fp16 needs a CUDA device; use fp32 or bf16 on CPU (got 'fp16')")
+    return precision
+
+
+def _template_path() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs" / "deepspeed", here.parent / "configs" / "deepspeed"):
+        if (candidate / DEFAULT_TEMPLATE_NAME).is_file():
+            return candidate / DEFAULT_TEMPLATE_NAME
+    raise FileNotFoundError(f"DeepSpeed config template {DEFAULT_TEMPLATE_NAME} not found next to {here}")
+
+
+def deepspeed_config(
+    train_cfg: Any,
+    *,
+    micro_batch_per_rank: int,
+    world_size: int,
+    precision: str,
+    template: str | Path | None = None,
+) -> dict[str, Any]:
+    """DeepSpeed config for one task's engine, from ``configs/deepspeed/template.json``.
+
+    ``train_cfg`` is the ``TrainConfig`` (its ``zero_stage`` is used); ``precision`` must already be resolved by
+    :func:`precision_for`. One optimizer step per micro batch (no gradient accumulation), so the global batch is
+    ``micro_batch_per_rank * world_size``. The optimizer and LR schedule are torch objects made by the caller and
+    passed to :func:`build_engine`: DeepSpeed then builds no optimizer of its own and no fused op.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be resolved to one of {PRECISIONS} first (got {precision!r})")
+    if micro_batch_per_rank <= 0 or world_size <= 0:
+        raise ValueError(f"micro batch and world size must be > 0 (got {micro_batch_per_rank}, {world_size})")
+    path = Path(template) if template is not None else _template_path()
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"DeepSpeed template {path} could not be read as JSON: {exc}") from exc
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_per_rank
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["train_batch_size"] = micro_batch_per_rank * world_size
+    cfg.setdefault("zero_optimization", {})["stage"] = int(train_cfg.zero_stage)
+    cfg.setdefault("bf16", {})["enabled"] = precision == "bf16"
+    cfg.setdefault("fp16", {})["enabled"] = precision == "fp16"
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Engine
+
+
+def build_engine(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    ds_config: dict[str, Any],
+) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine that trains exactly ``params`` with the caller's optimizer.
+
+    One engine per task: the trainable set changes between tasks, so build a new one and call
+    :func:`release_engine` on the old one. The engine averages gradients over ranks in ``engine.backward`` and
+    steps the optimizer and ``lr_scheduler`` (once per optimizer step) in ``engine.step``. On a single process
+    without a launcher a one-rank process group is created first.
+    """
+    if not params:
+        raise ValueError("build_engine needs at least one trainable parameter")
+    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"params at positions {frozen} have requires_grad=False; pass only trainable parameters")
+    deepspeed = _prepare_deepspeed()
+    _ensure_process_group()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=params,
+        lr_scheduler=lr_scheduler,
+        config=ds_config,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def release_engine(engine: Any) -> None:
+    """Remove the hooks an engine put on the model, so the next task's engine starts clean."""
+    engine.destroy()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collectives (identity on one rank)
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Turn a backend failure into one clear error naming this rank; never swallow it."""
+    try:
+        yield
+    except dist.DistError as exc:
+        me, world = rank(), world_size()
+        raise RankFailure(
+            f"rank {me}/{world}: collective {what!r} failed: a peer rank died or did not answer within the "
+            f"process-group timeout ({exc.__class__.__name__}: {str(exc).strip().splitlines()[0]})"
+        ) from exc
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (picklable objects)."""
+    if not _active():
+        return obj
+    holder = [obj if dist.get_rank() == src else None]
+    with _collective("broadcast_object"):
+        dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite each tensor in place with rank ``src``'s values (shapes must match across ranks)."""
+    if not _active():
+        return
+    with _collective("broadcast_tensors"):
+        for t in tensors:
+            buf = t if t.is_contiguous() else t.contiguous()
+            dist.broadcast(buf, src=src)
+            if buf is not t:
+                t.copy_(buf)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place and return it."""
+    if _active():
+        with _collective("all_reduce_sum"):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    if _active():
+        with _collective("barrier"):
+            dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, indexed by rank."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    with _collective("all_gather_object"):
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def assert_ranks_agree(checksum: str, what: str) -> None:
+    """Raise on every rank, naming the ranks that differ from rank 0, unless all ranks hold ``checksum``."""
+    gathered = all_gather_object(checksum)
+    wrong = [r for r, value in enumerate(gathered) if value != gathered[0]]
+    if wrong:
+        groups: dict[str, list[int]] = {}
+        for r, value in enumerate(gathered):
+            groups.setdefault(value, []).append(r)
+        detail = "; ".join(f"ranks {ranks} have {value}" for value, ranks in groups.items())
+        raise RuntimeError(f"{what}: ranks {wrong} disagree with rank 0 ({detail})")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Engine checkpoints (all ranks call; the finished directory appears atomically)
+
+
+def _tmp_tag(tag: str) -> str:
+    return f".{tag}.partial"
+
+
+def _writer_rank(engine: Any) -> bool:
+    # Without a shared filesystem every node writes its own copy, so each node's first rank renames it.
+    local = engine.use_node_local_storage() if hasattr(engine, "use_node_local_storage") else False
+    return (int(os.environ.get("LOCAL_RANK", "0")) == 0) if local else rank() == 0
+
+
+def save_engine_checkpoint(engine: Any, directory: str | Path, tag: str, client_state: dict | None = None) -> Path:
+    """Save the engine (trainable weights, optimizer, LR schedule) and ``client_state`` as ``directory/tag``.
+
+    Frozen parameters are left out (they live in the task checkpoint). Every rank must call this. The files are
+    written under a hidden temporary tag and renamed once all ranks are done, so a kill mid-write never leaves a
+    ``directory/tag`` that :func:`load_engine_checkpoint` would read.
+    """
+    directory = Path(directory)
+    tmp = _tmp_tag(tag)
+    if _writer_rank(engine):
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(directory / tmp, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(
+        str(directory),
+        tag=tmp,
+        client_state={_CLIENT_KEY: dict(client_state or {})},
+        save_latest=False,
+        exclude_frozen_parameters=True,
+    )
+    barrier()
+    if _writer_rank(engine):
+        final = directory / tag
+        if final.exists():
+            old = directory / f".{tag}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            (directory / tmp).rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            (directory / tmp).rename(final)
+    barrier()
+    return directory / tag
+
+
+def load_engine_checkpoint(engine: Any, directory: str | Path, tag: str) -> dict[str, Any]:
+    """Restore what :func:`save_engine_checkpoint` wrote into ``engine``; return the saved ``client_state``."""
+    path = Path(directory) / tag
+    if not path.is_dir():
+        raise UserError(f"engine checkpoint {path} does not exist: pass a run directory with a complete checkpoint")
+    load_path, client_state = engine.load_checkpoint(
+        str(directory), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise UserError(f"engine checkpoint {path} could not be loaded (incomplete or from another world size)")
+    # DeepSpeed hands back its own bookkeeping next to ours; ours sits under one key.
+    return dict((client_state or {}).get(_CLIENT_KEY, {}))
+
+
+__all__ = [
+    "DistEnv",
+    "RankFailure",
+    "init_distributed",
+    "shutdown",
+    "world_size",
+    "rank",
+    "precision_for",
+    "deepspeed_config",
+    "build_engine",
+    "release_engine",
+    "broadcast_object",
+    "broadcast_tensors",
+    "all_reduce_sum",
+    "barrier",
+    "all_gather_object",
+    "assert_ranks_agree",
+    "save_engine_checkpoint",
+    "load_engine_checkpoint",
+]

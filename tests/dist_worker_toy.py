@@ -1,0 +1,184 @@
+"""A tiny distributed worker for the launcher and distributed-layer tests (run once per rank by a launcher).
+
+``python -m dist_worker_toy SCENARIO --out DIR [--timeout S]``, with ``tests/`` on PYTHONPATH. Each scenario uses
+``sdlora_dist.distributed`` exactly as the training worker does and writes what it observed to
+``DIR/rank{R}.json`` (or ``.pt``) for the test to compare. The tests import the model/batch helpers too, to compute
+single-process references with the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import sdlora_dist.distributed as D  # noqa: N812  (also applies the torchvision compat fix before timm)
+
+GLOBAL_BATCH = 8
+NUM_CLASSES = 10
+
+
+class _Cfg:
+    zero_stage = 0
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """Seeded tiny ViT with a LoRA-like trainable subset: head, block 1's qkv weight, block 0's first norm.
+
+    (No qkv bias: the key bias gets an exactly-zero gradient, which Adam would turn into rounding noise.)
+    """
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=NUM_CLASSES,
+    )
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(("head.", "blocks.1.attn.qkv.weight", "blocks.0.norm1.")))
+    return model
+
+
+def make_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed global batch every scenario splits over ranks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g)
+    return x, torch.randint(0, NUM_CLASSES, (GLOBAL_BATCH,), generator=g)
+
+
+def make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper's optimizer) or AdamW."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def train(optimizer_name: str, steps: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """``steps`` engine steps on this rank's slice of the global batch; returns the trainable parameters."""
+    model = make_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = make_batch()
+    per_rank = GLOBAL_BATCH // world
+    xs, ys = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+    cfg = D.deepspeed_config(_Cfg, micro_batch_per_rank=per_rank, world_size=world, precision="fp32")
+    engine = D.build_engine(model, params, make_optimizer(optimizer_name, params), None, cfg)
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(engine(xs), ys)
+        engine.backward(loss)
+        engine.step()
+    D.release_engine(engine)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checksum(tensors: list[torch.Tensor]) -> str:
+    """sha256 over the raw bytes of ``tensors``."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def scenario_dp(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
+    """Data-parallel arithmetic: 3 steps with SGD momentum, then 3 with AdamW (a fresh engine each)."""
+    result = {opt: train(opt, 3, env.rank, env.world_size) for opt in ("sgd", "adamw")}
+    torch.save(result, out / f"rank{env.rank}.pt")
+
+
+def scenario_decide(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
+    """Train a few steps, let rank 0 decide a consolidation-like update, broadcast it, apply it everywhere."""
+    params = train("sgd", 2, env.rank, env.world_size)
+    names = sorted(params)
+    # Rank 0's decision depends on something only rank 0 knows (its own random draw), so only a broadcast can
+    # make the other ranks apply the same thing.
+    gen = torch.Generator().manual_seed(1000 + env.rank + int(time.time_ns() % 1000))
+    decision = {
+        "absorb": bool(torch.rand(1, generator=gen).item() > 0.5),
+        "scale": torch.rand(1, generator=gen).item(),
+    }
+    delta = torch.randn(params[names[0]].shape, generator=gen)
+    decision = D.broadcast_object(decision)
+    D.broadcast_tensors([delta])
+    params[names[0]] += decision["scale"] * delta
+    applied = checksum([params[n] for n in names])
+    D.assert_ranks_agree(applied, "toy adapter state")
+    record = {
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "node_rank": env.node_rank,
+        "local_rank": env.local_rank,
+        "decision": decision,
+        "delta_sum": float(delta.double().sum()),
+        "checksum": applied,
+    }
+    (out / f"rank{env.rank}.json").write_text(json.dumps(record))
+
+
+def scenario_collectives(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
+    """Broadcast, all-reduce and all-gather results, plus the error assert_ranks_agree raises on disagreement."""
+    obj = D.broadcast_object({"from": env.rank, "payload": [env.rank] * 3})
+    t = torch.full((2, 3), float(env.rank + 1)).t()  # non-contiguous on purpose
+    D.broadcast_tensors([t], src=1)
+    summed = D.all_reduce_sum(torch.tensor([float(env.rank + 1)]))
+    gathered = D.all_gather_object(f"r{env.rank}")
+    D.assert_ranks_agree("same-everywhere", "agreeing state")
+    try:
+        D.assert_ranks_agree(f"state-of-{env.rank}", "adapter checksum")
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    D.barrier()
+    record = {
+        "obj": obj,
+        "tensor": t.tolist(),
+        "sum": summed.item(),
+        "gathered": gathered,
+        "error": error,
+    }
+    (out / f"rank{env.rank}.json").write_text(json.dumps(record))
+
+
+def scenario_hang(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
+    """Loop on collectives until a peer is killed; the test checks how and how fast the job ends."""
+    (out / f"rank{env.rank}.pid").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        D.all_reduce_sum(torch.ones(4))
+        time.sleep(0.05)
+
+
+SCENARIOS: dict[str, Any] = {
+    "dp": scenario_dp,
+    "decide": scenario_decide,
+    "collectives": scenario_collectives,
+    "hang": scenario_hang,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--timeout", type=int, default=60)
+    args = parser.parse_args()
+    env = D.init_distributed(timeout_s=args.timeout)
+    args.out.mkdir(parents=True, exist_ok=True)
+    SCENARIOS[args.scenario](env, args.out, args)
+    D.barrier()
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    main()
