@@ -15,35 +15,24 @@ from sdlora_dist.export.onnx_export import ExportReport, export_onnx
 from sdlora_dist.export.triton import write_triton_repo
 
 from sdlora_dist.checkpoint import RunState, find_latest_run, load_run
-from sdlora_dist.config import Config
 from sdlora_dist.logs import log_rank_zero
-
-
-def normalisation(cfg: Config, pretrained_cfg: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the run trained with, from ``data.normalize`` (the metadata must describe the training input)."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    table: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-        "model": (tuple(pretrained_cfg.get("mean", (0.5,) * 3)), tuple(pretrained_cfg.get("std", (0.5,) * 3))),
-        "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-        "imagenet": (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)),
-        "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    }
-    return table[cfg.data.normalize]
 
 
 def run_metadata(state: RunState) -> dict[str, Any]:
     """The ``metadata=`` dict of ``export_onnx`` for a loaded run."""
-    pretrained = state.model.pretrained_cfg
-    mean, std = normalisation(state.config, pretrained)
+    from sdlora_dist.recipe import transform_spec
+
+    # The training recipe's own eval preprocessing (data.normalize, data.eval_crop_pct): one source of truth.
+    spec = transform_spec(state.model, state.config.data)
+    pretrained = {**state.model.pretrained_cfg, "interpolation": spec.interpolation}
     return metadata_from_pretrained_cfg(
         pretrained,
         class_names=state.class_names,
         num_tasks=state.model.num_tasks,
         config_hash=state.config_hash,
-        crop_pct=state.config.data.eval_crop_pct,
-        mean=mean,
-        std=std,
+        crop_pct=spec.crop_pct,
+        mean=tuple(spec.mean),
+        std=tuple(spec.std),
     )
 
 

@@ -241,6 +241,8 @@ def export_onnx(
         input_layout=LAYOUT_UINT8 if with_preprocessing else LAYOUT_FLOAT, precision="fp16" if fp16 else "fp32"
     )
     _check_verify_inputs(verify_inputs, meta)
+    if model.num_classes != meta.num_classes:
+        raise ValueError(f"the model has {model.num_classes} outputs but metadata lists {meta.num_classes} class names")
     out_path = Path(out_path)
     if out_path.is_dir():
         raise UserError(f"{out_path} is a directory: give a file name such as {out_path / 'model.onnx'}")
@@ -261,9 +263,6 @@ def export_onnx(
     finally:
         model.train(was_training)
 
-    num_outputs = proto.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-    if num_outputs != meta.num_classes:
-        raise ValueError(f"the model has {num_outputs} outputs but metadata lists {meta.num_classes} class names")
     _set_metadata(proto, meta)
     if proto.ByteSize() > _PROTOBUF_LIMIT:
         raise UserError(
