@@ -242,7 +242,7 @@ def export_onnx(
     )
     _check_verify_inputs(verify_inputs, meta)
     if model.num_classes != meta.num_classes:
-        raise ValueError(f"the model has {model.num_classes} outputs but metadata lists {meta.num_classes} class names")
+        raise ValueError(f"the model has {model.num_classes} outputs, metadata lists {meta.num_classes} class names")
     out_path = Path(out_path)
     if out_path.is_dir():
         raise UserError(f"{out_path} is a directory: give a file name such as {out_path / 'model.onnx'}")

@@ -168,7 +168,7 @@ def test_export_refuses_unmerged_model_bad_opset_and_bad_metadata(run_model, tmp
         export_onnx(model, tmp_path / "m.onnx", metadata=meta)
     with pytest.raises(UserError, match="--opset must be between 17 and 23 .got 11"):
         export_onnx(model.merge(), tmp_path / "m.onnx", metadata=meta, opset=11)
-    with pytest.raises(ValueError, match="12 outputs but metadata lists 3"):
+    with pytest.raises(ValueError, match="12 outputs, metadata lists 3"):
         export_onnx(model.merge(), tmp_path / "m.onnx", metadata={**meta, "class_names": ["a", "b", "c"]})
     with pytest.raises(ValueError, match="interpolation: must be one of"):
         export_onnx(model.merge(), tmp_path / "m.onnx", metadata={**meta, "interpolation": "cubic"})
