@@ -1,0 +1,193 @@
+"""The per-task streaming pipeline: exact step counts, determinism, task isolation, corrupt data, transforms."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_fixtures import read_shard_set, rewrite_shard
+from PIL import Image
+
+from sdlora_dist.data import (
+    TransformSpec,
+    load_manifest,
+    make_eval_loader,
+    make_train_loader,
+    prepare,
+    train_steps_per_epoch,
+)
+from sdlora_dist.data.pipeline import eval_transform, sample_rng, train_transform
+from sdlora_dist.errors import UserError
+
+SPEC = TransformSpec(img_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits, 5 tasks, shards of 40 samples (so every task has a short last shard)."""
+    out = tmp_path_factory.mktemp("pipe") / "digits"
+    prepare("digits", None, out, shard_size=40, progress=False, workers=2)
+    return out
+
+
+@pytest.fixture
+def shards_copy(shards: Path, tmp_path: Path) -> Path:
+    """A private copy to damage."""
+    return Path(shutil.copytree(shards, tmp_path / "copy"))
+
+
+def _epoch(shards: Path, **kw) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    args = {"spec": SPEC, "batch_size": 16, "epoch": 0, "seed": 1, "with_keys": True} | kw
+    return list(make_train_loader(shards, kw.pop("task", 1), **{k: v for k, v in args.items() if k != "task"}))
+
+
+def test_train_exact_full_batches_every_rank(shards: Path) -> None:
+    manifest = load_manifest(shards)
+    n = manifest.num_samples("train", 1)
+    steps = train_steps_per_epoch(manifest, 1, 3 * 16)
+    assert steps == math.ceil(n / 48)
+    keys = []
+    for rank in range(3):
+        batches = _epoch(shards, rank=rank, world_size=3)
+        assert len(batches) == steps
+        for images, labels, k in batches:
+            assert images.shape == (16, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+            assert set(labels.tolist()) <= set(manifest.task_labels(1))
+            keys += k
+    task_keys = {s["key"] for s in read_shard_set(shards)["train"] if s["task"] == 1}
+    assert set(keys) == task_keys and len(keys) == steps * 48  # all covered, the wrap-around fills the last batches
+
+
+def test_train_stream_deterministic_whatever_the_workers(shards: Path) -> None:
+    ref = _epoch(shards, rank=1, world_size=2, num_workers=0, shuffle_buffer=64)
+    two = _epoch(shards, rank=1, world_size=2, num_workers=2, shuffle_buffer=64)
+    assert len(ref) == len(two)
+    for (xa, ya, ka), (xb, yb, kb) in zip(ref, two, strict=True):
+        assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
+    other = _epoch(shards, rank=1, world_size=2, epoch=1, shuffle_buffer=64)
+    assert [k for *_, k in other] != [k for *_, k in ref]  # reshuffled per epoch
+    first_keys = [k[0] for *_, k in ref]
+    assert len(set(first_keys)) > 1
+
+
+def test_pipeline_opens_only_its_task_shards(shards: Path) -> None:
+    """An audit hook records every file the process opens while a task's train and eval loaders run."""
+    opened: list[str] = []
+    recording = [True]
+
+    def hook(event: str, args: tuple) -> None:
+        if recording[0] and event == "open" and isinstance(args[0], str) and args[0].endswith(".tar"):
+            opened.append(args[0])
+
+    sys.addaudithook(hook)
+    try:
+        _epoch(shards, task=3)
+        list(make_eval_loader(shards, [3], spec=SPEC, batch_size=32))
+    finally:
+        recording[0] = False
+    manifest = load_manifest(shards)
+    own = {str(shards / s.path) for split in ("train", "test") for s in manifest.task_shards(split, 3)}
+    assert set(opened) == own
+
+
+def test_eval_exactly_once_over_ranks(shards: Path) -> None:
+    manifest = load_manifest(shards)
+    expected = {s["key"]: s["label"] for s in read_shard_set(shards)["test"] if s["task"] in (0, 2)}
+    seen: list[str] = []
+    for rank in range(3):
+        loader = make_eval_loader(shards, [0, 2], spec=SPEC, batch_size=10, rank=rank, world_size=3, with_keys=True)
+        for images, labels, keys in loader:
+            assert images.shape[1:] == (3, 16, 16)
+            assert [expected[k] for k in keys] == labels.tolist()
+            seen += keys
+        assert loader.stats.samples > 0 and loader.stats.corrupt == 0
+    assert sorted(seen) == sorted(expected)
+    assert len(seen) == manifest.num_samples("test", 0) + manifest.num_samples("test", 2)
+
+
+def test_corrupt_samples_skipped_and_counted(shards: Path, shards_copy: Path) -> None:
+    manifest = load_manifest(shards)
+    train_shard, test_shard = manifest.task_shards("train", 0)[1], manifest.task_shards("test", 0)[0]
+    train_keys = [s["key"] for s in read_shard_set(shards)["train"] if s["task"] == 0][40:42]  # in shard 1
+    test_keys = {s["key"] for s in read_shard_set(shards)["test"] if s["task"] == 0}
+    bad_test = sorted(test_keys)[:3]
+    rewrite_shard(shards_copy, train_shard.path, set(train_keys))
+    rewrite_shard(shards_copy, test_shard.path, set(bad_test))
+    clean_stream = [k for *_, ks in _epoch(shards, task=0, num_workers=2) for k in ks]
+    loader = make_train_loader(shards_copy, 0, spec=SPEC, batch_size=16, epoch=0, seed=1, num_workers=2)
+    batches = list(loader)
+    assert all(x.shape[0] == 16 for x, _ in batches) and len(batches) == len(loader)
+    occurrences = sum(clean_stream.count(k) for k in train_keys)  # the stream is deterministic: count exactly
+    assert loader.stats.corrupt == occurrences == loader.stats.refilled >= 2
+    evl = make_eval_loader(shards_copy, [0], spec=SPEC, batch_size=8, num_workers=2, with_keys=True)
+    keys = [k for *_, ks in evl for k in ks]
+    assert evl.stats.corrupt == 3 and sorted(keys) == sorted(test_keys - set(bad_test))
+    assert evl.stats.samples == len(test_keys) - 3
+    assert {k.split(":")[1] for k in evl.stats.corrupt_keys} == set(bad_test)
+    with pytest.raises(UserError, match=f"corrupt sample .* in shard {test_shard.path}"):
+        list(make_eval_loader(shards_copy, [0], spec=SPEC, batch_size=8, corrupt="error"))
+
+
+def test_truncated_shard_named_or_skipped(shards: Path, shards_copy: Path) -> None:
+    manifest = load_manifest(shards)
+    victim = manifest.task_shards("train", 2)[2]
+    path = shards_copy / victim.path
+    path.write_bytes(path.read_bytes()[: victim.bytes // 2])
+    with pytest.raises(UserError, match=f"shard {victim.path} is unreadable .*truncated"):
+        make_train_loader(shards_copy, 2, spec=SPEC, batch_size=16, epoch=0, seed=1)
+    loader = make_train_loader(shards_copy, 2, spec=SPEC, batch_size=16, epoch=0, seed=1, bad_shard="skip",
+                               num_workers=2, with_keys=True)  # fmt: skip
+    batches = list(loader)
+    steps = train_steps_per_epoch(manifest, 2, 16)
+    assert len(batches) == steps and all(x.shape[0] == 16 for x, *_ in batches)  # same step count: no hang
+    assert loader.stats.bad_shards == [victim.path]
+    victim_keys = {s["key"] for s in read_shard_set(shards)["train"] if s["task"] == 2}
+    with pytest.raises(UserError, match="missing"):
+        (shards_copy / manifest.task_shards("test", 2)[0].path).unlink()
+        make_eval_loader(shards_copy, [2], spec=SPEC, batch_size=8)
+    assert {k for *_, ks in batches for k in ks} <= victim_keys
+
+
+def test_shard_with_garbage_inside_is_named(shards: Path, shards_copy: Path) -> None:
+    """Same size as the manifest says, but zeroed tar headers: the reader names the shard."""
+    victim = load_manifest(shards).task_shards("test", 4)[0]
+    path = shards_copy / victim.path
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"shard {victim.path} is unreadable"):
+        list(make_eval_loader(shards_copy, [4], spec=SPEC, batch_size=8, num_workers=1))
+    loader = make_eval_loader(shards_copy, [4], spec=SPEC, batch_size=8, bad_shard="skip")
+    n = sum(len(y) for _, y in loader)
+    assert 0 < n < load_manifest(shards).num_samples("test", 4) and loader.stats.corrupt > 0
+
+
+def test_eval_transform_matches_timm() -> None:
+    import timm.data
+
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (45, 70, 3), dtype=np.uint8))
+    spec = TransformSpec(img_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.9)
+    timm_tf = timm.data.create_transform(
+        input_size=(3, 32, 32), interpolation="bicubic", crop_pct=0.9, mean=spec.mean, std=spec.std
+    )
+    torch.testing.assert_close(eval_transform(img, spec), timm_tf(img), atol=1e-5, rtol=0)
+
+
+def test_train_transform_seeded_and_normalised() -> None:
+    img = Image.fromarray(np.random.RandomState(1).randint(0, 256, (50, 80, 3), dtype=np.uint8))
+    spec = TransformSpec(img_size=24, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), train_scale=(0.3, 1.0))
+    a = train_transform(img, spec, sample_rng(1, 2, 3, "k"))
+    b = train_transform(img, spec, sample_rng(1, 2, 3, "k"))
+    c = train_transform(img, spec, sample_rng(1, 2, 4, "k"))
+    assert a.shape == (3, 24, 24) and torch.equal(a, b) and not torch.equal(a, c)
+    assert 0.0 <= a.min() and a.max() <= 1.0  # normalize 'none' = mean 0, std 1: plain [0, 1] pixels
+    flipped = TransformSpec(img_size=80, mean=(0, 0, 0), std=(1, 1, 1), train_scale=(1.0, 1.0), hflip=1.0)
+    square = img.crop((15, 0, 65, 50))
+    out = train_transform(square, flipped, sample_rng(0))
+    ref = eval_transform(square.transpose(Image.FLIP_LEFT_RIGHT), TransformSpec(80, (0, 0, 0), (1, 1, 1), crop_pct=1))
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)  # scale (1, 1) on a square: whole image, flipped
