@@ -315,13 +315,13 @@ def prepare(
         raise UserError(f"unknown benchmark {benchmark!r}: valid benchmarks are {', '.join(READERS)}")
     if resize < 0:
         raise UserError(f"--resize must be >= 0 (0 keeps the original size; got {resize})")
+    source = read_source(benchmark, root, split_seed)
     default_tasks, default_seed = DEFAULTS[benchmark]
     tasks = tasks if tasks is not None else default_tasks
     if tasks is None:
         raise UserError(f"benchmark {benchmark!r} has no default task count: pass --tasks")
     seed = default_seed if seed is None else seed
     out = Path(out)
-    source = read_source(benchmark, root, split_seed)
     per_task = split_classes(len(source.class_names), tasks)
     options = {"tasks": tasks, "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed}
     fingerprint = dataset_fingerprint(source, options)
