@@ -39,6 +39,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_TEMPLATE_NAME = "template.json"
 _SHM_OP_NAME = "deepspeed_shm_comm"
 _CLIENT_KEY = "sdlora_client_state"
+_TIMEOUT_S = 600  # the process-group timeout in force, for error messages
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,8 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
         torch.cuda.set_device(device)
         # Let NCCL abort a collective that times out instead of blocking forever.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    global _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
     deepspeed = _prepare_deepspeed()
     deepspeed.init_distributed(
         dist_backend="nccl" if cuda else "gloo",
@@ -182,6 +185,8 @@ def _ensure_process_group(timeout_s: int = 600) -> None:
     if os.environ["WORLD_SIZE"] != "1":
         init_distributed(timeout_s)
         return
+    global _TIMEOUT_S
+    _TIMEOUT_S = timeout_s
     backend = "nccl" if _want_cuda() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -317,14 +322,15 @@ def release_engine(engine: Any) -> None:
 
 @contextlib.contextmanager
 def _collective(what: str) -> Iterator[None]:
-    """Turn a backend failure into one clear error naming this rank; never swallow it."""
+    """Turn a backend failure into one error naming this rank and the likely cause; the original is chained."""
     try:
         yield
-    except dist.DistError as exc:
-        me, world = rank(), world_size()
+    except RuntimeError as exc:  # gloo reports a vanished peer as a plain RuntimeError, NCCL as DistBackendError
+        first_line = (str(exc).strip().splitlines() or [""])[0]
         raise RankFailure(
-            f"rank {me}/{world}: collective {what!r} failed: a peer rank died or did not answer within the "
-            f"process-group timeout ({exc.__class__.__name__}: {str(exc).strip().splitlines()[0]})"
+            f"rank {rank()}/{world_size()}: collective {what!r} failed: a peer rank died, or did not answer within "
+            f"the process-group timeout ({_TIMEOUT_S} s), or ranks ran different collectives "
+            f"({exc.__class__.__name__}: {first_line})"
         ) from exc
 
 

@@ -2,7 +2,7 @@
 
 ``python -m dist_worker_toy SCENARIO --out DIR [--timeout S]``, with ``tests/`` on PYTHONPATH. Each scenario uses
 ``sdlora_dist.distributed`` exactly as the training worker does and writes what it observed to
-``DIR/rank{R}.json`` (or ``.pt``) for the test to compare. The tests import the model/batch helpers too, to compute
+``DIR/<scenario>_rank{R}.json`` (or ``.pt``) for the test to compare. The tests import the model/batch helpers too, to compute
 single-process references with the same code.
 """
 
@@ -94,7 +94,7 @@ def checksum(tensors: list[torch.Tensor]) -> str:
 def scenario_dp(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
     """Data-parallel arithmetic: 3 steps with SGD momentum, then 3 with AdamW (a fresh engine each)."""
     result = {opt: train(opt, 3, env.rank, env.world_size) for opt in ("sgd", "adamw")}
-    torch.save(result, out / f"rank{env.rank}.pt")
+    torch.save(result, out / f"dp_rank{env.rank}.pt")
 
 
 def scenario_decide(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
@@ -123,7 +123,7 @@ def scenario_decide(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None
         "delta_sum": float(delta.double().sum()),
         "checksum": applied,
     }
-    (out / f"rank{env.rank}.json").write_text(json.dumps(record))
+    (out / f"decide_rank{env.rank}.json").write_text(json.dumps(record))
 
 
 def scenario_collectives(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
@@ -147,12 +147,14 @@ def scenario_collectives(env: D.DistEnv, out: Path, args: argparse.Namespace) ->
         "gathered": gathered,
         "error": error,
     }
-    (out / f"rank{env.rank}.json").write_text(json.dumps(record))
+    (out / f"collectives_rank{env.rank}.json").write_text(json.dumps(record))
 
 
 def scenario_hang(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
     """Loop on collectives until a peer is killed; the test checks how and how fast the job ends."""
-    (out / f"rank{env.rank}.pid").write_text(str(os.getpid()))
+    tmp = out / f".hang_rank{env.rank}.pid"
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(out / f"hang_rank{env.rank}.pid")  # the test reads it as soon as it exists
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         D.all_reduce_sum(torch.ones(4))
@@ -169,13 +171,14 @@ SCENARIOS: dict[str, Any] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("scenarios", help=f"comma-separated, run in order: {', '.join(SCENARIOS)}")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout", type=int, default=60)
     args = parser.parse_args()
     env = D.init_distributed(timeout_s=args.timeout)
     args.out.mkdir(parents=True, exist_ok=True)
-    SCENARIOS[args.scenario](env, args.out, args)
+    for name in args.scenarios.split(","):
+        SCENARIOS[name](env, args.out, args)
     D.barrier()
     D.shutdown()
 
