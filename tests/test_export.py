@@ -21,6 +21,7 @@ from sdlora_dist.config import load_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.model import build_model
 
+pytestmark = pytest.mark.slow  # module fixtures export several models (~3 s each on 2 cores)
 CLASSES_PER_TASK = 4
 
 
