@@ -1,7 +1,48 @@
-"""Placeholder: replaced by the owner of this command group."""
+"""``sdlora train``: the front door of a (multi-node) DeepSpeed run."""
+
+from __future__ import annotations
 
 import typer
 
+from sdlora_dist.launch import LaunchSpec
+
+
+def train(
+    benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Shipped recipe (configs/benchmarks)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML merged over the recipe."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=0.01 (repeatable)."),
+    data: str | None = typer.Option(None, "--data", help="Shard directory from 'sdlora data prepare'."),
+    run_dir: str | None = typer.Option(None, "--run-dir", help="Run directory (default runs/<benchmark>-<time>)."),
+    resume: str | None = typer.Option(None, "--resume", help="Continue an interrupted run from its newest state."),
+    continue_run: str | None = typer.Option(
+        None, "--continue", help="Learn the tasks added (data add-task) after a finished run."
+    ),
+    nodes: int = typer.Option(1, "--nodes", help="Number of nodes."),
+    gpus_per_node: int = typer.Option(1, "--gpus-per-node", help="Ranks per node (GPUs, or processes on CPU)."),
+    hostfile: str | None = typer.Option(None, "--hostfile", help="DeepSpeed hostfile ('host slots=N' lines)."),
+    master_addr: str | None = typer.Option(None, "--master-addr", help="Address of node 0."),
+    master_port: int | None = typer.Option(None, "--master-port", help="Rendezvous port."),
+    node_rank: int | None = typer.Option(None, "--node-rank", help="This node's index (with --no-ssh)."),
+    no_ssh: bool = typer.Option(False, "--no-ssh", help="Start each node yourself (DeepSpeed runner --no_ssh)."),
+    launcher: str = typer.Option("auto", "--launcher", help="auto, local, deepspeed, slurm or env."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the launch command and exit."),
+) -> None:
+    """Train SD-LoRA over every task of a shard set (one DeepSpeed engine per task)."""
+    from sdlora_dist.frontdoor import load_or_resolve, start_training
+
+    cfg, mode = load_or_resolve(
+        benchmark=benchmark, config=config, sets=set_, data=data, run_dir=run_dir, resume=resume,
+        continue_run=continue_run,
+    )  # fmt: skip
+    spec = LaunchSpec(
+        nodes=nodes, procs_per_node=gpus_per_node, launcher=launcher, hostfile=hostfile, master_addr=master_addr,
+        master_port=master_port, node_rank=node_rank, no_ssh=no_ssh,
+    )  # fmt: skip
+    code = start_training(cfg, mode, spec, dry_run=dry_run)
+    if code:
+        raise typer.Exit(code)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add ``train`` to the app."""
+    app.command("train")(train)

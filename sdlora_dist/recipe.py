@@ -1,0 +1,360 @@
+"""The task loop, top to bottom. Every rank runs :func:`run_training`; rank 0 decides and writes.
+
+For each task t::
+
+    consolidate task t-1 (rank 0 plans, broadcast, every rank applies)
+    -> add_task(t) -> build this task's DeepSpeed engine -> train (mid-task engine checkpoints)
+    -> evaluate on every task seen so far (all-reduced counts) -> checksum all-gather (ranks agree)
+    -> task checkpoint + metrics (rank 0, atomic)
+
+Consolidation is the transition between tasks (see ``model.py``): the checkpoint of task t holds the model exactly
+as trained and evaluated, which is what export merges. Data order and augmentation are functions of
+(seed, task, epoch), and the per-epoch learning rate is computed, not stepped, so a killed run resumed from an
+engine checkpoint replays the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sdlora_dist import checkpoint as ckpt
+from sdlora_dist import distributed as dist
+from sdlora_dist.config import Config, DataConfig
+from sdlora_dist.consolidate import Decision
+from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader
+from sdlora_dist.data.pipeline import train_steps_per_epoch
+from sdlora_dist.errors import UserError
+from sdlora_dist.logs import log_rank_zero
+from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
+from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
+
+ENGINE_DIR = "engine"
+MODES = ("fresh", "resume", "continue")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def check_shards(cfg: Config) -> Manifest:
+    """Load the shards' manifest and check it is the benchmark the config is for."""
+    if not cfg.data.shards:
+        raise UserError("data.shards is not set: pass --data SHARDS_DIR (written by 'sdlora data prepare')")
+    manifest = load_manifest(cfg.data.shards)
+    if manifest.benchmark != cfg.data.benchmark:
+        raise UserError(
+            f"shards at {cfg.data.shards} hold benchmark {manifest.benchmark!r} but the config is for "
+            f"{cfg.data.benchmark!r}; pass the matching --benchmark or --data"
+        )
+    return manifest
+
+
+def transform_spec(model: SDLoRAViT, data: DataConfig) -> TransformSpec:
+    """Preprocessing from the backbone's pretrained cfg (size, interpolation) and ``data.normalize``."""
+    pcfg = model.pretrained_cfg
+    means = {
+        "model": (tuple(pcfg.get("mean", (0.5,) * 3)), tuple(pcfg.get("std", (0.5,) * 3))),
+        "none": ((0.0,) * 3, (1.0,) * 3),  # the reference code feeds [0, 1] inputs (reference-sdlora.md s.5)
+        "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        "half": ((0.5,) * 3, (0.5,) * 3),
+    }
+    mean, std = means[data.normalize]
+    return TransformSpec(
+        img_size=int(pcfg["input_size"][-1]),
+        mean=mean,
+        std=std,
+        interpolation=str(pcfg.get("interpolation", "bicubic")),
+        crop_pct=data.eval_crop_pct,
+        train_scale=(data.train_crop_scale[0], data.train_crop_scale[1]),
+        hflip=data.hflip,
+    )
+
+
+def task_lr(cfg: Config, task: int, epoch: int) -> float:
+    """MultiStepLR as a pure function of (task, epoch): resumable without scheduler state."""
+    base = cfg.train.first_task_lr if task == 0 and cfg.train.first_task_lr is not None else cfg.train.lr
+    return base * cfg.train.gamma ** sum(1 for m in cfg.train.milestones if epoch >= m)
+
+
+def task_epochs(cfg: Config, task: int) -> int:
+    """Epochs of ``task`` (task 0 may differ)."""
+    return cfg.train.first_task_epochs if task == 0 and cfg.train.first_task_epochs else cfg.train.epochs
+
+
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The recipe's optimizer over this task's trainable parameters (learning rate set per epoch)."""
+    t = cfg.train
+    table = {
+        "sgd": lambda: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
+        "adam": lambda: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
+        "adamw": lambda: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay),
+    }
+    return table[t.optimizer]()
+
+
+def adapter_checksum(model: SDLoRAViT) -> str:
+    """sha256 of every non-frozen tensor (factors, magnitudes, head) in name order."""
+    _, rest = ckpt.split_state(model)
+    h = hashlib.sha256()
+    for key in sorted(rest):
+        h.update(key.encode())
+        h.update(rest[key].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def progress_bar(iterable=None, **kwargs: Any) -> tqdm:
+    """tqdm on stderr: live on a terminal, one line every 30 s in logs (cluster job files)."""
+    import sys
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, leave=False, mininterval=0.2 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``times[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# State: fresh start, resume, continue
+
+
+class RunProgress:
+    """Recipe progress kept apart from the weights: the accuracy log and one record per finished task."""
+
+    def __init__(self, log: AccuracyLog | None = None, tasks: list[dict[str, Any]] | None = None) -> None:
+        self.log = log or AccuracyLog()
+        self.tasks = tasks or []
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything metrics.json holds."""
+        return {"accuracy": self.log.to_dict(), "tasks": self.tasks}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunProgress:
+        """Inverse of :meth:`to_dict`."""
+        return cls(AccuracyLog.from_dict(data.get("accuracy", {})), list(data.get("tasks", [])))
+
+
+def restore_state(cfg: Config, mode: str, manifest: Manifest) -> tuple[SDLoRAViT, RunProgress, int]:
+    """Model, progress and the first task to train, for a fresh, resumed or continued run."""
+    run_dir = Path(cfg.run_dir)
+    done = ckpt.completed_tasks(run_dir)
+    if mode == "fresh" or not done:
+        if mode == "continue":
+            raise UserError(f"--continue {run_dir}: the run has no completed task; use --resume or start fresh")
+        return build_model(cfg), RunProgress(), 0
+    last = done[-1]
+    if mode == "continue" and last + 1 >= manifest.num_tasks():
+        raise UserError(
+            f"--continue {run_dir}: all {manifest.num_tasks()} task(s) of {cfg.data.shards} are trained; "
+            "append new classes with 'sdlora data add-task' first"
+        )
+    model = ckpt.load_task_model(run_dir, last, cfg)
+    folder = run_dir / ckpt.TASKS_DIR / ckpt.task_dir_name(last)
+    progress = RunProgress.from_dict(ckpt.read_json(folder / ckpt.PROGRESS_FILE))
+    log_rank_zero(f"{mode}: tasks 0..{last} are complete in {run_dir}; starting at task {last + 1}")
+    return model, progress, last + 1
+
+
+def last_task(cfg: Config, manifest: Manifest, mode: str) -> int:
+    """One past the last task to train (``train.tasks`` caps a fresh/resumed run; --continue trains all new ones)."""
+    n = manifest.num_tasks()
+    return n if mode == "continue" or cfg.train.tasks is None else min(n, cfg.train.tasks)
+
+
+def latest_engine_checkpoint(run_dir: Path, task: int) -> str | None:
+    """Newest complete mid-task engine checkpoint tag of ``task`` (hidden partial tags are ignored)."""
+    folder = run_dir / ENGINE_DIR / ckpt.task_dir_name(task)
+    tags = sorted(p.name for p in folder.glob("step_*") if p.is_dir()) if folder.is_dir() else []
+    return tags[-1] if tags else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The three phases of a task
+
+
+def consolidate_everywhere(model: SDLoRAViT) -> Decision:
+    """Rank 0 plans the consolidation of the open task, broadcasts it, every rank applies it."""
+    plan = model.plan_consolidation().to_dict() if dist.rank() == 0 else None
+    decision = Decision.from_dict(dist.broadcast_object(plan, src=0))
+    model.apply_consolidation(decision)
+    return decision
+
+
+def train_task(
+    cfg: Config, model: SDLoRAViT, task: int, manifest: Manifest, env: dist.DistEnv, spec: TransformSpec
+) -> dict[str, Any]:
+    """Train ``task`` with a fresh DeepSpeed engine; resumes from the newest mid-task engine checkpoint."""
+    world = env.world_size
+    if cfg.data.batch_size % world:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} ranks")
+    per_rank = cfg.data.batch_size // world
+    steps = train_steps_per_epoch(manifest, task, cfg.data.batch_size)
+    steps = min(steps, cfg.train.max_steps_per_epoch or steps)
+    precision = dist.precision_for(cfg.train.precision, env.device)
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(cfg, params)
+    ds_config = dist.deepspeed_config(cfg.train, micro_batch_per_rank=per_rank, world_size=world, precision=precision)
+    engine = dist.build_engine(model, params, optimizer, None, ds_config)
+    engine_dir = Path(cfg.run_dir) / ENGINE_DIR / ckpt.task_dir_name(task)
+    start = {"epoch": 0, "step": 0}
+    tag = latest_engine_checkpoint(Path(cfg.run_dir), task)
+    if tag is not None:
+        start = dist.load_engine_checkpoint(engine, engine_dir, tag)
+        model._sync_layout()
+        log_rank_zero(
+            f"task {task}: resumed from engine checkpoint {tag} (epoch {start['epoch']}, step {start['step']})"
+        )
+    stats = _run_epochs(cfg, engine, model, task, spec, env, steps, per_rank, start, engine_dir)
+    dist.release_engine(engine)
+    return stats
+
+
+def _run_epochs(cfg, engine, model, task, spec, env, steps, per_rank, start, engine_dir) -> dict[str, Any]:
+    epochs = task_epochs(cfg, task)
+    offset, n_cls = model.class_offset(task), model.task_classes[task]
+    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+    total = epochs * steps
+    done = start["epoch"] * steps + start["step"]
+    bar = progress_bar(total=total, initial=done, desc=f"task {task}", unit="step", disable=not env.is_main)
+    corrupt, seen, t0, loss_v = 0, 0, time.perf_counter(), float("nan")
+    for epoch in range(start["epoch"], epochs):
+        lr = task_lr(cfg, task, epoch)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        loader = make_train_loader(
+            cfg.data.shards, task, spec=spec, batch_size=per_rank, epoch=epoch, seed=cfg.train.seed,
+            rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers, steps_per_epoch=steps,
+            corrupt=cfg.data.corrupt, bad_shard=cfg.data.bad_shard,
+        )  # fmt: skip
+        skip = start["step"] if epoch == start["epoch"] else 0
+        for step, (x, y) in enumerate(loader):
+            if step < skip:
+                continue
+            logits = engine(x.to(env.device, dtype))
+            loss = masked_cross_entropy(logits.float(), y.to(env.device), offset, n_cls)
+            engine.backward(loss)
+            engine.step()
+            loss_v, seen = loss.item(), seen + x.shape[0] * env.world_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            done += 1
+            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < total:
+                nxt = {"epoch": epoch, "step": step + 1} if step + 1 < steps else {"epoch": epoch + 1, "step": 0}
+                dist.save_engine_checkpoint(engine, engine_dir, f"step_{done:08d}", client_state=nxt)
+        corrupt += loader.stats.corrupt
+    bar.close()
+    return {"steps": total, "final_loss": loss_v, "images": seen, "corrupt_skipped": corrupt}
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: TransformSpec) -> tuple[list, list]:
+    """Correct counts and sizes per task group 0..task over all ranks (each test sample read exactly once)."""
+    model.eval()
+    offsets = torch.tensor([model.class_offset(j + 1) for j in range(task + 1)])
+    counts = torch.zeros(2, task + 1, dtype=torch.long)
+    dtype = next(model.parameters()).dtype
+    loader = make_eval_loader(
+        cfg.data.shards, list(range(task + 1)), spec=spec, batch_size=cfg.data.eval_batch_size, rank=env.rank,
+        world_size=env.world_size, num_workers=cfg.data.num_workers, corrupt=cfg.data.corrupt,
+        bad_shard=cfg.data.bad_shard,
+    )  # fmt: skip
+    for x, y in progress_bar(loader, desc=f"eval {task}", unit="batch", disable=not env.is_main):
+        pred = model(x.to(env.device, dtype)).argmax(dim=1).cpu()
+        group = torch.bucketize(y, offsets, right=True)
+        counts[0].index_add_(0, group, (pred == y).long())
+        counts[1].index_add_(0, group, torch.ones_like(y))
+    model.train()
+    counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
+    return counts[0].tolist(), counts[1].tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
+    """Train every remaining task of the shard set on this rank (all ranks call this)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
+    env = dist.init_distributed(cfg.train.timeout_s)
+    torch.manual_seed(cfg.train.seed)
+    manifest = check_shards(cfg)
+    run_dir = Path(cfg.run_dir)
+    model, progress, first = restore_state(cfg, mode, manifest)
+    model.to(env.device)
+    if env.is_main:
+        info = {"benchmark": manifest.benchmark, "shards": str(Path(cfg.data.shards).resolve())}
+        ckpt.write_run_header(run_dir, cfg, model, {**info, "class_names": manifest.class_names})
+    spec = transform_spec(model, cfg.data)
+    for task in range(first, last_task(cfg, manifest, mode)):
+        record = run_task(cfg, model, task, manifest, env, spec, progress)
+        log_rank_zero(
+            f"task {task}: top1 {progress.log.top1_curve()[-1]:.2f} | "
+            + " ".join(f"{k} {v:.1f}s" for k, v in record["time_s"].items())
+        )
+    if env.is_main and progress.log.num_tasks:
+        log_rank_zero(format_table(progress.log))
+    dist.barrier()
+    return progress
+
+
+def run_task(cfg, model, task, manifest, env, spec, progress: RunProgress) -> dict[str, Any]:
+    """Consolidate the previous task, then train, evaluate, verify and checkpoint ``task``."""
+    times: dict[str, float] = {}
+    decision = None
+    with timed(times, "consolidate"):
+        if model.current_key is not None:
+            decision = consolidate_everywhere(model)
+    torch.manual_seed(cfg.train.seed * 1000 + task)  # the new pair's init does not depend on earlier tasks' RNG use
+    model.add_task(manifest.classes_per_task[task])
+    model.to(env.device)
+    with timed(times, "train"):
+        train_stats = train_task(cfg, model, task, manifest, env, spec)
+    with timed(times, "eval"):
+        correct, totals = evaluate(cfg, model, task, env, spec)
+    dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
+    progress.log.add_row(correct, totals)
+    record = {
+        "task": task,
+        "classes": manifest.classes_per_task[task],
+        "rank": model.adapters[0].lora_A[model.current_key].shape[1] if model.current_key else None,
+        "consolidation_of_previous": decision.to_dict() if decision else None,
+        "magnitudes": {k: p.detach().float().cpu().tolist() for k, p in model.magnitudes.values.items()},
+        "train": train_stats,
+        "world_size": env.world_size,
+        "time_s": times,
+    }
+    progress.tasks.append(record)
+    with timed(times, "checkpoint"):
+        if env.is_main:
+            ckpt.save_task_checkpoint(Path(cfg.run_dir), task, model, progress.to_dict())
+            write_metrics(Path(cfg.run_dir), progress)
+            shutil.rmtree(Path(cfg.run_dir) / ENGINE_DIR / ckpt.task_dir_name(task), ignore_errors=True)
+        dist.barrier()
+    if env.is_main:  # the checkpoint time is known only now: record it in both places
+        folder = Path(cfg.run_dir) / ckpt.TASKS_DIR / ckpt.task_dir_name(task)
+        ckpt.atomic_write_json(folder / ckpt.PROGRESS_FILE, progress.to_dict())
+        write_metrics(Path(cfg.run_dir), progress)
+    return record
+
+
+def write_metrics(run_dir: Path, progress: RunProgress) -> None:
+    """metrics.json (matrix, Acc, AAA, forgetting, BWT, per-task records) and metrics.csv, atomically."""
+    ckpt.atomic_write_json(run_dir / ckpt.METRICS_FILE, progress.to_dict())
+    ckpt.atomic_write_text(run_dir / "metrics.csv", matrix_csv(progress.log))

@@ -1,0 +1,203 @@
+"""The training recipe end to end on digits shards: real DeepSpeed engines, real processes, real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdlora_dist.metrics import AccuracyLog, summary
+
+TINY = [
+    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
+    "adapter.rank=4",
+    "data.batch_size=16",
+    "data.eval_batch_size=64",
+    "data.num_workers=0",
+    "train.epochs=1",
+    "train.lr=0.01",
+    "train.max_steps_per_epoch=6",
+    "train.timeout_s=60",
+]
+
+
+def sdlora(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter (each run owns its process group and DeepSpeed state)."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "sdlora_dist.cli.main", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def sets(*extra: str) -> list[str]:
+    out = []
+    for item in [*TINY, *extra]:
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    from sdlora_dist.data import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    prepare("digits", None, out, progress=False)
+    return out
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_metrics_from_hand_made_matrix():
+    log = AccuracyLog()
+    log.add_row([90], [100])
+    log.add_row([80, 45], [100, 50])
+    log.add_row([60, 40, 140], [100, 50, 200])
+    m = log.matrix()
+    assert m == [[90.0, None, None], [80.0, 90.0, None], [60.0, 80.0, 70.0]]
+    s = summary(log)
+    curve = [90.0, 125 / 150 * 100, 240 / 350 * 100]
+    assert s["top1_curve"] == pytest.approx(curve)
+    assert s["acc"] == pytest.approx(240 / 350 * 100)
+    assert s["aaa"] == pytest.approx(sum(curve) / 3)
+    assert s["mean_task_acc"] == pytest.approx(70.0)
+    # forgetting: task 0 best 90 -> 60 (30), task 1 best 90 -> 80 (10)
+    assert s["forgetting"] == pytest.approx(20.0)
+    assert s["bwt"] == pytest.approx(((60 - 90) + (80 - 90)) / 2)
+
+
+def test_forgetting_uses_numeric_task_order():
+    # 12 groups: a lexicographic sort would put group 10 and 11 before group 2.
+    log = AccuracyLog()
+    totals = [10] * 12
+    for t in range(12):
+        log.add_row([10 - (j == 2 and t > 2) * 5 for j in range(t + 1)], totals[: t + 1])
+    s = summary(log)
+    assert s["forgetting"] == pytest.approx(50.0 / 11)  # only group 2 dropped, by 50 points
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(digits_shards, tmp_path):
+    one = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(tmp_path / "one"),
+                 *sets("train.tasks=3"))  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(tmp_path / "two"),
+                 "--gpus-per-node", "2", *sets("train.tasks=3"))  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(m2["accuracy"]["matrix"]) == 3
+    assert [t["world_size"] for t in m2["tasks"]] == [2, 2, 2]
+    # every test sample counted exactly once across ranks
+    assert m2["accuracy"]["totals"] == m1["accuracy"]["totals"]
+    assert abs(m2["accuracy"]["acc"] - m1["accuracy"]["acc"]) <= 5.0
+
+
+@pytest.mark.slow
+def test_kill_then_resume_replays_uninterrupted_run(digits_shards, tmp_path):
+    extra = sets("train.tasks=3", "train.checkpoint_every=2", "train.max_steps_per_epoch=8", "train.epochs=2")
+    base = ["train", "-b", "digits", "--data", str(digits_shards)]
+    ref = sdlora(*base, "--run-dir", str(tmp_path / "ref"), *extra)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sdlora_dist.cli.main", *base, "--run-dir", str(run_dir), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    engine_dir = run_dir / "engine" / "task_001"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (engine_dir.is_dir() and any(engine_dir.glob("step_*"))):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "tasks" / "task_000").is_dir() and not (run_dir / "tasks" / "task_002").exists()
+    task0_mtime = (run_dir / "tasks" / "task_000" / "adapters.safetensors").stat().st_mtime
+
+    resumed = sdlora("train", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from engine checkpoint" in resumed.stderr
+    assert (run_dir / "tasks" / "task_000" / "adapters.safetensors").stat().st_mtime == task0_mtime  # not retrained
+    assert metrics(run_dir)["accuracy"]["correct"] == metrics(tmp_path / "ref")["accuracy"]["correct"]
+    assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "tasks").glob(".*"))
+
+
+@pytest.mark.slow
+def test_add_task_then_continue(digits_shards, tmp_path):
+    import shutil
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    base = ["train", "-b", "digits", "--data", str(shards), "--run-dir", str(tmp_path / "run")]
+    first = sdlora(*base, *sets("train.tasks=5"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = metrics(tmp_path / "run")
+    # new classes arrive: mirrored digits 0 and 1 as two new classes
+    digits = load_digits()
+    root = tmp_path / "new"
+    for label in (0, 1):
+        for split, sl in (("train", slice(0, 40)), ("test", slice(40, 55))):
+            folder = root / split / f"mirror-{label}"
+            folder.mkdir(parents=True)
+            for i, img in enumerate(digits.images[digits.target == label][sl]):
+                Image.fromarray((img[:, ::-1] * 16).clip(0, 255).astype("uint8")).save(folder / f"{i}.png")
+    added = sdlora("data", "add-task", "--out", str(shards), "--root", str(root))
+    assert added.returncode == 0, added.stderr[-3000:]
+    cont = sdlora("train", "--continue", str(tmp_path / "run"))
+    assert cont.returncode == 0, cont.stderr[-3000:]
+    after = metrics(tmp_path / "run")
+    assert len(after["accuracy"]["matrix"]) == 6 and len(after["accuracy"]["matrix"][-1]) == 6
+    assert after["accuracy"]["correct"][:5] == before["accuracy"]["correct"]
+    assert [t["task"] for t in after["tasks"]] == [0, 1, 2, 3, 4, 5]
+    assert after["tasks"][:5] == before["tasks"]  # earlier tasks were not retrained
+    again = sdlora("train", "--continue", str(tmp_path / "run"))
+    assert again.returncode == 2 and "add-task" in again.stderr
+
+
+def test_bad_inputs(digits_shards, tmp_path):
+    from sdlora_dist.cli.main import main
+
+    def run(*args: str) -> tuple[int, str]:
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main(list(args))
+        return code, err.getvalue()
+
+    code, err = run("train", "-b", "nope", "--data", str(digits_shards))
+    assert code == 2 and "unknown benchmark 'nope'" in err and "digits" in err
+    code, err = run("train", "-b", "cifar100", "--data", str(digits_shards), "--set", "model.weights=random")
+    assert code == 2 and "hold benchmark 'digits'" in err
+    code, err = run("train", "-b", "digits", "--data", str(tmp_path / "missing"))
+    assert code == 2 and "missing" in err
+    code, err = run("train", "-b", "digits", "--data", str(digits_shards), "--nodes", "2")
+    assert code == 2 and "--hostfile" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = run("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(blocker / "run"))
+    assert code == 2 and "not writable" in err
+    code, err = run("train", "-b", "digits", "--data", str(digits_shards), "--set", "train.lr=-1")
+    assert code == 2 and "train.lr: must be a positive number (got -1" in err
+    # a run dir holding another run's config: --resume with a changed value is refused
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from sdlora_dist.checkpoint import atomic_write_text
+    from sdlora_dist.frontdoor import resolve_config
+
+    cfg = resolve_config("digits", None, TINY, str(digits_shards), str(run_dir))
+    import yaml
+
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict()))
+    code, err = run("train", "--resume", str(run_dir), "--set", "train.lr=0.5")
+    assert code == 2 and "different config" in err and "train.lr" in err
+    code, err = run("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir))
+    assert code == 2 and "already holds a run" in err
