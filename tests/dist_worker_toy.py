@@ -1,9 +1,9 @@
 """A tiny distributed worker for the launcher and distributed-layer tests (run once per rank by a launcher).
 
-``python -m dist_worker_toy SCENARIO --out DIR [--timeout S]``, with ``tests/`` on PYTHONPATH. Each scenario uses
-``sdlora_dist.distributed`` exactly as the training worker does and writes what it observed to
-``DIR/<scenario>_rank{R}.json`` (or ``.pt``) for the test to compare. The tests import the model/batch helpers too, to compute
-single-process references with the same code.
+``python -m dist_worker_toy SCENARIO[,SCENARIO] --out DIR [--timeout S]``, with ``tests/`` on PYTHONPATH. Each
+scenario uses ``sdlora_dist.distributed`` exactly as the training worker does and writes what it observed to
+``DIR/<scenario>_rank{R}.json`` (or ``.pt``) for the test to compare. The tests import the model/batch helpers too,
+to compute single-process references with the same code.
 """
 
 from __future__ import annotations
@@ -66,9 +66,17 @@ def make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
 
-def train(optimizer_name: str, steps: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+def make_mlp(seed: int = 0) -> nn.Module:
+    """A seeded MLP on flattened images (no timm import: the launcher tests start many processes)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.GELU(), nn.Linear(16, NUM_CLASSES))
+    model[1].requires_grad_(False)
+    return model
+
+
+def train(optimizer_name: str, steps: int, rank: int, world: int, vit: bool = True) -> dict[str, torch.Tensor]:
     """``steps`` engine steps on this rank's slice of the global batch; returns the trainable parameters."""
-    model = make_model()
+    model = make_model() if vit else make_mlp()
     params = [p for p in model.parameters() if p.requires_grad]
     x, y = make_batch()
     per_rank = GLOBAL_BATCH // world
@@ -99,7 +107,7 @@ def scenario_dp(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
 
 def scenario_decide(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
     """Train a few steps, let rank 0 decide a consolidation-like update, broadcast it, apply it everywhere."""
-    params = train("sgd", 2, env.rank, env.world_size)
+    params = train("sgd", 2, env.rank, env.world_size, vit=False)
     names = sorted(params)
     # Rank 0's decision depends on something only rank 0 knows (its own random draw), so only a broadcast can
     # make the other ranks apply the same thing.

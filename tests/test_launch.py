@@ -1,0 +1,253 @@
+"""The launcher: which launcher runs, the exact commands (``--dry-run``), and real multi-process launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sdlora_dist.errors import UserError
+from sdlora_dist.launch import LaunchSpec, build_command, first_slurm_host, format_command, launch, resolve_launcher
+
+TESTS = Path(__file__).resolve().parent
+PY = sys.executable
+WORKER = [PY, "-m", "sdlora_dist.worker", "--run-dir", "runs/x"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def hostfile(tmp_path) -> Path:
+    path = tmp_path / "hosts"
+    path.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8  # second\n")
+    return path
+
+
+@pytest.fixture
+def worker_env(monkeypatch):
+    """The ranks import the toy worker as a module (``python -m dist_worker_toy``), like ``sdlora_dist.worker``."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Choosing the launcher
+
+
+def test_auto_launcher_follows_the_environment(hostfile):
+    one, two = LaunchSpec(nodes=1, procs_per_node=2), LaunchSpec(nodes=2, procs_per_node=8)
+    assert resolve_launcher(one, {}) == "local"
+    assert resolve_launcher(two, {"RANK": "3", "WORLD_SIZE": "16"}) == "env"
+    assert resolve_launcher(two, {"SLURM_JOB_ID": "77"}) == "slurm"
+    assert resolve_launcher(one, {"SLURM_JOB_ID": "77"}) == "local"  # one node inside an allocation
+    assert resolve_launcher(LaunchSpec(nodes=2, hostfile=str(hostfile)), {}) == "deepspeed"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (LaunchSpec(nodes=2), r"--nodes 2 needs a way to reach the other nodes: pass --hostfile FILE .* SLURM"),
+        (LaunchSpec(nodes=2, launcher="local"), r"--launcher local runs on one node \(got --nodes 2\)"),
+        (LaunchSpec(launcher="deepspeed"), r"--launcher deepspeed needs --hostfile"),
+        (LaunchSpec(launcher="mpi"), r"--launcher must be one of auto, local, deepspeed, slurm, env \(got 'mpi'\)"),
+        (LaunchSpec(nodes=0), r"--nodes must be >= 1 \(got 0\)"),
+        (LaunchSpec(procs_per_node=0), r"--gpus-per-node must be >= 1"),
+        (LaunchSpec(nodes=2, node_rank=2, hostfile="h"), r"--node-rank must be in \[0, 2\)"),
+        (LaunchSpec(nodes=2, hostfile="h", no_ssh=True, master_addr="10.0.0.1"), r"pass --node-rank I"),
+        (LaunchSpec(nodes=2, hostfile="h", no_ssh=True, node_rank=1), r"--no-ssh needs --master-addr"),
+        (LaunchSpec(launcher="slurm", no_ssh=True, node_rank=0), r"--no-ssh applies to the DeepSpeed runner only"),
+        (LaunchSpec(master_port=70000), r"--master-port must be in 1..65535"),
+    ],
+)
+def test_bad_launch_options_are_user_errors(spec, message):
+    with pytest.raises(UserError, match=message):
+        resolve_launcher(spec, {})
+
+
+def test_hostfile_problems_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="hostfile .*missing does not exist"):
+        build_command(LaunchSpec(nodes=2, hostfile=str(tmp_path / "missing")), WORKER, {})
+    bad = tmp_path / "bad"
+    bad.write_text("node-a slots=8\nnode-b 8\n")
+    with pytest.raises(UserError, match=r"line 2: expected 'HOST slots=N' \(got 'node-b 8'\)"):
+        build_command(LaunchSpec(nodes=2, hostfile=str(bad)), WORKER, {})
+    small = tmp_path / "small"
+    small.write_text("node-a slots=8\n")
+    with pytest.raises(UserError, match="--nodes 2 but hostfile .* lists only 1 host"):
+        build_command(LaunchSpec(nodes=2, hostfile=str(small)), WORKER, {})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The exact commands (what --dry-run prints)
+
+
+def test_dry_run_hostfile_uses_the_deepspeed_multinode_runner(hostfile):
+    spec = LaunchSpec(nodes=2, procs_per_node=8, hostfile=str(hostfile), master_addr="10.1.2.3", master_port=29600)
+    argv, env = build_command(spec, WORKER, {})
+    assert argv == [
+        PY,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--hostfile={hostfile}",
+        "--num_nodes=2",
+        "--num_gpus=8",
+        "--master_addr=10.1.2.3",
+        "--master_port=29600",
+        "--no_local_rank",
+        "--log_level=warning",
+        "--module",
+        "sdlora_dist.worker",
+        "--run-dir",
+        "runs/x",
+    ]
+    assert env == {}
+    assert format_command(argv, env) == (
+        f"{PY} -m deepspeed.launcher.runner --hostfile={hostfile} --num_nodes=2 --num_gpus=8 "
+        "--master_addr=10.1.2.3 --master_port=29600 --no_local_rank --log_level=warning --module "
+        "sdlora_dist.worker --run-dir runs/x"
+    )
+    # Without --master-addr the runner asks the first host for its address; --no-ssh starts one node.
+    argv, _ = build_command(LaunchSpec(nodes=2, hostfile=str(hostfile)), WORKER, {})
+    assert not any(a.startswith("--master_addr") for a in argv) and "--master_port=29500" in argv
+    spec = LaunchSpec(nodes=2, hostfile=str(hostfile), no_ssh=True, node_rank=1, master_addr="10.1.2.3")
+    argv, _ = build_command(spec, WORKER, {})
+    assert argv[argv.index("--no_ssh") + 1] == "--node_rank=1"
+
+
+def test_dry_run_slurm_uses_srun_with_rendezvous_on_the_first_node():
+    environ = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[012-015],gpu020"}
+    argv, env = build_command(LaunchSpec(nodes=4, procs_per_node=8), WORKER, environ)
+    assert argv == ["srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1", *WORKER]
+    assert env == {"MASTER_ADDR": "gpu012", "MASTER_PORT": "29500"}
+    assert format_command(argv, env) == (
+        f"MASTER_ADDR=gpu012 MASTER_PORT=29500 srun --nodes=4 --ntasks-per-node=8 --kill-on-bad-exit=1 {PY} -m "
+        "sdlora_dist.worker --run-dir runs/x"
+    )
+    argv, env = build_command(LaunchSpec(nodes=2, master_addr="head", master_port=3000), WORKER, environ)
+    assert env == {"MASTER_ADDR": "head", "MASTER_PORT": "3000"}
+
+
+def test_dry_run_local_and_env():
+    argv, env = build_command(LaunchSpec(nodes=1, procs_per_node=4), WORKER, {"OMP_NUM_THREADS": "4"})
+    assert argv == [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=4",
+        "--standalone",
+        "--max-restarts=0",
+        "--monitor-interval=0.5",
+        "-m",
+        "sdlora_dist.worker",
+        "--run-dir",
+        "runs/x",
+    ]
+    assert env == {}
+    _, env = build_command(LaunchSpec(nodes=1, procs_per_node=2), WORKER, {})
+    assert env == {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2))}
+    argv, _ = build_command(LaunchSpec(master_port=1234), ["/opt/bin/worker", "-x"], {})
+    assert argv[5:] == [
+        "--master-addr=127.0.0.1",
+        "--master-port=1234",
+        "--max-restarts=0",
+        "--monitor-interval=0.5",
+        "--no-python",
+        "/opt/bin/worker",
+        "-x",
+    ]
+    assert build_command(LaunchSpec(nodes=8), WORKER, {"RANK": "0", "WORLD_SIZE": "64"}) == (WORKER, {})
+
+
+def test_first_slurm_host():
+    assert first_slurm_host("gpu[003-010,020],cpu1") == "gpu003"
+    assert first_slurm_host("a1,b2") == "a1"
+    assert first_slurm_host("node[7]-ib") == "node7-ib"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Real launches (2 gloo processes)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_apply_rank0_decision(tmp_path, worker_env):
+    """Two "nodes" on 127.0.0.1, one process each, started like two schedulers would start them (--no-ssh)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "out"
+    port = free_port()
+    worker = [PY, "-m", "dist_worker_toy", "decide", "--out", str(out), "--timeout", "60"]
+    codes: dict[int, int] = {}
+
+    def node(rank: int) -> None:
+        spec = LaunchSpec(
+            nodes=2,
+            procs_per_node=1,
+            hostfile=str(hosts),
+            master_addr="127.0.0.1",
+            master_port=port,
+            node_rank=rank,
+            no_ssh=True,
+        )
+        assert resolve_launcher(spec) == "deepspeed"
+        codes[rank] = launch(spec, worker)
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert codes == {0: 0, 1: 0}
+    records = [json.loads((out / f"decide_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["node_rank"], r["local_rank"], r["world_size"]) for r in records] == [
+        (0, 0, 0, 2),
+        (1, 1, 0, 2),
+    ]
+    # Rank 1 drew its own random decision but applied rank 0's: same decision, same tensor, same checksum.
+    assert records[0]["decision"] == records[1]["decision"]
+    assert records[0]["delta_sum"] == records[1]["delta_sum"]
+    assert records[0]["checksum"] == records[1]["checksum"]
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_rank_ends_the_job_nonzero_within_timeout(tmp_path, worker_env):
+    timeout_s = 20
+    worker = [PY, "-m", "dist_worker_toy", "hang", "--out", str(tmp_path), "--timeout", str(timeout_s)]
+    code = (
+        "import sys\nfrom sdlora_dist.launch import LaunchSpec, launch\n"
+        f"sys.exit(launch(LaunchSpec(nodes=1, procs_per_node=2, launcher='local'), {worker!r}))"
+    )
+    job = subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"hang_rank{r}.pid").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and job.poll() is None, "ranks did not start"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.kill(int((tmp_path / "hang_rank1.pid").read_text()), signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = job.communicate(timeout=timeout_s + 30)
+        elapsed = time.monotonic() - killed
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode != 0
+    assert elapsed <= timeout_s, elapsed
+    # torchrun's summary names the rank that died first, and how.
+    assert re.search(r"Root Cause.*?rank\s*: 1 \(local_rank: 1\)\s+exitcode\s*: -9", out, re.S), out[-2000:]
+    assert "error: the training job failed" in out
