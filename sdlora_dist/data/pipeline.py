@@ -141,34 +141,44 @@ def _crop_box(width: int, height: int, scale: tuple[float, float], rng: random.R
     return left, top, left + w, top + h
 
 
-def _to_tensor(img: Image.Image, spec: TransformSpec) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)  # HWC -> CHW
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    return (x - mean) / std
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor (3, H, W); batches are stacked in uint8 and normalised once."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # HWC -> CHW
 
 
-def train_transform(img: Image.Image, spec: TransformSpec, rng: random.Random) -> torch.Tensor:
-    """RandomResizedCrop(img_size, scale) + horizontal flip + normalise, one resize (crop box passed to PIL)."""
+def normalize_batch(x: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 ``(x / 255 - mean) / std``, as one fused multiply-add over the batch."""
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    return torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std))
+
+
+def train_crop(img: Image.Image, spec: TransformSpec, rng: random.Random) -> Image.Image:
+    """RandomResizedCrop(img_size, scale) + horizontal flip, as one PIL resize of the crop box."""
     box = _crop_box(img.width, img.height, spec.train_scale, rng)
     out = img.resize((spec.img_size, spec.img_size), spec.resample(), box=box)
-    if rng.random() < spec.hflip:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return _to_tensor(out, spec)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < spec.hflip else out
 
 
-def eval_transform(img: Image.Image, spec: TransformSpec) -> torch.Tensor:
-    """timm eval: resize the short side to floor(img_size / crop_pct), center crop img_size, normalise."""
+def eval_crop(img: Image.Image, spec: TransformSpec) -> Image.Image:
+    """timm eval geometry: resize the short side to floor(img_size / crop_pct), center crop img_size."""
     scale_size = math.floor(spec.img_size / spec.crop_pct)
     w, h = img.size
-    if w <= h:
-        size = (scale_size, int(scale_size * h / w))
-    else:
-        size = (int(scale_size * w / h), scale_size)
+    size = (scale_size, int(scale_size * h / w)) if w <= h else (int(scale_size * w / h), scale_size)
     out = img.resize(size, spec.resample())
     top = int(round((size[1] - spec.img_size) / 2.0))
     left = int(round((size[0] - spec.img_size) / 2.0))
-    return _to_tensor(out.crop((left, top, left + spec.img_size, top + spec.img_size)), spec)
+    return out.crop((left, top, left + spec.img_size, top + spec.img_size))
+
+
+def train_transform(img: Image.Image, spec: TransformSpec, rng: random.Random) -> torch.Tensor:
+    """timm-style train transform of one image: crop, flip, to float CHW, normalise."""
+    return normalize_batch(to_uint8_chw(train_crop(img, spec, rng))[None], spec)[0]
+
+
+def eval_transform(img: Image.Image, spec: TransformSpec) -> torch.Tensor:
+    """timm eval transform of one image: resize, center crop, to float CHW, normalise."""
+    return normalize_batch(to_uint8_chw(eval_crop(img, spec))[None], spec)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -389,7 +399,7 @@ class _TrainShards(IterableDataset):
                 continue
             img, label = decoded
             rng = sample_rng(self.seed, self.task, self.epoch, item.position, item.key)
-            images.append(train_transform(img, self.spec, rng)), labels.append(label), keys.append(item.key)
+            images.append(to_uint8_chw(train_crop(img, self.spec, rng))), labels.append(label), keys.append(item.key)
         good = [i for i, x in enumerate(images) if x is not None]
         if not good:
             raise UserError(
@@ -401,7 +411,7 @@ class _TrainShards(IterableDataset):
             src = good[n % len(good)]
             images[i], labels[i], keys[i] = images[src], labels[src], keys[src]
             delta["refilled"] += 1
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys, delta
+        return normalize_batch(torch.stack(images), self.spec), torch.tensor(labels, dtype=torch.int64), keys, delta
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -436,11 +446,12 @@ class _EvalShards(IterableDataset):
             for item in (next(stream) for _ in range(hi - lo)):
                 decoded = _decode(item, delta, self.corrupt)
                 if decoded is not None:
-                    images.append(eval_transform(decoded[0], self.spec)), labels.append(decoded[1])
+                    images.append(to_uint8_chw(eval_crop(decoded[0], self.spec))), labels.append(decoded[1])
                     keys.append(item.key)
             delta["samples"] += len(images)
             if images:
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.int64), keys, delta
+                batch = normalize_batch(torch.stack(images), self.spec)
+                yield batch, torch.tensor(labels, dtype=torch.int64), keys, delta
             else:
                 yield None, None, [], delta
 
