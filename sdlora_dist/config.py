@@ -139,7 +139,12 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    run_dir: str = field(default="runs/latest", metadata=_help("Run directory (checkpoints, metrics, config)."))
+    run_dir: str = field(
+        default="runs/latest",
+        metadata=_help(
+            "Run directory (checkpoints, metrics); 'sdlora train' sets it: --run-dir, else runs/<benchmark>-<time>."
+        ),
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON serialisable)."""
@@ -379,7 +384,13 @@ def config_reference() -> str:
             lines.extend(["| key | type | default | meaning |", "|---|---|---|---|"])
             for f in section:
                 default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                tp = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+                tp = (
+                    str(hints[f.name])
+                    .replace("typing.", "")
+                    .replace("<class '", "")
+                    .replace("'>", "")
+                    .replace("|", "\\|")
+                )
                 lines.append(
                     f"| `{prefix}{f.name}` | `{tp}` | `{json.dumps(default)}` | {f.metadata.get('help', '')} |"
                 )

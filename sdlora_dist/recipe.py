@@ -33,7 +33,7 @@ from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader
 from sdlora_dist.data.pipeline import train_steps_per_epoch
 from sdlora_dist.errors import UserError
-from sdlora_dist.logs import log_rank_zero
+from sdlora_dist.logs import log_all_ranks, log_rank_zero
 from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
 
@@ -193,6 +193,8 @@ def consolidate_everywhere(model: SDLoRAViT) -> Decision:
     plan = model.plan_consolidation().to_dict() if dist.rank() == 0 else None
     decision = Decision.from_dict(dist.broadcast_object(plan, src=0))
     model.apply_consolidation(decision)
+    log_all_ranks(f"applied rank 0's consolidation of {decision.task}: {decision.action}, "
+                  f"adapter checksum {adapter_checksum(model)[:16]}")  # fmt: skip
     return decision
 
 

@@ -362,3 +362,15 @@ def test_magnitude_math_is_finite(tiny_cfg):
     run_tasks(model, 2, steps=1)
     model.consolidate()
     assert all(math.isfinite(v) for p in model.magnitudes.values.values() for v in p.tolist())
+
+
+def test_config_reference_is_generated_from_the_classes():
+    """docs/config.md must be exactly what ``sdlora config-docs`` prints (regenerate it when config.py changes)."""
+    from pathlib import Path
+
+    from sdlora_dist.config import config_reference
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert docs.read_text() == config_reference() + "\n", "run: sdlora config-docs --out docs/config.md"
+    for key in ("adapter.preset", "adapter.kd_threshold", "train.checkpoint_every", "data.normalize"):
+        assert f"`{key}`" in docs.read_text()

@@ -201,3 +201,33 @@ def test_bad_inputs(digits_shards, tmp_path):
     assert code == 2 and "different config" in err and "train.lr" in err
     code, err = run("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir))
     assert code == 2 and "already holds a run" in err
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_share_rank0_consolidation(digits_shards, tmp_path):
+    """Two "nodes" (node ranks 0 and 1, one process each) through the CLI's multi-node path (DeepSpeed runner)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "sdlora_dist.cli.main", "train", "-b", "digits", "--data", str(digits_shards),
+               "--run-dir", str(tmp_path / f"run{node}"), "--nodes", "2", "--gpus-per-node", "1", "--hostfile",
+               str(hosts), "--no-ssh", "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port",
+               str(port), *sets("train.tasks=3", "adapter.kd=true")]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[1][-3000:]
+    applied = [
+        sorted(line.split("] ", 1)[1] for line in out.splitlines() if "applied rank 0's" in line) for out in outputs
+    ]
+    assert len(applied[0]) == 2 and applied[0] == applied[1]  # same decision and same adapter state on both nodes
+    m = metrics(tmp_path / "run0")  # rank 0 (node 0) owns the run directory
+    decisions = [t["consolidation_of_previous"] for t in m["tasks"][1:]]
+    assert [d["task"] for d in decisions] == ["task_00", "task_01"] and decisions[1]["relative_residual"] > 0
+    assert [t["world_size"] for t in m["tasks"]] == [2, 2, 2]
