@@ -353,6 +353,7 @@ def run_task(cfg, model, task, manifest, env, spec, progress: RunProgress) -> di
         folder = Path(cfg.run_dir) / ckpt.TASKS_DIR / ckpt.task_dir_name(task)
         ckpt.atomic_write_json(folder / ckpt.PROGRESS_FILE, progress.to_dict())
         write_metrics(Path(cfg.run_dir), progress)
+        write_tensorboard(Path(cfg.run_dir), progress)
     return record
 
 
@@ -360,3 +361,22 @@ def write_metrics(run_dir: Path, progress: RunProgress) -> None:
     """metrics.json (matrix, Acc, AAA, forgetting, BWT, per-task records) and metrics.csv, atomically."""
     ckpt.atomic_write_json(run_dir / ckpt.METRICS_FILE, progress.to_dict())
     ckpt.atomic_write_text(run_dir / "metrics.csv", matrix_csv(progress.log))
+
+
+def write_tensorboard(run_dir: Path, progress: RunProgress) -> None:
+    """Scalars of the newest task under RUN_DIR/tensorboard, when the tensorboard package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional dependency: metrics.json always has the same numbers
+        return
+    task = progress.log.num_tasks - 1
+    record = progress.tasks[-1]
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        writer.add_scalar("accuracy/top1_seen", progress.log.top1_curve()[-1], task)
+        for j, value in enumerate(progress.log.matrix()[-1]):
+            writer.add_scalar(f"accuracy/task_{j:02d}", value, task)
+        writer.add_scalar("train/final_loss", record["train"]["final_loss"], task)
+        for key, values in record["magnitudes"].items():
+            writer.add_scalar(f"magnitude/{key}", sum(values) / len(values), task)
+        for phase, seconds in record["time_s"].items():
+            writer.add_scalar(f"time_s/{phase}", seconds, task)

@@ -231,3 +231,23 @@ def test_two_nodes_on_localhost_share_rank0_consolidation(digits_shards, tmp_pat
     decisions = [t["consolidation_of_previous"] for t in m["tasks"][1:]]
     assert [d["task"] for d in decisions] == ["task_00", "task_01"] and decisions[1]["relative_residual"] > 0
     assert [t["world_size"] for t in m["tasks"]] == [2, 2, 2]
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="optional extra [tensorboard]; installed by [dev]")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sdlora_dist.recipe import RunProgress, write_tensorboard
+
+    progress = RunProgress()
+    for t, (correct, totals) in enumerate([([9], [10]), ([7, 8], [10, 10])]):
+        progress.log.add_row(correct, totals)
+        progress.tasks.append(
+            {"train": {"final_loss": 0.5 - 0.1 * t}, "magnitudes": {"task_00": [0.8, 1.0]}, "time_s": {"train": 1.0}}
+        )
+        write_tensorboard(tmp_path, progress)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("accuracy/top1_seen")] == pytest.approx([90.0, 75.0])
+    assert [e.value for e in events.Scalars("accuracy/task_00")] == pytest.approx([90.0, 70.0])
+    assert [e.step for e in events.Scalars("magnitude/task_00")] == [0, 1]
