@@ -41,6 +41,7 @@ from sdlora_dist.model import SDLoRAViT, build_backbone, build_model, masked_cro
 TINY_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIB = 2**20
+KINDS = ("frozen", "lora", "dense", "reference", "lowrank", "folded")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -228,20 +229,23 @@ def build_plain(args: argparse.Namespace, lora: bool) -> nn.Module:
 
 
 def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    """Every config of the run, on ``device`` in ``dtype``, with its SGD optimizer."""
-    cases = [
-        Case("frozen", "frozen", None, build_plain(args, lora=False), 0),
-        Case("lora", "lora", None, build_plain(args, lora=True), 0),
-    ]
+    """Every config of ``args.kinds``, on ``device`` in ``dtype``, with its SGD optimizer."""
+    want = set(args.kinds) - (set() if not args.no_prototype else {"folded"})
+    cases = [Case(k, k, None, build_plain(args, lora=k == "lora"), 0) for k in ("frozen", "lora") if k in want]
     for past in args.past:
-        dense = build_sdlora(args, "dense", past)
-        cases.append(Case(f"dense T={past}", "dense", past, dense, past * args.classes))
-        cases.append(Case(f"reference T={past}", "reference", past, reference_from(dense), past * args.classes))
-        lowrank = build_sdlora(args, "lowrank", past)
-        cases.append(Case(f"lowrank T={past}", "lowrank", past, lowrank, past * args.classes))
-        if not args.no_prototype:
-            folded = use_folded(build_sdlora(args, "dense", past))
-            cases.append(Case(f"folded T={past}", "folded", past, folded, past * args.classes))
+        offset = past * args.classes
+        if want & {"dense", "reference"}:
+            dense = build_sdlora(args, "dense", past)
+            if "dense" in want:
+                cases.append(Case(f"dense T={past}", "dense", past, dense, offset))
+            if "reference" in want:
+                cases.append(Case(f"reference T={past}", "reference", past, reference_from(dense), offset))
+        if "lowrank" in want:
+            cases.append(Case(f"lowrank T={past}", "lowrank", past, build_sdlora(args, "lowrank", past), offset))
+        if "folded" in want:
+            cases.append(
+                Case(f"folded T={past}", "folded", past, use_folded(build_sdlora(args, "dense", past)), offset)
+            )
     for case in cases:
         case.model.to(device=device, dtype=dtype)
         params = [p for p in case.model.parameters() if p.requires_grad]
@@ -428,8 +432,10 @@ def targets(rows: dict[str, dict[str, Any]], past: list[int], bytes_key: str, ti
     """The issue's targets for each kernel, from ``bytes_key`` and ``time_key`` (None: bytes targets only)."""
     t_lo, t_hi = min(past), max(past)
     t_mid = 10 if 10 in past else sorted(past)[len(past) // 2]
-    lora, ref_mid = rows["lora"], rows[f"reference T={t_mid}"]
     out: dict[str, Any] = {"T_low": t_lo, "T_high": t_hi, "T_mid": t_mid, "bytes": bytes_key, "time": time_key}
+    if "lora" not in rows or f"reference T={t_mid}" not in rows:
+        return out  # a partial run (--kinds): the targets need plain LoRA and the reference
+    lora, ref_mid = rows["lora"], rows[f"reference T={t_mid}"]
     ref_attr = ref_mid[bytes_key] - lora[bytes_key]
     for kind in sorted({r["kind"] for r in rows.values()} - {"frozen", "lora"}):
         lo, hi, mid = (rows[f"{kind} T={t}"] for t in (t_lo, t_hi, t_mid))
@@ -540,6 +546,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all configs")
     p.add_argument("--visit-warmup", type=int, default=0, help="untimed steps at each visit of a config")
     p.add_argument("--steps", type=int, default=2, help="timed steps per config per round")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="configs to run (default all)")
     p.add_argument("--bytes-only", action="store_true", help="only count saved bytes (deterministic, no timing)")
     p.add_argument("--no-prototype", action="store_true", help="skip the 'folded' prototype kernel")
     p.add_argument("--quick", action="store_true", help="tiny ViT, 32 px, batch 4: smoke run")
@@ -574,7 +581,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     time_key = None if args.bytes_only else "median_step_s"
     rows = [summarize(c) for c in cases]
     by_name = {r["name"]: r for r in rows}
-    print_table(rows, by_name["lora"])
+    print_table(rows, by_name.get("lora", rows[0]))
     result = {
         "bench": "adapters",
         "command": "python bench/bench_adapters.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -583,7 +590,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "reference_matches_official_max_abs_diff": check,
         "folded_matches_dense_max_abs_diff": folded_check,
         "configs": rows,
-        "lora_over_frozen": by_name["lora"]["median_step_s"] / by_name["frozen"]["median_step_s"],
+        "lora_over_frozen": by_name["lora"]["median_step_s"] / by_name["frozen"]["median_step_s"]
+        if {"lora", "frozen"} <= by_name.keys()
+        else None,
         "targets": targets(by_name, args.past, "saved_activation_bytes", time_key),
         "targets_cpu_time_unique_bytes": targets(
             by_name, args.past, "saved_activation_bytes_unique", None if args.bytes_only else "median_step_cpu_s"
@@ -591,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_start_end": [load_start, _loadavg()],
         "wall_s": None,
     }
-    print(f"lora / frozen step time: {result['lora_over_frozen']:.2f}; reference == official preset: {check}")
+    print(f"lora / frozen step time: {result['lora_over_frozen']}; reference == official preset: {check}")
     print_targets(result["targets"])
     print_targets(result["targets_cpu_time_unique_bytes"])
     result["wall_s"] = time.perf_counter() - started
