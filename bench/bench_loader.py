@@ -82,11 +82,13 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="An ImageFolder tree (train/<class>/*.jpg); default synthetic.")
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--size", default="500x375", help="Synthetic source image size WxH (originals).")
     parser.add_argument("--out", default="bench/results/bench_loader.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    size = tuple(int(v) for v in args.size.lower().split("x"))
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.root) if args.root else make_synthetic_source(Path(tmp) / "src", args.images)
+        root = Path(args.root) if args.root else make_synthetic_source(Path(tmp) / "src", args.images, size=size)
         shards = Path(tmp) / "shards"
         prepare("imagefolder", root, shards, tasks=1, progress=False)
         n_train = load_manifest(shards).num_samples("train", 0)
@@ -101,7 +103,7 @@ def main() -> None:
     plain_med, shard_med = statistics.median(n / t for t, n in plain), statistics.median(n / t for t, n in shard)
     result = {
         "benchmark": "loader images/s per worker (decode + train transform + batch), one core",
-        "source": args.root or f"synthetic: {args.images} JPEGs 500x375 q90 in 10 classes",
+        "source": args.root or f"synthetic: {args.images} JPEGs {args.size} q90 in 10 classes",
         "train_images": n_train,
         "transform": {"img_size": SPEC.img_size, "interpolation": SPEC.interpolation, "scale": SPEC.train_scale},
         "plain_imagefolder_pil_images_per_s": round(plain_ips, 1),
@@ -114,7 +116,9 @@ def main() -> None:
         "source_mb": round(source_bytes / 2**20, 2),
         "reps": args.reps,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "command": "python bench/bench_loader.py" + (f" --root {args.root}" if args.root else ""),
+        "command": "python bench/bench_loader.py"
+        + (f" --root {args.root}" if args.root else f" --size {args.size}")
+        + (f" --out {args.out}" if args.out != "bench/results/bench_loader.json" else ""),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
