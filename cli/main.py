@@ -40,9 +40,9 @@ def config_docs(
 
 def _register_commands() -> None:
     # Each command group lives in its own module and adds itself to ``app``.
-    from sdlora_dist.cli import data_cmds, export_cmds, train_cmds
+    from sdlora_dist.cli import data_cmds, demo_cmds, export_cmds, report_cmds, train_cmds
 
-    for module in (data_cmds, train_cmds, export_cmds):
+    for module in (data_cmds, train_cmds, export_cmds, report_cmds, demo_cmds):
         module.register(app)
 
 
