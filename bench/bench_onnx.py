@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
-from sdlora_dist.export.onnx_export import export_onnx
 
 import sdlora_dist  # noqa: F401  (torchvision compat before timm)
+from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
+from sdlora_dist.export.onnx_export import export_onnx
 
 
 def _ort_session(path: Path, threads: int, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sdlora_dist.export.inference import OnnxClassifier
-from sdlora_dist.export.metadata import LAYOUT_UINT8, ModelMetadata
 from tqdm import tqdm
 
 from sdlora_dist.errors import UserError
+from sdlora_dist.export.inference import OnnxClassifier
+from sdlora_dist.export.metadata import LAYOUT_UINT8, ModelMetadata
 from sdlora_dist.logs import log_rank_zero
 
 

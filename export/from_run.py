@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sdlora_dist.checkpoint import RunState, find_latest_run, load_run
 from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
 from sdlora_dist.export.onnx_export import ExportReport, export_onnx
 from sdlora_dist.export.triton import write_triton_repo
-
-from sdlora_dist.checkpoint import RunState, find_latest_run, load_run
 from sdlora_dist.logs import log_rank_zero
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from sdlora_dist.export.metadata import LAYOUT_UINT8, ModelMetadata
-from sdlora_dist.export.preprocess import image_to_uint8, normalize
 
 from sdlora_dist.errors import UserError
+from sdlora_dist.export.metadata import LAYOUT_UINT8, ModelMetadata
+from sdlora_dist.export.preprocess import image_to_uint8, normalize
 from sdlora_dist.logs import log_rank_zero
 
 # --provider name -> onnxruntime execution providers, in priority order (CPU always last as the fallback).

@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from torch import nn
+
+from sdlora_dist.errors import UserError
 from sdlora_dist.export.inference import open_session, resolve_providers
 from sdlora_dist.export.metadata import LAYOUT_FLOAT, LAYOUT_UINT8, ModelMetadata
 from sdlora_dist.export.preprocess import InGraphNormalize, normalize
 from sdlora_dist.export.verify import VerifyReport, check_graph, compare_logits, random_batches, split_batches
-from torch import nn
-
-from sdlora_dist.errors import UserError
 
 INPUT_FLOAT = "pixel_values"  # float32 (batch, 3, H, W), normalised
 INPUT_UINT8 = "image"  # uint8 (batch, H, W, 3), raw pixels (--with-preprocessing)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from sdlora_dist.export.metadata import ModelMetadata
 from torch import nn
 
 from sdlora_dist.errors import UserError
+from sdlora_dist.export.metadata import ModelMetadata
 
 _PIL_FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,

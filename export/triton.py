@@ -20,9 +20,9 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from sdlora_dist.export.metadata import ModelMetadata
 
 from sdlora_dist.errors import UserError
+from sdlora_dist.export.metadata import ModelMetadata
 
 # ONNX TensorProto element type -> Triton data_type.
 _TRITON_TYPES = {

@@ -18,7 +18,9 @@ from sdlora_dist.config import Config, apply_overrides, config_from_dict, load_c
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+_HERE = Path(__file__).resolve().parent
+# a wheel installs configs/ as sdlora_dist/configs; a source checkout has it beside the package
+CONFIG_ROOT = next((p for p in (_HERE / "configs", _HERE.parent / "configs") if (p / "benchmarks").is_dir()), _HERE)
 
 
 def benchmark_recipes() -> dict[str, Path]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from data_fixtures import dir_listing, make_class_folders, make_image_folder
-from sdlora_dist.cli.main import main
 
+from sdlora_dist.cli.main import main
 from sdlora_dist.data import load_manifest
 
 

@@ -11,11 +11,10 @@ import torch
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
-    from sdlora_dist.export.inference import OnnxClassifier
-    from sdlora_dist.export.preprocess import image_to_uint8
-
     from sdlora_dist.checkpoint import load_run
     from sdlora_dist.demo import run_demo
+    from sdlora_dist.export.inference import OnnxClassifier
+    from sdlora_dist.export.preprocess import image_to_uint8
 
     result = run_demo(
         tmp_path / "demo",

@@ -9,16 +9,16 @@ import onnx
 import pytest
 import torch
 from conftest import tiny_overrides
+
+from sdlora_dist import __version__
+from sdlora_dist.config import load_config
+from sdlora_dist.errors import UserError
 from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
 from sdlora_dist.export.onnx_export import export_onnx
 from sdlora_dist.export.preprocess import normalize
 from sdlora_dist.export.triton import write_triton_repo
 from sdlora_dist.export.verify import FP16_RELATIVE_TOLERANCE
-
-from sdlora_dist import __version__
-from sdlora_dist.config import load_config
-from sdlora_dist.errors import UserError
 from sdlora_dist.model import build_model
 
 pytestmark = pytest.mark.slow  # module fixtures export several models (~3 s each on 2 cores)

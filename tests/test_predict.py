@@ -9,13 +9,13 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+
 from sdlora_dist.cli.main import main
+from sdlora_dist.errors import UserError
 from sdlora_dist.export.inference import resolve_providers
 from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
 from sdlora_dist.export.onnx_export import export_onnx
 from sdlora_dist.export.preprocess import image_to_uint8, normalize
-
-from sdlora_dist.errors import UserError
 
 NAMES = [f"digit_{i}" for i in range(10)]
 
@@ -48,10 +48,10 @@ def served(tmp_path_factory):
 
 
 def test_preprocessing_equals_timm_eval_transform_and_the_data_pipeline(served):
-    from sdlora_dist.export.metadata import ModelMetadata
     from timm.data import create_transform
 
     from sdlora_dist.data.pipeline import TransformSpec, eval_transform
+    from sdlora_dist.export.metadata import ModelMetadata
 
     model, meta_dict, _, _, files = served
     meta = ModelMetadata.from_dict(meta_dict)
