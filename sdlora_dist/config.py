@@ -256,7 +256,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping; ConfigError (a UserError) naming the file otherwise."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
     try:
@@ -281,7 +282,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load ``path`` (YAML; optional), apply ``--set`` overrides, validate once."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = read_yaml_mapping(Path(path)) if path is not None else {}
     apply_overrides(raw, list(overrides or []))
     return config_from_dict(raw)
 

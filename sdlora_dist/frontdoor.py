@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist.config import Config, apply_overrides, config_from_dict, load_config
+from sdlora_dist.config import Config, apply_overrides, config_from_dict, load_config, read_yaml_mapping
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 
@@ -26,18 +26,6 @@ CONFIG_ROOT = next((p for p in (_HERE / "configs", _HERE.parent / "configs") if 
 def benchmark_recipes() -> dict[str, Path]:
     """Benchmark name -> recipe YAML shipped in ``configs/benchmarks``."""
     return {p.stem: p for p in sorted((CONFIG_ROOT / "benchmarks").glob("*.yaml"))}
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist: pass an existing YAML file to --config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML: {exc}".replace("\n", " ")) from exc
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must hold a mapping at the top level")
-    return data
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -56,9 +44,9 @@ def resolve_config(
         recipes = benchmark_recipes()
         if benchmark not in recipes:
             raise UserError(f"unknown benchmark {benchmark!r}: valid are {', '.join(recipes)}")
-        raw = _read_mapping(recipes[benchmark])
+        raw = read_yaml_mapping(recipes[benchmark])
     if config is not None:
-        raw = _merge(raw, _read_mapping(Path(config)))
+        raw = _merge(raw, read_yaml_mapping(Path(config)))
     if benchmark is None and config is None:
         raise UserError("pass --benchmark NAME (a shipped recipe) or --config FILE")
     apply_overrides(raw, sets)
