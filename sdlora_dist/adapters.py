@@ -86,6 +86,7 @@ class SDLoRAQKV(nn.Module):
         self.__dict__["_bank"] = bank  # not a submodule: the model registers the bank once
         self.frozen_keys: list[str] = []
         self.current_key: str | None = None
+        self._inv_norms: dict[str, torch.Tensor] = {}  # frozen key -> 1/n per q, v; factors never change once frozen
         # Derived state (rebuilt by set_layout): the concatenated bank of past factors.
         self.register_buffer("past_A", torch.empty(0), persistent=False)  # [2, R, d]
         self.register_buffer("past_B", torch.empty(0), persistent=False)  # [2, d, R]
@@ -110,6 +111,19 @@ class SDLoRAQKV(nn.Module):
         """Remove task ``key``'s pair (KD absorbed it into the past directions)."""
         del self.lora_A[key]
         del self.lora_B[key]
+        self._inv_norms.pop(key, None)
+
+    def forget_norms(self) -> None:
+        """Drop cached normalisers (after the factors were overwritten, e.g. by ``load_state_dict``)."""
+        self._inv_norms.clear()
+
+    def _inv_norm(self, key: str) -> torch.Tensor:
+        """``1 / n`` of a frozen pair for q and v -> [2] (0 for an all-zero pair), computed once per key."""
+        if key not in self._inv_norms:
+            norm = self.pair_norms(key)
+            tiny = torch.finfo(norm.dtype).tiny
+            self._inv_norms[key] = torch.where(norm > 0, 1.0 / norm.clamp_min(tiny), torch.zeros_like(norm))
+        return self._inv_norms[key]
 
     def pair_norms(self, key: str) -> torch.Tensor:
         """Normaliser ``n_p`` of task ``key``'s pair for q and v -> [2], by the preset's rule."""
@@ -136,11 +150,7 @@ class SDLoRAQKV(nn.Module):
             return
         self.past_A = torch.cat([self.lora_A[k].detach() for k in frozen_keys], dim=1).contiguous()
         self.past_B = torch.cat([self.lora_B[k].detach() for k in frozen_keys], dim=2).contiguous()
-        inv = []
-        for k in frozen_keys:
-            norm = self.pair_norms(k)  # [2]
-            safe = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
-            inv.append(safe[:, None].expand(2, self.lora_A[k].shape[1]))
+        inv = [self._inv_norm(k)[:, None].expand(2, self.lora_A[k].shape[1]) for k in frozen_keys]
         self.past_inv_norm = torch.cat(inv, dim=1).contiguous()
         self.past_col_task = torch.cat(
             [torch.full((self.lora_A[k].shape[1],), i, dtype=torch.long) for i, k in enumerate(frozen_keys)]

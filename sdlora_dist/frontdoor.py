@@ -93,6 +93,12 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
     from sdlora_dist.recipe import check_shards
 
     launcher = resolve_launcher(spec)
+    world = spec.nodes * spec.procs_per_node
+    if launcher != "env" and cfg.data.batch_size % world:
+        raise UserError(
+            f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly over the {world} "
+            f"ranks (--nodes {spec.nodes} x --gpus-per-node {spec.procs_per_node}); pass --set data.batch_size=N"
+        )
     check_shards(cfg)
     worker = [sys.executable, "-m", "sdlora_dist.worker", "--run-dir", str(cfg.run_dir), "--mode", mode]
     if dry_run:

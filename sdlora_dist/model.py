@@ -381,6 +381,12 @@ class SDLoRAViT(nn.Module):
                 f"checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
                 "was it written by a run with another model config?"
             )
+        self.rebuild_derived_state()
+
+    def rebuild_derived_state(self) -> None:
+        """Recompute the non-persistent banks and normalisers after weights were overwritten (load, engine resume)."""
+        for adapter in self.adapters:
+            adapter.forget_norms()
         self._sync_layout()
 
 

@@ -218,7 +218,7 @@ def train_task(
     tag = latest_engine_checkpoint(Path(cfg.run_dir), task)
     if tag is not None:
         start = dist.load_engine_checkpoint(engine, engine_dir, tag)
-        model._sync_layout()
+        model.rebuild_derived_state()
         log_rank_zero(
             f"task {task}: resumed from engine checkpoint {tag} (epoch {start['epoch']}, step {start['step']})"
         )

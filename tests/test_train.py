@@ -185,6 +185,8 @@ def test_bad_inputs(digits_shards, tmp_path):
     blocker.write_text("x")
     code, err = run("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(blocker / "run"))
     assert code == 2 and "not writable" in err
+    code, err = run("train", "-b", "digits", "--data", str(digits_shards), "--gpus-per-node", "3")
+    assert code == 2 and "data.batch_size=32 is the global batch" in err
     code, err = run("train", "-b", "digits", "--data", str(digits_shards), "--set", "train.lr=-1")
     assert code == 2 and "train.lr: must be a positive number (got -1" in err
     # a run dir holding another run's config: --resume with a changed value is refused
