@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist.config import Config, apply_overrides, config_from_dict, load_config, read_yaml_mapping
+from sdlora_dist.config import Config, apply_overrides, config_from_dict, read_yaml_mapping
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 
@@ -133,4 +133,4 @@ def load_or_resolve(
     return cfg, mode
 
 
-__all__ = ["load_config", "resolve_config", "start_training", "load_or_resolve", "benchmark_recipes"]
+__all__ = ["resolve_config", "start_training", "load_or_resolve", "benchmark_recipes"]

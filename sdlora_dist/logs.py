@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-
-_LOGGER = logging.getLogger("sdlora")
 
 
 def process_rank() -> int:
@@ -30,4 +27,4 @@ def log_all_ranks(message: str) -> None:
     print(f"[rank {process_rank()}] {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["log_rank_zero", "log_all_ranks", "is_rank_zero", "process_rank", "_LOGGER"]
+__all__ = ["log_rank_zero", "log_all_ranks", "is_rank_zero", "process_rank"]
