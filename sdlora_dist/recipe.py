@@ -227,7 +227,19 @@ def train_task(
     return stats
 
 
-def _run_epochs(cfg, engine, model, task, spec, env, steps, per_rank, start, engine_dir) -> dict[str, Any]:
+def _run_epochs(
+    cfg: Config,
+    engine: Any,
+    model: SDLoRAViT,
+    task: int,
+    spec: TransformSpec,
+    env: dist.DistEnv,
+    steps: int,
+    per_rank: int,
+    start: dict[str, int],
+    engine_dir: Path,
+) -> dict[str, Any]:
+    """The epochs of one task from ``start`` (epoch, step); engine checkpoints every ``train.checkpoint_every``."""
     epochs = task_epochs(cfg, task)
     offset, n_cls = model.class_offset(task), model.task_classes[task]
     dtype = next(p for p in model.parameters() if p.requires_grad).dtype
@@ -316,7 +328,15 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
     return progress
 
 
-def run_task(cfg, model, task, manifest, env, spec, progress: RunProgress) -> dict[str, Any]:
+def run_task(
+    cfg: Config,
+    model: SDLoRAViT,
+    task: int,
+    manifest: Manifest,
+    env: dist.DistEnv,
+    spec: TransformSpec,
+    progress: RunProgress,
+) -> dict[str, Any]:
     """Consolidate the previous task, then train, evaluate, verify and checkpoint ``task``."""
     times: dict[str, float] = {}
     decision = None
