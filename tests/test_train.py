@@ -100,7 +100,7 @@ def test_two_ranks_match_one_rank(digits_shards, tmp_path):
 
 @pytest.mark.slow
 def test_kill_then_resume_replays_uninterrupted_run(digits_shards, tmp_path):
-    extra = sets("train.tasks=3", "train.checkpoint_every=2", "train.max_steps_per_epoch=8", "train.epochs=2")
+    extra = sets("train.tasks=3", "train.checkpoint_every=2", "train.max_steps_per_epoch=12", "train.epochs=2")
     base = ["train", "-b", "digits", "--data", str(digits_shards)]
     ref = sdlora(*base, "--run-dir", str(tmp_path / "ref"), *extra)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -112,7 +112,7 @@ def test_kill_then_resume_replays_uninterrupted_run(digits_shards, tmp_path):
     engine_dir = run_dir / "engine" / "task_001"
     deadline = time.time() + 240
     while time.time() < deadline and not (engine_dir.is_dir() and any(engine_dir.glob("step_*"))):
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (run_dir / "tasks" / "task_000").is_dir() and not (run_dir / "tasks" / "task_002").exists()
