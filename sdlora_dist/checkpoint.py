@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from sdlora_dist import __version__
 from sdlora_dist.config import Config, load_config
 from sdlora_dist.errors import UserError
+from sdlora_dist.fileio import atomic_dir, atomic_write_json, atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -54,46 +53,6 @@ def task_dir_name(task: int) -> str:
 def _is_base_key(key: str) -> bool:
     """Frozen pre-trained weights: backbone tensors that are not adapter factors."""
     return key.startswith("backbone.") and ".lora_" not in key
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """JSON variant of :func:`atomic_write_text`."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
-    """Create ``final`` by filling a temp sibling folder and renaming it; replaces an existing ``final``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        fill(tmp)
-        if final.exists():
-            trash = final.with_name(f".{final.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

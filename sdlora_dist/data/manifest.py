@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdlora_dist.errors import UserError
+from sdlora_dist.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -127,16 +127,6 @@ def load_manifest(shards_dir: str | Path) -> Manifest:
 def write_manifest(manifest: Manifest, shards_dir: str | Path) -> None:
     """Write ``manifest.json`` atomically (temp file, fsync, rename)."""
     atomic_write_text(Path(shards_dir) / MANIFEST_NAME, manifest.to_json())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
