@@ -166,6 +166,11 @@ def open_magnitudes(tasks: list[dict[str, Any]]) -> list[tuple[int, str, list[fl
     return out
 
 
+def magnitude_slots(tasks: list[dict[str, Any]]) -> int:
+    """Values per task magnitude: 1 when shared, 2 x adapted blocks when per_layer."""
+    return max((len(v) for r in tasks for v in r["magnitudes"].values()), default=1)
+
+
 def _key_index(key: str) -> int:
     """``task_03`` -> 3 (keys are written by the model as task_XX)."""
     try:
@@ -238,7 +243,7 @@ def plot_magnitudes(tasks: list[dict[str, Any]], path: Path) -> None:
     """Left: each frozen direction's alpha after every later task (Fig. 3); right: each open pair's final alpha."""
     series = magnitude_series(tasks)
     opened = open_magnitudes(tasks)
-    slots = max((len(v) for r in tasks for v in r["magnitudes"].values()), default=1)
+    slots = magnitude_slots(tasks)
     per_slot = f" (mean over {slots} per-layer slots, band = min..max)" if slots > 1 else ""
     fig = _figure(11.0, 4.4)
     left, right = fig.subplots(1, 2, width_ratios=[3, 2])
@@ -371,7 +376,11 @@ def render_markdown(m: RunMetrics, title: str) -> str:
     lines += [""]
     header = ["task", "classes", "rank", "own alpha at end", "pair closed as", "KD residual", "final loss", "time (s)"]
     lines += _table(header, _decision_rows(m))
-    lines += ["", f"![magnitudes]({MAGNITUDES_PNG})", "", f"![time per task]({TIME_PNG})", ""]
+    lines += ["", f"![magnitudes]({MAGNITUDES_PNG})", ""]
+    if (slots := magnitude_slots(m.tasks)) > 1:
+        lines += [f"Per-layer magnitudes ({slots} slots per task): the plot shows each task's mean, band min..max."]
+        lines += [""]
+    lines += [f"![time per task]({TIME_PNG})", ""]
     return "\n".join(lines)
 
 

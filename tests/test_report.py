@@ -9,6 +9,8 @@ import json
 import pytest
 from PIL import Image
 
+from sdlora_dist import report as rep
+from sdlora_dist.errors import UserError
 from sdlora_dist.metrics import AccuracyLog
 
 
@@ -83,3 +85,113 @@ def test_report_bad_input(tmp_path, problem):
     assert code == 2 and expected in err and err.startswith("error: ")
     if problem == "foreign_out":
         assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def make_kd_run(run_dir, slots: int = 1) -> dict:
+    """Four tasks: task_00 and task_01 frozen, task_02 absorbed by KD (gone from later records), task_03 open.
+
+    ``slots`` > 1 gives per-layer magnitudes (one value per adapted matrix), as ``adapter.magnitude=per_layer`` does.
+    """
+    from sdlora_dist.config import load_config, save_config
+
+    log = AccuracyLog()
+    for t, row in enumerate([[45], [30, 44], [28, 40, 41], [25, 38, 39, 43]]):
+        log.add_row(row, [50, 50, 48, 50][: t + 1])
+
+    def alphas(value: float) -> list[float]:
+        return [value + 0.01 * s for s in range(slots)]  # slot s of a per-layer magnitude
+
+    def closed(key: str, action: str = "frozen", residual: float | None = None) -> dict:
+        return {"task": key, "action": action, "rank": 4, "relative_residual": residual, "coefficients": [],
+                "magnitudes": {}}  # fmt: skip
+
+    mags = [
+        {"task_00": alphas(0.8)},
+        {"task_00": alphas(0.11), "task_01": alphas(0.79)},
+        {"task_00": alphas(0.12), "task_01": alphas(0.105), "task_02": alphas(0.81)},
+        {"task_00": alphas(0.13), "task_01": alphas(0.15), "task_03": alphas(0.77)},  # task_02 absorbed
+    ]
+    decisions = [None, closed("task_00"), closed("task_01", residual=0.4), closed("task_02", "absorbed", 2e-4)]
+    records = [
+        {"task": t, "classes": 2, "rank": [4, 4, 2, 2][t], "consolidation_of_previous": decisions[t],
+         "magnitudes": mags[t], "train": {"steps": 3, "final_loss": 0.5 - 0.1 * t, "images": 96, "corrupt_skipped": 0},
+         "world_size": 2, "time_s": {"consolidate": 0.1 * t, "train": 1.5, "eval": 0.25, "checkpoint": 0.05}}
+        for t in range(4)
+    ]  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = {"accuracy": log.to_dict(), "tasks": records}
+    (run_dir / "metrics.json").write_text(json.dumps(data))
+    cfg = load_config(overrides=["adapter.kd=true", "adapter.rank_schedule=[[0, 4], [2, 2]]",
+                                 f"adapter.magnitude={'per_layer' if slots > 1 else 'shared'}"])  # fmt: skip
+    save_config(cfg, run_dir / "config.yaml")
+    return data
+
+
+def test_kd_rr_run_report_numbers(tmp_path):
+    data = make_kd_run(tmp_path / "run")
+    tasks = data["tasks"]
+    # Fig. 3 series: a direction appears from the task after it was frozen; the absorbed task_02 never does
+    assert rep.magnitude_series(tasks) == {"task_00": ([1, 2, 3], [[0.11], [0.12], [0.13]]),
+                                           "task_01": ([2, 3], [[0.105], [0.15]])}  # fmt: skip
+    assert [(t, k) for t, k, _ in rep.open_magnitudes(tasks)] == [(0, "task_00"), (1, "task_01"), (2, "task_02"),
+                                                                   (3, "task_03")]  # fmt: skip
+    assert rep.task_mean_curve(data["accuracy"]["matrix"])[1] == pytest.approx((60 + 88) / 2)
+
+    files = rep.write_report(tmp_path / "run", tmp_path / "out")
+    assert files.out_dir == tmp_path / "out" and all(p.is_file() for p in files.paths())
+    text = files.markdown.read_text()
+    acc = data["accuracy"]
+    for key in ("acc", "aaa", "mean_task_acc", "forgetting", "bwt"):
+        assert f"| {acc[key]:.2f} " in text or f" {acc[key]:.2f} |" in text, key
+    assert "| 3 | 50.00 | 76.00 | 81.25 | 86.00 | " in text  # last row: 25/50, 38/50, 39/48, 43/50
+    assert "| 2 | 2 | 2 | 0.8100 | absorbed | 0.0002 | 0.3000 | 2.0 |" in text  # RR rank 2, KD absorbed
+    assert "| 1 | 2 | 4 | 0.7900 | frozen | 0.4 |" in text
+    assert "| 3 | 2 | 2 | 0.7700 | open (last task) |" in text
+    assert "KD: on, threshold 0.0009" in text and "[[0, 4], [2, 2]]" in text and "world size: 2" in text
+    assert "Per-layer" not in text
+    for image in files.images.values():  # linked relatively, so the folder can be moved or published as is
+        assert f"]({image.name})" in text
+
+
+def test_per_layer_magnitudes_are_plotted_as_their_mean(tmp_path):
+    data = make_kd_run(tmp_path / "run", slots=6)
+    assert rep.magnitude_slots(data["tasks"]) == 6
+    files = rep.write_report(tmp_path / "run")
+    assert "Per-layer magnitudes (6 slots per task)" in files.markdown.read_text()
+    with Image.open(files.images["magnitudes.png"]) as img:
+        assert img.format == "PNG" and img.width >= 800
+
+
+def test_failed_report_leaves_the_previous_one_untouched(tmp_path, monkeypatch):
+    make_run(tmp_path / "run")
+    before = rep.write_report(tmp_path / "run").markdown.read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full while drawing")
+
+    monkeypatch.setattr(rep, "plot_time_per_task", broken)  # fails after three PNGs are already in the temp folder
+    make_run(tmp_path / "run", tasks=4)
+    with pytest.raises(RuntimeError, match="disk full"):
+        rep.write_report(tmp_path / "run")
+    assert (tmp_path / "run" / "report" / "report.md").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.json", "report", "run.json"]
+
+
+@pytest.mark.parametrize("problem", ["no_tasks_section", "ragged_matrix", "records_mismatch", "out_is_file"])
+def test_damaged_metrics_are_user_errors(tmp_path, problem):
+    data = make_run(tmp_path / "run")
+    out = None
+    if problem == "no_tasks_section":
+        del data["tasks"]
+    if problem == "ragged_matrix":
+        data["accuracy"]["matrix"][1] = [1.0]
+    if problem == "records_mismatch":
+        data["tasks"] = data["tasks"][:2]
+    if problem == "out_is_file":
+        out = tmp_path / "file.txt"
+        out.write_text("x")
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(data))
+    expected = {"no_tasks_section": "'tasks'", "ragged_matrix": "3 x 3", "records_mismatch": "2 task records",
+                "out_is_file": "is a file"}[problem]  # fmt: skip
+    with pytest.raises(UserError, match=expected):
+        rep.write_report(tmp_path / "run", out)
