@@ -206,7 +206,7 @@ def plot_accuracy_matrix(matrix: list[list[float | None]], path: Path) -> None:
     ax.set_facecolor("white")
     fig.colorbar(image, ax=ax, label="accuracy (%)", shrink=0.8)
     if n <= 30:  # past that, the numbers would not fit in the cells
-        fontsize = max(5.0, min(10.0, 90.0 / n))
+        fontsize = max(4.0, min(10.0, 0.3 * size * 72.0 / n))  # about a third of a cell's width in points
         for (t, j), v in np.ndenumerate(grid.filled(math.nan)):
             if not math.isnan(v):
                 color = "black" if v > 60 else "white"
@@ -241,6 +241,8 @@ def plot_accuracy_curve(top1: list[float], task_mean: list[float], path: Path) -
 
 def plot_magnitudes(tasks: list[dict[str, Any]], path: Path) -> None:
     """Left: each frozen direction's alpha after every later task (Fig. 3); right: each open pair's final alpha."""
+    from matplotlib.ticker import MaxNLocator
+
     series = magnitude_series(tasks)
     opened = open_magnitudes(tasks)
     slots = magnitude_slots(tasks)
@@ -257,6 +259,8 @@ def plot_magnitudes(tasks: list[dict[str, Any]], path: Path) -> None:
     else:
         left.text(0.5, 0.5, "no frozen direction yet", ha="center", va="center", transform=left.transAxes)
     left.set_xlim(-0.5, len(tasks) - 0.5)
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("after training task t")
     left.set_ylabel("alpha" + (" (mean)" if slots > 1 else ""))
     left.set_title("Magnitude of each frozen direction over later tasks" + per_slot, fontsize=9)
