@@ -31,9 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sdlora_dist import __version__
-from sdlora_dist.config import Config, load_config
+from sdlora_dist.config import Config, load_config, save_config
 from sdlora_dist.errors import UserError
-from sdlora_dist.fileio import atomic_dir, atomic_write_json, atomic_write_text
+from sdlora_dist.fileio import atomic_dir, atomic_write_json
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -59,12 +59,14 @@ def _contiguous_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def split_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``model.state_dict()`` split into (frozen base weights, everything else)."""
-    state = model.state_dict()
-    base = {k: v for k, v in state.items() if _is_base_key(k)}
-    rest = {k: v for k, v in state.items() if not _is_base_key(k)}
-    return _contiguous_cpu(base), _contiguous_cpu(rest)
+def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen pre-trained weights W0 of ``model.state_dict()``, on CPU (written once per run)."""
+    return _contiguous_cpu({k: v for k, v in model.state_dict().items() if _is_base_key(k)})
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Everything in ``model.state_dict()`` except W0 (factors, magnitudes, head), on CPU; W0 is never copied."""
+    return _contiguous_cpu({k: v for k, v in model.state_dict().items() if not _is_base_key(k)})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -85,18 +87,11 @@ def check_writable(run_dir: str | Path) -> Path:
 
 def write_run_header(run_dir: Path, cfg: Config, model: torch.nn.Module, info: dict[str, Any]) -> None:
     """Write config.yaml, run.json and the frozen backbone (once per run)."""
-    atomic_write_text(run_dir / CONFIG_FILE, _config_yaml(cfg))
+    save_config(cfg, run_dir / CONFIG_FILE)
     header = {"config_hash": cfg.hash(), "version": __version__, **info}
     atomic_write_json(run_dir / RUN_FILE, header)
     if not (run_dir / BACKBONE_FILE).exists():
-        base, _ = split_state(model)
-        _atomic_safetensors(run_dir / BACKBONE_FILE, base)
-
-
-def _config_yaml(cfg: Config) -> str:
-    import yaml
-
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        _atomic_safetensors(run_dir / BACKBONE_FILE, base_state(model))
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -112,7 +107,7 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_task_checkpoint(run_dir: Path, task: int, model: Any, progress: dict[str, Any]) -> Path:
     """Write ``tasks/task_XXX`` atomically: adapter tensors, layout, recipe progress. Returns the folder."""
-    _, rest = split_state(model)
+    rest = adapter_state(model)
     layout = model.layout()
 
     def fill(tmp: Path) -> None:

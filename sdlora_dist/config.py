@@ -287,9 +287,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(raw)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (what ``config.yaml`` in a run directory holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the caller makes it atomic)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write the resolved config as YAML, atomically."""
+    from sdlora_dist.fileio import atomic_write_text
+
+    atomic_write_text(path, config_yaml(cfg))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist.config import Config, apply_overrides, config_from_dict, read_yaml_mapping
+from sdlora_dist.config import Config, apply_overrides, config_from_dict, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 
@@ -85,7 +83,7 @@ def prepare_run_dir(cfg: Config, mode: str) -> None:
                 f"run directory {run_dir} already holds a run: pass --resume {run_dir} to continue it, "
                 "or another --run-dir"
             )
-        ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        save_config(cfg, run_dir / ckpt.CONFIG_FILE)
 
 
 def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = False) -> int:

@@ -33,6 +33,7 @@ from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader
 from sdlora_dist.data.pipeline import train_steps_per_epoch
 from sdlora_dist.errors import UserError
+from sdlora_dist.fileio import atomic_write_json, atomic_write_text
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
 from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
@@ -103,7 +104,7 @@ def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim
 
 def adapter_checksum(model: SDLoRAViT) -> str:
     """sha256 of every non-frozen tensor (factors, magnitudes, head) in name order."""
-    _, rest = ckpt.split_state(model)
+    rest = ckpt.adapter_state(model)
     h = hashlib.sha256()
     for key in sorted(rest):
         h.update(key.encode())
@@ -264,10 +265,12 @@ def _run_epochs(
             loss = masked_cross_entropy(logits.float(), y.to(env.device), offset, n_cls)
             engine.backward(loss)
             engine.step()
-            loss_v, seen = loss.item(), seen + x.shape[0] * env.world_size
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            seen += x.shape[0] * env.world_size
             done += 1
+            bar.update(1)
+            if done % 10 == 0 or done == total:  # .item() waits for the device: not on every step
+                loss_v = loss.item()
+                bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
             if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < total:
                 nxt = {"epoch": epoch, "step": step + 1} if step + 1 < steps else {"epoch": epoch + 1, "step": 0}
                 dist.save_engine_checkpoint(engine, engine_dir, f"step_{done:08d}", client_state=nxt)
@@ -371,7 +374,7 @@ def run_task(
         dist.barrier()
     if env.is_main:  # the checkpoint time is known only now: record it in both places
         folder = Path(cfg.run_dir) / ckpt.TASKS_DIR / ckpt.task_dir_name(task)
-        ckpt.atomic_write_json(folder / ckpt.PROGRESS_FILE, progress.to_dict())
+        atomic_write_json(folder / ckpt.PROGRESS_FILE, progress.to_dict())
         write_metrics(Path(cfg.run_dir), progress)
         write_tensorboard(Path(cfg.run_dir), progress)
     return record
@@ -379,8 +382,8 @@ def run_task(
 
 def write_metrics(run_dir: Path, progress: RunProgress) -> None:
     """metrics.json (matrix, Acc, AAA, forgetting, BWT, per-task records) and metrics.csv, atomically."""
-    ckpt.atomic_write_json(run_dir / ckpt.METRICS_FILE, progress.to_dict())
-    ckpt.atomic_write_text(run_dir / "metrics.csv", matrix_csv(progress.log))
+    atomic_write_json(run_dir / ckpt.METRICS_FILE, progress.to_dict())
+    atomic_write_text(run_dir / "metrics.csv", matrix_csv(progress.log))
 
 
 def write_tensorboard(run_dir: Path, progress: RunProgress) -> None:

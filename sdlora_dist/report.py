@@ -22,6 +22,7 @@ from typing import Any
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.errors import UserError
+from sdlora_dist.fileio import atomic_dir
 
 REPORT_DIR = "report"
 MARKDOWN_FILE = "report.md"
@@ -424,7 +425,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         (tmp / MARKDOWN_FILE).write_text(render_markdown(metrics, title))
 
     try:
-        ckpt.atomic_dir(out_dir, fill)
+        atomic_dir(out_dir, fill)
     except OSError as exc:
         raise UserError(f"cannot write the report to {out_dir} ({exc.strerror or exc}); pass another --out") from exc
     images = {name: out_dir / name for name in (MATRIX_PNG, CURVE_PNG, MAGNITUDES_PNG, TIME_PNG)}

@@ -192,7 +192,7 @@ def test_bad_inputs(digits_shards, tmp_path):
     # a run dir holding another run's config: --resume with a changed value is refused
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    from sdlora_dist.checkpoint import atomic_write_text
+    from sdlora_dist.fileio import atomic_write_text
     from sdlora_dist.frontdoor import resolve_config
 
     cfg = resolve_config("digits", None, TINY, str(digits_shards), str(run_dir))
