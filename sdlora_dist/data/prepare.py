@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sdlora_dist.data.images import ImageDecodeError, image_error_reason, is_plain, open_rgb
 from sdlora_dist.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -86,44 +87,50 @@ def split_classes(num_classes: int, tasks: int) -> list[int]:
 # Encoding (runs in pool workers)
 
 
-def _downscale(img: Image.Image, short: int) -> Image.Image:
-    w, h = img.size
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _downscaled_size(size: tuple[int, int], short: int) -> tuple[int, int]:
+    w, h = size
     scale = short / min(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    img.draft("RGB", size)  # JPEG: let the decoder skip detail we throw away (DCT scaling, stays >= size)
-    return img.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def encode_item(item: SourceItem, resize: int) -> Encoded:
     """Read one source image, downscale it once if its short side exceeds ``resize`` (never upscale), encode it.
 
-    Files kept at their size keep their original JPEG/PNG bytes (verified to decode); resized images become JPEG;
-    array sources (CIFAR, digits) become PNG at native size.
+    Every image goes through the shared loader (:func:`sdlora_dist.data.images.open_rgb`: 16-bit, alpha, CMYK,
+    EXIF orientation). A JPEG/PNG that needs no conversion and no resize keeps its original bytes (verified to
+    decode); a resized image becomes JPEG; any other image becomes a PNG of its RGB conversion, so a shard holds
+    only RGB or greyscale JPEG/PNG. Array sources (CIFAR, digits) become PNG at native size.
     """
     if item.pixels is not None:
-        buf = io.BytesIO()
-        Image.fromarray(item.pixels).save(buf, format="PNG")
-        return Encoded(buf.getvalue(), "png")
+        return Encoded(_encode(Image.fromarray(item.pixels), "PNG"), "png")
     try:
         raw = Path(item.file).read_bytes()
     except OSError as exc:
         return Encoded(None, "", f"unreadable file: {exc.strerror or exc}")
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            fmt = img.format
-            if resize and min(img.size) > resize:
-                out = _downscale(img, resize)
-                buf = io.BytesIO()
-                out.save(buf, format="JPEG", quality=JPEG_QUALITY)
-                return Encoded(buf.getvalue(), "jpg")
-            img.load()  # full decode: a truncated file fails here, not in the training loop
-            if fmt in ("JPEG", "PNG"):
-                return Encoded(raw, "jpg" if fmt == "JPEG" else "png")
-            buf = io.BytesIO()
-            img.convert("RGB").save(buf, format="PNG")
-            return Encoded(buf.getvalue(), "png")
+        with Image.open(io.BytesIO(raw)) as header:  # header only: format, mode, size, EXIF
+            fmt, plain, size = header.format, is_plain(header), header.size
+        if resize and min(size) > resize:
+            img = open_rgb(raw, draft=_downscaled_size(size, resize))
+            img = img.resize(_downscaled_size(img.size, resize), Image.BICUBIC, reducing_gap=3.0)
+            return Encoded(_encode(img, "JPEG"), "jpg")
+        img = open_rgb(raw)
+        if plain:
+            return Encoded(raw, "jpg" if fmt == "JPEG" else "png")
+        return Encoded(_encode(img, "PNG"), "png")
+    except ImageDecodeError as exc:
+        return Encoded(None, "", f"corrupt image: {exc}")
     except _DECODE_ERRORS as exc:
-        return Encoded(None, "", f"corrupt image: {type(exc).__name__}: {exc}")
+        return Encoded(None, "", f"corrupt image: {image_error_reason(exc)}")
 
 
 def _encode_star(args: tuple[SourceItem, int]) -> Encoded:
