@@ -18,9 +18,11 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tarfile
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,45 +209,62 @@ def _encoded_stream(plans: list[ShardPlan], resize: int, workers: int) -> Iterat
         yield from map(_encode_star, jobs)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers) as pool:
+    # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker killed by it mid-task leaves the
+    # pool waiting forever for its result. Only the main process handles it, and terminate() ends the workers.
+    pool = ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    try:
         yield from pool.imap(_encode_star, jobs, chunksize=8)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _finished(plans: list[ShardPlan], stage: Path) -> dict[str, tuple[ShardInfo, list[dict[str, str]]]]:
+    """Record and skips of each shard an earlier, interrupted run finished (file and ``.done`` record present)."""
+    finished = {}
+    for plan in plans:
+        done = _done_record(stage, plan)
+        if done.is_file() and (stage / plan.path).is_file():
+            state = json.loads(done.read_text())
+            finished[plan.path] = (ShardInfo(**state["shard"]), state["skipped"])
+    return finished
+
+
+def _write_planned(
+    plan: ShardPlan, stage: Path, encoded: Iterator[Encoded], bar: tqdm, label_offset: int
+) -> tuple[ShardInfo, list[dict[str, str]]]:
+    """Write one shard from the next ``len(plan.samples)`` encoded items, then its ``.done`` record."""
+    samples, skips = [], []
+    for key, item, label, name in plan.samples:
+        enc = next(encoded)
+        bar.update(1)
+        if enc.data is None:
+            skips.append({"path": item.path, "reason": enc.reason or "unreadable"})
+            continue
+        meta = {"label": label + label_offset, "class": name, "path": item.path}
+        samples.append((key, enc.data, enc.ext, label + label_offset, meta))
+    (stage / plan.path).parent.mkdir(parents=True, exist_ok=True)
+    info = write_shard(stage / plan.path, samples)
+    info.path = plan.path
+    atomic_write_text(_done_record(stage, plan), json.dumps({"shard": vars(info), "skipped": skips}))
+    return info, skips
 
 
 def write_shards(
     plans: list[ShardPlan], stage: Path, *, label_offset: int, resize: int, workers: int, progress: bool, desc: str
 ) -> tuple[dict[str, ShardInfo], list[dict[str, str]]]:
     """Encode and write every planned shard under ``stage`` (resuming finished ones); returns records and skips."""
-    records: dict[str, ShardInfo] = {}
-    skipped: list[dict[str, str]] = []
-    todo = []
-    for plan in plans:
-        done = _done_record(stage, plan)
-        if done.is_file() and (stage / plan.path).is_file():  # finished by an earlier, interrupted run
-            state = json.loads(done.read_text())
-            records[plan.path] = ShardInfo(**state["shard"])
-            skipped += state["skipped"]
-        else:
-            todo.append(plan)
+    written = _finished(plans, stage)
+    todo = [plan for plan in plans if plan.path not in written]
     total = sum(len(p.samples) for p in todo)
     encoded = _encoded_stream(todo, resize, workers)
-    with tqdm(total=total, unit="img", desc=desc, file=sys.stderr, disable=not progress or total == 0) as bar:
+    disable = not progress or total == 0
+    with closing(encoded), tqdm(total=total, unit="img", desc=desc, file=sys.stderr, disable=disable) as bar:
         for plan in todo:
-            samples, shard_skips = [], []
-            for key, item, label, name in plan.samples:
-                enc = next(encoded)
-                bar.update(1)
-                if enc.data is None:
-                    shard_skips.append({"path": item.path, "reason": enc.reason or "unreadable"})
-                    continue
-                meta = {"label": label + label_offset, "class": name, "path": item.path}
-                samples.append((key, enc.data, enc.ext, label + label_offset, meta))
-            (stage / plan.path).parent.mkdir(parents=True, exist_ok=True)
-            info = write_shard(stage / plan.path, samples)
-            info.path = plan.path
-            atomic_write_text(_done_record(stage, plan), json.dumps({"shard": vars(info), "skipped": shard_skips}))
-            records[plan.path] = info
-            skipped += shard_skips
-    return records, skipped
+            written[plan.path] = _write_planned(plan, stage, encoded, bar, label_offset)
+    records = {plan.path: written[plan.path][0] for plan in plans}
+    return records, [skip for plan in plans for skip in written[plan.path][1]]  # plan order, resumed or not
 
 
 def _shard_lists(
