@@ -37,6 +37,10 @@ def prepare_cmd(
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
     workers: int = typer.Option(None, "--workers", help="Encoding processes (default: all cores)."),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when a terminal)."),
+    max_missing: int = typer.Option(
+        0, "--max-missing", help="Listed images allowed to be absent (skipped, counted in the manifest)."
+    ),
+    subset: bool = typer.Option(False, "--subset", help="Allow fewer classes than the benchmark defines."),
 ) -> None:
     """Write a benchmark as per-task train/test shards plus manifest.json (resumes an interrupted run).
 
@@ -47,7 +51,7 @@ def prepare_cmd(
     with _interrupt_exits_130(f"data prepare stopped; run the same command again to resume into {out}"):
         manifest = prepare(
             benchmark, root, out, tasks=tasks, seed=seed, resize=resize, shard_size=shard_size, workers=workers,
-            progress=sys.stderr.isatty() if progress is None else progress,
+            progress=sys.stderr.isatty() if progress is None else progress, max_missing=max_missing, subset=subset,
         )  # fmt: skip
     n_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
     n_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -37,17 +38,28 @@ from sdlora_dist.data.manifest import (
     Manifest,
     ShardInfo,
     atomic_write_text,
+    damaged_shards,
     file_sha256,
     load_manifest,
     verify_shards,
     write_manifest,
 )
-from sdlora_dist.data.sources import DEFAULTS, READERS, Source, SourceItem, read_image_folder, read_source
+from sdlora_dist.data.sources import (
+    DEFAULTS,
+    READERS,
+    Source,
+    SourceItem,
+    check_classes_complete,
+    drop_missing,
+    read_image_folder,
+    read_source,
+)
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_rank_zero
 
 JPEG_QUALITY = 95
 STATE_NAME = "prepare-state.json"
+MISSING_REASON = "missing: listed in the dataset's metadata but not on disk (allowed by --max-missing)"
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -319,6 +331,28 @@ def _check_out(out: Path, fingerprint: str, benchmark: str) -> bool:
     return False
 
 
+@dataclass
+class _Job:
+    """What one ``prepare`` decided before writing: the checked source, its shard plan, the recorded arguments."""
+
+    source: Source
+    args: dict[str, Any]  # recorded in the manifest: rebuilds the exact prepare command
+    order: list[int]
+    per_task: list[int]
+    plans: list[ShardPlan]
+    fingerprint: str
+    missing: list[SourceItem]
+    workers: int
+    progress: bool
+
+    def write(self, plans: list[ShardPlan], folder: Path) -> tuple[dict[str, ShardInfo], list[dict[str, str]]]:
+        """Encode and write ``plans`` under ``folder`` with this job's options."""
+        return write_shards(
+            plans, folder, label_offset=0, resize=self.args["resize"], workers=self.workers, progress=self.progress,
+            desc=f"prepare {self.source.benchmark}",
+        )  # fmt: skip
+
+
 def prepare(
     benchmark: str,
     root: str | Path | None,
@@ -331,55 +365,71 @@ def prepare(
     split_seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    max_missing: int = 0,
+    subset: bool = False,
 ) -> Manifest:
     """Write ``benchmark`` read from ``root`` as per-task shards under ``out``; returns the manifest.
 
     ``tasks``/``seed`` default to the paper's setting for the benchmark. Refuses an ``out`` that holds a different
-    shard set; returns at once when it holds this one; resumes an interrupted run from ``<out>.partial``.
+    shard set; on one that holds this shard set, verifies every checksum and rewrites damaged or missing shards;
+    resumes an interrupted run from ``<out>.partial``. Listed images that are missing are an error beyond
+    ``max_missing``; fewer classes than the benchmark defines are an error unless ``subset``.
     """
-    if benchmark not in READERS:
-        raise UserError(f"unknown benchmark {benchmark!r}: valid benchmarks are {', '.join(READERS)}")
     if resize < 0:
         raise UserError(f"--resize must be >= 0 (0 keeps the original size; got {resize})")
-    source = read_source(benchmark, root, split_seed)
-    default_tasks, default_seed = DEFAULTS[benchmark]
-    tasks = tasks if tasks is not None else default_tasks
-    if tasks is None:
-        raise UserError(f"benchmark {benchmark!r} has no default task count: pass --tasks")
-    seed = default_seed if seed is None else seed
+    if max_missing < 0:
+        raise UserError(f"--max-missing must be >= 0 (got {max_missing})")
+    args = {"benchmark": benchmark, "root": str(Path(root).resolve()) if root is not None else None, "tasks": tasks,
+            "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed,
+            "max_missing": max_missing, "subset": subset}  # fmt: skip
+    job = _plan_job(args, workers or os.cpu_count() or 1, progress)
     out = Path(out)
-    per_task = split_classes(len(source.class_names), tasks)
-    options = {"tasks": tasks, "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed}
-    fingerprint = dataset_fingerprint(source, options)
-    if _check_out(out, fingerprint, benchmark):
-        log_rank_zero(f"{out} already holds this shard set (fingerprint {fingerprint[:12]}): nothing to do")
-        return load_manifest(out)
+    if _check_out(out, job.fingerprint, benchmark):
+        return _repair(out, job)
+    return _write_new(out, job)
 
+
+def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
+    """Read and check the source, fill in the paper's defaults, fingerprint the input and plan every shard."""
+    benchmark = args["benchmark"]
+    if benchmark not in READERS:
+        raise UserError(f"unknown benchmark {benchmark!r}: valid benchmarks are {', '.join(READERS)}")
+    source = read_source(benchmark, args["root"], args["split_seed"], subset=args["subset"])
+    default_tasks, default_seed = DEFAULTS[benchmark]
+    args["tasks"] = args["tasks"] if args["tasks"] is not None else default_tasks
+    if args["tasks"] is None:
+        raise UserError(f"benchmark {benchmark!r} has no default task count: pass --tasks")
+    args["seed"] = default_seed if args["seed"] is None else args["seed"]
+    per_task = split_classes(len(source.class_names), args["tasks"])
+    options = {k: args[k] for k in ("tasks", "seed", "resize", "shard_size", "split_seed")}
+    fingerprint = dataset_fingerprint(source, options)  # the listing as the metadata gives it, missing files too
+    missing = drop_missing(source, args["max_missing"])
+    check_classes_complete(source)
+    order = class_order(len(source.class_names), args["seed"])
+    plans = plan_shards(source, order, per_task, args["seed"], args["shard_size"])
+    return _Job(source, args, order, per_task, plans, fingerprint, missing, workers, progress)
+
+
+def _write_new(out: Path, job: _Job) -> Manifest:
+    """Write the whole shard set into ``<out>.partial`` (resuming finished shards), then rename it to ``out``."""
     stage = out.with_name(out.name + ".partial")
-    _open_stage(stage, fingerprint)
-    order = class_order(len(source.class_names), seed)
-    plans = plan_shards(source, order, per_task, seed, shard_size)
-    records, skipped = write_shards(
-        plans,
-        stage,
-        label_offset=0,
-        resize=resize,
-        workers=workers or os.cpu_count() or 1,
-        progress=progress,
-        desc=f"prepare {benchmark}",
-    )
+    _open_stage(stage, job.fingerprint)
+    records, skipped = job.write(job.plans, stage)
+    skipped = job.source.ignored + [{"path": it.path, "reason": MISSING_REASON} for it in job.missing] + skipped
     manifest = Manifest(
-        benchmark=benchmark,
-        class_names=[source.class_names[n] for n in order],
-        classes_per_task=per_task,
-        seed=seed,
-        class_order=order,
-        shards=_shard_lists(plans, records, range(tasks)),
-        fingerprint=fingerprint,
-        resize=resize,
-        shard_size=shard_size,
-        split_seed=split_seed,
+        benchmark=job.source.benchmark,
+        class_names=[job.source.class_names[n] for n in job.order],
+        classes_per_task=job.per_task,
+        seed=job.args["seed"],
+        class_order=job.order,
+        shards=_shard_lists(job.plans, records, range(len(job.per_task))),
+        fingerprint=job.fingerprint,
+        resize=job.args["resize"],
+        shard_size=job.args["shard_size"],
+        split_seed=job.args["split_seed"],
         skipped=skipped,
+        missing=len(job.missing),
+        prepare_args=job.args,
     )
     _clear_done_records(stage)
     (stage / STATE_NAME).unlink()
@@ -388,6 +438,37 @@ def prepare(
         out.rmdir()  # empty (checked above); rename cannot replace it on every platform
     os.replace(stage, out)
     _report_skipped(skipped)
+    return manifest
+
+
+def _repair(out: Path, job: _Job) -> Manifest:
+    """Verify every shard of an existing shard set of this input; rewrite the damaged or missing ones in place.
+
+    Each shard is rewritten through a temp file and a rename, the manifest last: an interrupted repair leaves
+    every shard either old or new, and running it again finishes the job.
+    """
+    manifest = load_manifest(out)
+    checked, damaged = damaged_shards(manifest, out)
+    if not damaged:
+        log_rank_zero(f"{out} already holds this shard set (fingerprint {job.fingerprint[:12]}) and its {checked} "
+                      "shards verify: nothing to do")  # fmt: skip
+        return manifest
+    planned = {plan.path: plan for plan in job.plans}
+    foreign = [shard.path for shard, _ in damaged if shard.path not in planned]
+    if foreign:
+        raise UserError(
+            f"{len(foreign)} damaged shard(s) belong to tasks added with 'sdlora data add-task' "
+            f"({', '.join(foreign[:3])}): restore them from a copy, or re-run add-task on a fresh prepare"
+        )
+    plans = [planned[shard.path] for shard, _ in damaged]
+    records, _ = job.write(plans, out)
+    for plan in plans:
+        _done_record(out, plan).unlink()
+    for split_shards in manifest.shards.values():
+        for task_shards in split_shards:
+            task_shards[:] = [records.get(shard.path, shard) for shard in task_shards]
+    write_manifest(manifest, out)
+    log_rank_zero(f"rewrote {len(plans)} damaged or missing shard(s) in {out}: {', '.join(records)}")
     return manifest
 
 
@@ -422,6 +503,7 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
     out = Path(out_dir)
     manifest = load_manifest(out)
     source = read_image_folder(Path(root), manifest.split_seed, benchmark="add-task")
+    check_classes_complete(source)
     clash = sorted(set(source.class_names) & set(manifest.class_names))
     if clash:
         raise UserError(
@@ -444,6 +526,7 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
         desc=f"add task {task}",
     )
     _clear_done_records(stage)
+    skipped = source.ignored + skipped
     for split in SPLITS:
         final = out / split / f"task_{task:03d}"
         if final.exists():  # left by an add-task interrupted after its move: not in the manifest, replace it
@@ -492,5 +575,7 @@ def inspect_table(shards_dir: str | Path, *, verify: bool = False) -> str:
     total_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
     lines.append(f"{'all':>4}  {'':>11}  {len(manifest.class_names):>7}  {total_train:>8}  {total_test:>8}")
     if manifest.skipped:
-        lines.append(f"{len(manifest.skipped)} source image(s) were unreadable at prepare time and skipped")
+        lines.append(f"{len(manifest.skipped)} source file(s) were unreadable at prepare time and skipped")
+    if manifest.missing:
+        lines.append(f"{manifest.missing} listed source image(s) were missing at prepare time (--max-missing)")
     return "\n".join(lines)
