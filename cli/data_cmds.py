@@ -41,6 +41,7 @@ def prepare_cmd(
         0, "--max-missing", help="Listed images allowed to be absent (skipped, counted in the manifest)."
     ),
     subset: bool = typer.Option(False, "--subset", help="Allow fewer classes than the benchmark defines."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the 80/20 split where there is no official one."),
 ) -> None:
     """Write a benchmark as per-task train/test shards plus manifest.json (resumes an interrupted run).
 
@@ -52,6 +53,7 @@ def prepare_cmd(
         manifest = prepare(
             benchmark, root, out, tasks=tasks, seed=seed, resize=resize, shard_size=shard_size, workers=workers,
             progress=sys.stderr.isatty() if progress is None else progress, max_missing=max_missing, subset=subset,
+            split_seed=split_seed,
         )  # fmt: skip
     n_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
     n_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
@@ -70,7 +72,8 @@ def add_task_cmd(
     """Append one task made of new classes to an existing shard set."""
     from sdlora_dist.data.prepare import add_task
 
-    task = add_task(out, root, workers=workers)
+    with _interrupt_exits_130(f"data add-task stopped; {out} is as it was, run the same command again to resume"):
+        task = add_task(out, root, workers=workers, progress=sys.stderr.isatty())
     typer.echo(f"{out}: added task {task}")
 
 

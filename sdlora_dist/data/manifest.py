@@ -158,6 +158,8 @@ def prepare_command(manifest: Manifest, shards_dir: str | Path) -> str:
         str(args.get("tasks", manifest.num_tasks() - len(manifest.added_tasks))),
     ]
     argv += ["--seed", str(manifest.seed), "--resize", str(manifest.resize), "--shard-size", str(manifest.shard_size)]
+    if args.get("split_seed"):
+        argv += ["--split-seed", str(args["split_seed"])]
     if args.get("max_missing"):
         argv += ["--max-missing", str(args["max_missing"])]
     if args.get("subset"):

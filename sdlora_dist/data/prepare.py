@@ -379,7 +379,7 @@ def prepare(
         raise UserError(f"--resize must be >= 0 (0 keeps the original size; got {resize})")
     if max_missing < 0:
         raise UserError(f"--max-missing must be >= 0 (got {max_missing})")
-    args = {"benchmark": benchmark, "root": str(Path(root).resolve()) if root is not None else None, "tasks": tasks,
+    args = {"benchmark": benchmark, "root": str(Path(root).absolute()) if root is not None else None, "tasks": tasks,
             "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed,
             "max_missing": max_missing, "subset": subset}  # fmt: skip
     job = _plan_job(args, workers or os.cpu_count() or 1, progress)
