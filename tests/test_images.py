@@ -168,3 +168,20 @@ def test_predict_16bit_png_equals_8bit(tmp_path: Path) -> None:
     x8 = normalize(image_to_uint8(tmp_path / "g8.png", meta)[None], meta.mean, meta.std)
     x16 = normalize(image_to_uint8(tmp_path / "g16.png", meta)[None], meta.mean, meta.std)
     np.testing.assert_array_equal(x16, x8)
+
+
+def test_training_pipeline_decodes_with_the_shared_loader() -> None:
+    """A shard written by an older prepare may hold a 16-bit or RGBA PNG: training sees what predict sees."""
+    from sdlora_dist.data.pipeline import _decode, _Item
+
+    grey8 = RNG.integers(0, 256, (9, 11), dtype=np.uint8)
+    rgba = RNG.integers(0, 256, (9, 11, 4), dtype=np.uint8)
+    for img, expected in (
+        (Image.fromarray(grey8.astype(np.uint16) * 257), _grey3(grey8)),
+        (Image.fromarray(rgba, mode="RGBA"), _over_white(rgba[..., :3], rgba[..., 3])),
+    ):
+        item = _Item(position=0, shard="s.tar", key="k", files={"png": _png(img), "cls": b"3"})
+        delta = {"corrupt": 0, "corrupt_keys": []}
+        decoded, label = _decode(item, delta, "skip")
+        assert label == 3 and delta["corrupt"] == 0
+        _assert_close(decoded, expected, atol=1)

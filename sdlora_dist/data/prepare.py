@@ -223,7 +223,12 @@ def _encoded_stream(plans: list[ShardPlan], resize: int, workers: int) -> Iterat
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker killed by it mid-task leaves the
     # pool waiting forever for its result. Only the main process handles it, and terminate() ends the workers.
-    pool = ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    # Ignored while forking too, so a Ctrl-C during start-up cannot reach a worker before its initializer runs.
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    finally:
+        signal.signal(signal.SIGINT, handler)
     try:
         yield from pool.imap(_encode_star, jobs, chunksize=8)
         pool.close()
