@@ -79,8 +79,11 @@ def _composite(img: Image.Image) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """A loaded PIL image of any mode -> 8-bit RGB, upright (EXIF orientation applied); rules in the module doc."""
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)  # copies; most images have no rotation and skip it
     mode = img.mode
+    if mode == "RGB" and not has_alpha(img):
+        return img
     if mode in _SIXTEEN_BIT or mode in ("I", "F"):
         return Image.fromarray(_grey_to_8(img), mode="L").convert("RGB")
     if has_alpha(img):
