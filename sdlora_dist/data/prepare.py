@@ -7,7 +7,12 @@ fixed (mtime 0, root owner), so the same input gives byte-identical shards and c
 Atomicity: ``prepare`` writes into ``<out>.partial/`` and renames it to ``<out>`` only after the manifest is in
 place. Every finished shard is renamed from a temp file and gets a ``.done`` record, so an interrupted prepare resumes
 where it stopped (same inputs -> same fingerprint) and ``<out>`` never holds a manifest pointing at missing or
-partial shards. ``add_task`` stages the new task the same way and rewrites the manifest last.
+partial shards. ``add_task`` stages the new task the same way and rewrites the manifest last. Run again on a
+finished shard set of the same input, ``prepare`` verifies every sha256 and rewrites the damaged or missing shards in
+place (each through a temp file and a rename, the manifest last).
+
+Ctrl-C: pool workers ignore SIGINT, so only the main process sees it; the pool is terminated on the way out and the
+staging folder stays resumable.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import shutil
 import signal
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -224,11 +230,13 @@ def _encoded_stream(plans: list[ShardPlan], resize: int, workers: int) -> Iterat
     # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker killed by it mid-task leaves the
     # pool waiting forever for its result. Only the main process handles it, and terminate() ends the workers.
     # Ignored while forking too, so a Ctrl-C during start-up cannot reach a worker before its initializer runs.
-    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
         pool = ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
     finally:
-        signal.signal(signal.SIGINT, handler)
+        if main:
+            signal.signal(signal.SIGINT, handler)
     try:
         yield from pool.imap(_encode_star, jobs, chunksize=8)
         pool.close()
