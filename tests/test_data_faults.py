@@ -189,12 +189,15 @@ def test_fewer_classes_than_the_benchmark_refused(capsys: pytest.CaptureFixture,
     assert "found 199 classes" in line and "the benchmark has 200" in line and "--subset" in line
 
 
-def test_domainnet_missing_domain_counted_per_domain(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+@pytest.mark.parametrize("domain", ["quickdraw", "clipart"])  # clipart: the first listed, once taken for a bad root
+def test_domainnet_missing_domain_counted_per_domain(
+    capsys: pytest.CaptureFixture, tmp_path: Path, domain: str
+) -> None:
     counts = make_domainnet(tmp_path / "src")
-    shutil.rmtree(tmp_path / "src" / "quickdraw")
+    shutil.rmtree(tmp_path / "src" / domain)
     args = ("--benchmark", "domainnet", "--root", str(tmp_path / "src"), "--tasks", "2", "--subset")
     line = _prepare_fails(capsys, tmp_path / "out", *args)
-    assert "8 listed image(s) are missing (quickdraw: 8)" in line and "--max-missing 0" in line
+    assert f"8 listed image(s) are missing ({domain}: 8)" in line and "--max-missing 0" in line
     line = _prepare_fails(capsys, tmp_path / "out", *args, "--max-missing", "7")
     assert "pass --max-missing 8 to prepare without them" in line
     rc, _, err = _run(capsys, "data", "prepare", "--out", str(tmp_path / "out"), "--workers", "1", *args,
@@ -202,7 +205,7 @@ def test_domainnet_missing_domain_counted_per_domain(capsys: pytest.CaptureFixtu
     assert rc == 0, err
     manifest = load_manifest(tmp_path / "out")
     assert manifest.missing == 8 and manifest.prepare_args["max_missing"] == 8
-    assert sorted(s["path"].split("/")[0] for s in manifest.skipped) == ["quickdraw"] * 8
+    assert sorted(s["path"].split("/")[0] for s in manifest.skipped) == [domain] * 8
     n = sum(manifest.num_samples(sp, t) for sp in ("train", "test") for t in range(2))
     assert n == counts["train"] + counts["test"] - 8
     rc, text, _ = _run(capsys, "data", "inspect", str(tmp_path / "out"))

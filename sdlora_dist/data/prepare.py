@@ -477,6 +477,7 @@ def _repair(out: Path, job: _Job) -> Manifest:
     records, _ = job.write(plans, out)
     for plan in plans:
         _done_record(out, plan).unlink()
+    manifest.prepare_args = manifest.prepare_args or job.args  # a shard set from before they were recorded
     for split_shards in manifest.shards.values():
         for task_shards in split_shards:
             task_shards[:] = [records.get(shard.path, shard) for shard in task_shards]

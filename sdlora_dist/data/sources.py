@@ -238,7 +238,7 @@ def read_domainnet(root: Path | None, split_seed: int = 0) -> Source:
     if sorted(names) != list(range(len(names))):
         raise UserError(f"domainnet: labels in the lists under {root} are not 0..{len(names) - 1}")
     first = splits["train"][0]
-    if not Path(first.file).is_file():
+    if not any(Path(it.file).is_file() for it in splits["train"]):  # none at all: a wrong root, not lost files
         raise UserError(
             f"domainnet: the lists name {first.path} but {first.file} does not exist; --root must hold the "
             "domain folders (clipart/, real/, ...) next to the lists"
@@ -327,7 +327,7 @@ def read_cub200(root: Path | None, split_seed: int = 0) -> Source:
         splits[is_train[image_id]].append(
             SourceItem(path=f"images/{rel}", label=labels[image_id] - 1, file=str(base / "images" / rel))
         )
-    if splits[True] and not Path(splits[True][0].file).is_file():
+    if splits[True] and not any(Path(it.file).is_file() for it in splits[True]):  # a wrong root, not lost files
         raise UserError(f"cub200: images.txt names {splits[True][0].path} but {splits[True][0].file} does not exist")
     return Source("cub200", [class_rows[i] for i in ids], splits[True], splits[False])
 
