@@ -6,6 +6,8 @@
   rescaling (W3C PNG, "Sample depth rescaling": ``round(v * (2^8 - 1) / (2^16 - 1))``), the exact inverse of the
   8 -> 16 bit rule ``v * 257``: an 8-bit image saved as 16 bits comes back with identical pixels. PIL's own
   ``convert`` clips instead (every value above 255 becomes white).
+- 16-bit colour PNGs never reach this module at 16 bits: PIL's decoder keeps the high byte (``v >> 8``), which
+  equals the rule above for 8-bit data saved at 16 bits and is within 1 of it otherwise.
 - ``I`` (32-bit signed integers): PIL decodes 16-bit samples (PGM, TIFF) into ``I``, so values within
   ``[0, 65535]`` take the same 16-bit rule; any other range has no defined white point and is stretched linearly
   from its minimum to its maximum (a constant image becomes black).
