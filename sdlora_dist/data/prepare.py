@@ -52,7 +52,6 @@ from sdlora_dist.data.manifest import (
 )
 from sdlora_dist.data.sources import (
     DEFAULTS,
-    READERS,
     Source,
     SourceItem,
     check_classes_complete,
@@ -405,8 +404,6 @@ def prepare(
 def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
     """Read and check the source, fill in the paper's defaults, fingerprint the input and plan every shard."""
     benchmark = args["benchmark"]
-    if benchmark not in READERS:
-        raise UserError(f"unknown benchmark {benchmark!r}: valid benchmarks are {', '.join(READERS)}")
     source = read_source(benchmark, args["root"], args["split_seed"], subset=args["subset"])
     default_tasks, default_seed = DEFAULTS[benchmark]
     args["tasks"] = args["tasks"] if args["tasks"] is not None else default_tasks
