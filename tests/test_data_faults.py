@@ -229,6 +229,14 @@ def test_class_without_test_image_refused(capsys: pytest.CaptureFixture, tmp_pat
     assert "b (2 train, 0 test)" in line
 
 
+def test_class_emptied_by_corrupt_images_refused(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "src", {"a": 2, "b": 2}, {"a": 1, "b": 1})
+    (tmp_path / "src" / "test" / "b" / "000.png").write_bytes(b"\x89PNG broken")
+    line = _prepare_fails(capsys, tmp_path / "out", "--benchmark", "imagefolder", "--root", str(tmp_path / "src"),
+                          "--tasks", "1")  # fmt: skip
+    assert "b (2 train, 0 test)" in line
+
+
 def test_non_images_counted_and_reasons_readable(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     make_class_folders(tmp_path / "src", {"n1": 5, "n2": 5})
     (tmp_path / "src" / "n1" / "notes.txt").write_text("where these came from")

@@ -425,6 +425,11 @@ def _write_new(out: Path, job: _Job) -> Manifest:
     stage = out.with_name(out.name + ".partial")
     _open_stage(stage, job.fingerprint)
     records, skipped = job.write(job.plans, stage)
+    try:
+        _check_decoded_classes(job.source, skipped)
+    except UserError:
+        shutil.rmtree(stage)  # the same input fails the same way: nothing worth resuming
+        raise
     skipped = job.source.ignored + [{"path": it.path, "reason": MISSING_REASON} for it in job.missing] + skipped
     manifest = Manifest(
         benchmark=job.source.benchmark,
@@ -449,6 +454,18 @@ def _write_new(out: Path, job: _Job) -> Manifest:
     os.replace(stage, out)
     _report_skipped(skipped)
     return manifest
+
+
+def _check_decoded_classes(source: Source, skipped: list[dict[str, str]]) -> None:
+    """The class check again after decoding: images that failed to decode may have emptied a class's split."""
+    gone = {s["path"] for s in skipped}
+    decoded = Source(
+        source.benchmark,
+        source.class_names,
+        [it for it in source.train if it.path not in gone],
+        [it for it in source.test if it.path not in gone],
+    )
+    check_classes_complete(decoded)
 
 
 def _repair(out: Path, job: _Job) -> Manifest:
