@@ -64,7 +64,7 @@ from sdlora_dist.logs import log_rank_zero
 
 JPEG_QUALITY = 95
 STATE_NAME = "prepare-state.json"
-MISSING_REASON = "missing: listed in the dataset's metadata but not on disk (allowed by --max-missing)"
+MISSING_REASON = "missing: listed but not on disk (--max-missing)"
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
