@@ -12,14 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist.config import (
-    Config,
-    apply_overrides,
-    config_from_dict,
-    config_root,
-    read_yaml_mapping,
-    save_config,
-)
+from sdlora_dist.config import Config, apply_overrides, config_from_dict, config_root, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 
