@@ -1,154 +1,187 @@
-"""One typed config tree, loaded from YAML, overridden by ``--set key=value``, validated once.
+"""One typed config tree, loaded from YAML, overridden by ``--set key=value``, validated once (pydantic v2).
 
-Every problem is collected and reported together, each naming the key and the value received. Past
-``load_config`` nobody reads a raw dict: code takes the typed dataclasses below. The configuration reference
-in ``docs/config.md`` is generated from the field metadata here (``sdlora config-docs``), so it cannot drift.
+Choices are ``Literal`` types (the one list of valid names: other modules derive theirs with ``typing.get_args``),
+ranges are ``Field`` bounds, and the few structural checks are field validators. Every problem is collected and
+reported together in one ``ConfigError`` line, each as ``key: problem (got value)``. Past ``load_config`` nobody
+reads a raw dict: code takes the typed models below. The configuration reference in ``docs/config.md`` is generated
+from the field descriptions here (``sdlora config-docs``), so it cannot drift.
+
+Add a field with its type, default, bounds and help text in one line, e.g.
+``warmup_epochs: int = Field(0, ge=0, description="Epochs of linear lr warmup per task.")``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 from sdlora_dist.errors import UserError
 
-PRESETS = ("paper", "official")
-MAGNITUDE_MODES = ("shared", "per_layer")
-COMPUTE_MODES = ("dense", "lowrank")
-METHODS = ("sdlora", "lora-seq")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-NORMALIZE = ("model", "none", "imagenet", "half")
-CORRUPT_POLICIES = ("error", "skip")
+Preset = Literal["paper", "official"]
+MagnitudeMode = Literal["shared", "per_layer"]
+ComputeMode = Literal["dense", "lowrank"]
+Method = Literal["sdlora", "lora-seq"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Normalize = Literal["model", "none", "imagenet", "half"]
+ShardPolicy = Literal["error", "skip"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class ConfigError(UserError):
     """One or more invalid config values; the message lists each as ``key: problem (got value)``."""
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return {"help": text, **kw}
+def config_root() -> Path:
+    """The shipped ``configs`` folder (benchmark recipes, DeepSpeed template).
+
+    A wheel installs it as ``sdlora_dist/configs``; a source checkout has it beside the package. When neither
+    exists the package folder is returned, so lookups below it find nothing and fail with their own message.
+    """
+    candidates = (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs")
+    return next((p for p in candidates if (p / "benchmarks").is_dir()), _PACKAGE_DIR)
 
 
-@dataclass
-class ModelConfig:
+class _Section(BaseModel):
+    # Unknown keys are errors; numbers given for text (a run dir named 2024) stay text, as YAML meant them.
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class ModelConfig(_Section):
     """The pre-trained backbone: a timm ViT, by name plus optional keyword overrides."""
 
-    name: str = field(default="vit_base_patch16_224", metadata=_help("timm model name (a ViT with fused qkv)."))
-    weights: str | None = field(
-        default=None,
-        metadata=_help(
+    name: str = Field("vit_base_patch16_224", description="timm model name (a ViT with fused qkv).")
+    weights: str | None = Field(
+        None,
+        description=(
             "Pre-trained weights: a local file (.safetensors, .pth/.bin/.pt state dict, timm .npz), 'hub' to "
             "download through timm (needs network), or 'random' for random init (tests, demos)."
         ),
     )
-    kwargs: dict[str, Any] = field(
+    kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        metadata=_help("Extra keyword arguments for timm.create_model (img_size, patch_size, depth, embed_dim, ...)."),
+        description="Extra keyword arguments for timm.create_model (img_size, patch_size, depth, embed_dim, ...).",
     )
 
 
-@dataclass
-class AdapterConfig:
+class AdapterConfig(_Section):
     """SD-LoRA on the q and v slices of every block's fused qkv."""
 
-    preset: str = field(default="paper", metadata=_help("Semantics: 'paper' (default) or 'official' (authors' code)."))
-    rank: int = field(default=10, metadata=_help("LoRA rank of a task's pair when no rank_schedule is given."))
-    rank_schedule: list[list[int]] | None = field(
-        default=None,
-        metadata=_help("SD-LoRA-RR: [[first_task, rank], ...] ascending from task 0, e.g. [[0,10],[4,8],[8,6]]."),
+    preset: Preset = Field("paper", description="Semantics: 'paper' (default) or 'official' (authors' code).")
+    rank: int = Field(10, gt=0, description="LoRA rank of a task's pair when no rank_schedule is given.")
+    rank_schedule: list[list[int]] | None = Field(
+        None, description="SD-LoRA-RR: [[first_task, rank], ...] ascending from task 0, e.g. [[0,10],[4,8],[8,6]]."
     )
-    blocks: list[int] | None = field(default=None, metadata=_help("Block indices to adapt; null = all blocks."))
-    magnitude: str = field(default="shared", metadata=_help("'shared' (one alpha per task) or 'per_layer'."))
-    init_magnitude: float = field(default=0.8, metadata=_help("Initial alpha of a new task (official reset too)."))
-    kd: bool = field(default=False, metadata=_help("SD-LoRA-KD: absorb a new direction into past ones when possible."))
-    kd_threshold: float = field(
-        default=9e-4, metadata=_help("KD: relative least-squares residual below which to absorb.")
+    blocks: list[typing.Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="Block indices to adapt; null = all blocks."
     )
-    compute: str = field(
-        default="dense",
-        metadata=_help("Forward kernel: 'dense' folds all directions into W0 + dW per step, 'lowrank' keeps factors."),
+    magnitude: MagnitudeMode = Field("shared", description="'shared' (one alpha per task) or 'per_layer'.")
+    init_magnitude: float = Field(
+        0.8, allow_inf_nan=False, description="Initial alpha of a new task (official reset too)."
+    )
+    kd: bool = Field(False, description="SD-LoRA-KD: absorb a new direction into past ones when possible.")
+    kd_threshold: float = Field(
+        9e-4, gt=0, lt=1, description="KD: relative least-squares residual below which to absorb."
+    )
+    compute: ComputeMode = Field(
+        "dense",
+        description="Forward kernel: 'dense' folds all directions into W0 + dW per step, 'lowrank' keeps factors.",
     )
 
+    @field_validator("rank_schedule")
+    @classmethod
+    def _schedule(cls, schedule: list[list[int]] | None) -> list[list[int]] | None:
+        problems = rank_schedule_problems(schedule)
+        if problems:
+            raise ValueError(" and ".join(problems))
+        return schedule
 
-@dataclass
-class DataConfig:
+
+class DataConfig(_Section):
     """Shards and the streaming pipeline."""
 
-    benchmark: str = field(default="digits", metadata=_help("Benchmark name (must match the shards' manifest)."))
-    shards: str | None = field(default=None, metadata=_help("Shard directory written by 'sdlora data prepare'."))
-    batch_size: int = field(default=128, metadata=_help("Global training batch size (split evenly over ranks)."))
-    eval_batch_size: int = field(default=256, metadata=_help("Per-rank evaluation batch size."))
-    num_workers: int = field(default=4, metadata=_help("DataLoader worker processes per rank."))
-    normalize: str = field(
-        default="model",
-        metadata=_help(
-            "'model' (mean/std of the pretrained cfg), 'none' (reference code: [0,1]), 'imagenet', 'half'."
-        ),
+    benchmark: str = Field("digits", description="Benchmark name (must match the shards' manifest).")
+    shards: str | None = Field(None, description="Shard directory written by 'sdlora data prepare'.")
+    batch_size: int = Field(128, gt=0, description="Global training batch size (split evenly over ranks).")
+    eval_batch_size: int = Field(256, gt=0, description="Per-rank evaluation batch size.")
+    num_workers: int = Field(4, ge=0, description="DataLoader worker processes per rank.")
+    normalize: Normalize = Field(
+        "model",
+        description="'model' (mean/std of the pretrained cfg), 'none' (reference code: [0,1]), 'imagenet', 'half'.",
     )
-    train_crop_scale: list[float] = field(
-        default_factory=lambda: [0.05, 1.0], metadata=_help("RandomResizedCrop scale range for training.")
+    train_crop_scale: list[float] = Field(
+        default_factory=lambda: [0.05, 1.0], description="RandomResizedCrop scale range for training."
     )
-    hflip: float = field(default=0.5, metadata=_help("Horizontal flip probability for training."))
-    eval_crop_pct: float = field(default=0.875, metadata=_help("Eval: resize to img_size/crop_pct, center crop."))
-    corrupt: str = field(
-        default="skip", metadata=_help("Corrupt sample policy: 'skip' (counted, reported) or 'error'.")
-    )
-    bad_shard: str = field(default="error", metadata=_help("Truncated/missing shard policy: 'error' or 'skip'."))
+    hflip: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability for training.")
+    eval_crop_pct: float = Field(0.875, gt=0, le=1, description="Eval: resize to img_size/crop_pct, center crop.")
+    corrupt: ShardPolicy = Field("skip", description="Corrupt sample policy: 'skip' (counted, reported) or 'error'.")
+    bad_shard: ShardPolicy = Field("error", description="Truncated/missing shard policy: 'error' or 'skip'.")
+
+    @field_validator("train_crop_scale")
+    @classmethod
+    def _crop_scale(cls, scale: list[float]) -> list[float]:
+        if len(scale) != 2 or not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError("must be [lo, hi] with 0 < lo <= hi <= 1")
+        return scale
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation, per task."""
 
-    method: str = field(default="sdlora", metadata=_help("'sdlora' or 'lora-seq' (one plain LoRA across tasks)."))
-    epochs: int = field(default=20, metadata=_help("Epochs for tasks >= 1."))
-    first_task_epochs: int | None = field(default=None, metadata=_help("Epochs for task 0 (null = epochs)."))
-    optimizer: str = field(default="sgd", metadata=_help("'sgd' (momentum), 'adam' or 'adamw'."))
-    lr: float = field(default=0.01, metadata=_help("Learning rate for tasks >= 1 (scaled by nothing)."))
-    first_task_lr: float | None = field(default=None, metadata=_help("Learning rate for task 0 (null = lr)."))
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum."))
-    weight_decay: float = field(default=0.0, metadata=_help("Weight decay."))
-    milestones: list[int] = field(default_factory=list, metadata=_help("MultiStepLR epochs (empty = constant lr)."))
-    gamma: float = field(default=0.1, metadata=_help("MultiStepLR decay factor."))
-    seed: int = field(default=1993, metadata=_help("Seed of model init and data order (data: seed, task, epoch)."))
-    precision: str = field(
-        default="auto", metadata=_help("'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16', 'fp16'.")
+    method: Method = Field("sdlora", description="'sdlora' or 'lora-seq' (one plain LoRA across tasks).")
+    epochs: int = Field(20, gt=0, description="Epochs for tasks >= 1.")
+    first_task_epochs: int | None = Field(None, gt=0, description="Epochs for task 0 (null = epochs).")
+    optimizer: Optimizer = Field("sgd", description="'sgd' (momentum), 'adam' or 'adamw'.")
+    lr: float = Field(0.01, gt=0, allow_inf_nan=False, description="Learning rate for tasks >= 1 (scaled by nothing).")
+    first_task_lr: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Learning rate for task 0 (null = lr)."
     )
-    zero_stage: int = field(default=0, metadata=_help("DeepSpeed ZeRO stage (0-3)."))
-    checkpoint_every: int = field(default=0, metadata=_help("Mid-task engine checkpoint every N steps (0 = off)."))
-    max_steps_per_epoch: int | None = field(default=None, metadata=_help("Cap steps per epoch (smoke runs)."))
-    timeout_s: int = field(default=600, metadata=_help("Process-group timeout: a dead rank ends the job after this."))
-    tasks: int | None = field(default=None, metadata=_help("Train only the first N tasks of the shards (null = all)."))
+    momentum: float = Field(0.9, description="SGD momentum.")
+    weight_decay: float = Field(0.0, description="Weight decay.")
+    milestones: list[int] = Field(default_factory=list, description="MultiStepLR epochs (empty = constant lr).")
+    gamma: float = Field(0.1, description="MultiStepLR decay factor.")
+    seed: int = Field(1993, description="Seed of model init and data order (data: seed, task, epoch).")
+    precision: Precision = Field("auto", description="'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16', 'fp16'.")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
+    checkpoint_every: int = Field(0, ge=0, description="Mid-task engine checkpoint every N steps (0 = off).")
+    max_steps_per_epoch: int | None = Field(None, gt=0, description="Cap steps per epoch (smoke runs).")
+    timeout_s: int = Field(600, gt=0, description="Process-group timeout: a dead rank ends the job after this.")
+    tasks: int | None = Field(None, gt=0, description="Train only the first N tasks of the shards (null = all).")
+
+    @field_validator("milestones")
+    @classmethod
+    def _ascending(cls, milestones: list[int]) -> list[int]:
+        if milestones != sorted(milestones):
+            raise ValueError("must be ascending")
+        return milestones
 
 
-@dataclass
-class Config:
+class Config(_Section):
     """The whole run: what ``sdlora train`` reads and saves as ``config.yaml`` in the run directory."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run_dir: str = field(
-        default="runs/latest",
-        metadata=_help(
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run_dir: str = Field(
+        "runs/latest",
+        description=(
             "Run directory (checkpoints, metrics); 'sdlora train' sets it: --run-dir, else runs/<benchmark>-<time>."
         ),
     )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON serialisable)."""
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def hash(self) -> str:
         """Stable short hash of everything that changes results (run_dir excluded)."""
@@ -158,77 +191,121 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Loading and type coercion
+# Validation messages: pydantic's errors, rewritten as ``key: problem (got value)``
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true/false",
+    "bool_parsing": "true/false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+def rank_schedule_problems(schedule: list[list[int]] | None) -> list[str]:
+    """Problems of a rank schedule ``[[task, rank], ...]``: strictly ascending tasks from 0, positive ranks."""
+    if schedule is None:
+        return []
+    if not schedule:
+        return ["must not be empty"]
+    if any(not isinstance(e, (list, tuple)) or len(e) != 2 for e in schedule):
+        return ["each entry must be [first_task, rank]"]
+    tasks = [e[0] for e in schedule]
+    problems = []
+    if tasks[0] != 0:
+        problems.append("the first entry must start at task 0")
+    if any(b <= a for a, b in zip(tasks, tasks[1:], strict=False)):
+        problems.append("task indices must be strictly ascending")
+    if any(e[1] <= 0 for e in schedule):
+        problems.append("ranks must be > 0")
+    return problems
 
 
-def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
-    """Convert ``value`` to the annotated type ``tp`` or record an error naming ``key``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _coerce(value, non_none[0], key, errors)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping (got {value!r})")
-            return tp()
-        return _build(tp, value, key + ".", errors)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            errors.append(f"{key}: expected a list (got {value!r})")
-            return value
-        return [_coerce(v, args[0], f"{key}[{i}]", errors) for i, v in enumerate(value)] if args else list(value)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            errors.append(f"{key}: expected a mapping (got {value!r})")
-            return {}
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        errors.append(f"{key}: expected true/false (got {value!r})")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            errors.append(f"{key}: expected an integer (got {value!r})")
-            return value
-        try:
-            return int(value)
-        except ValueError:
-            errors.append(f"{key}: expected an integer (got {value!r})")
-            return value
-    if tp is float:
-        if isinstance(value, bool):
-            errors.append(f"{key}: expected a number (got {value!r})")
-            return value
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            errors.append(f"{key}: expected a number (got {value!r})")
-            return value
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            errors.append(f"{key}: expected a string (got {value!r})")
-            return value
-        return str(value)
-    return value
+def validate_rank_schedule(schedule: list[list[int]] | None, key: str = "adapter.rank_schedule") -> list[str]:
+    """Messages ``key: problem (got schedule)`` for a rank schedule; empty when it is valid."""
+    return [f"{key}: {p} (got {schedule!r})" for p in rank_schedule_problems(schedule)]
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str, errors: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for unknown in sorted(set(raw) - names):
-        errors.append(f"{prefix}{unknown}: unknown key (valid: {', '.join(sorted(names))})")
-    kwargs = {name: _coerce(raw[name], hints[name], prefix + name, errors) for name in names if name in raw}
-    return cls(**kwargs)
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _lookup(loc: tuple[int | str, ...]) -> tuple[type[BaseModel], FieldInfo | None]:
+    """The section model holding ``loc`` and the field it names (None for an unknown key or a list item)."""
+    section: type[BaseModel] = Config
+    info: FieldInfo | None = None
+    for part in loc:
+        if info is not None:
+            if not _is_section(info):
+                return section, None
+            section = info.annotation
+        info = section.model_fields.get(part) if isinstance(part, str) else None
+        if info is None:
+            return section, None
+    return section, info
+
+
+def _bounds_text(info: FieldInfo | None, ctx: dict[str, Any]) -> str:
+    """The field's whole allowed range (``must be in (0, 1)``), not only the one bound the value broke."""
+    bounds = dict(ctx)
+    if info is not None:
+        for meta in info.metadata:
+            bounds.update({k: getattr(meta, k) for k in ("gt", "ge", "lt", "le") if hasattr(meta, k)})
+    lo = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
+    hi = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if lo and hi:
+        return f"must be in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if lo:
+        is_float = info is not None and float in (info.annotation, *typing.get_args(info.annotation))
+        if is_float and lo == ("(", 0):
+            return "must be a positive number"
+        return f"must be {'>' if lo[0] == '(' else '>='} {lo[1]}"
+    assert hi is not None
+    return f"must be {'<' if hi[0] == ')' else '<='} {hi[1]}"
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as ``problem`` text (without key and value)."""
+    kind, ctx, loc = error["type"], error.get("ctx") or {}, error["loc"]
+    section, info = _lookup(loc)
+    if kind == "extra_forbidden":
+        return f"unknown key, expected one of {', '.join(sorted(section.model_fields))}"
+    if kind == "literal_error" and info is not None:
+        choices = [c for arg in (info.annotation, *typing.get_args(info.annotation)) for c in _literal_values(arg)]
+        return f"must be one of {', '.join(str(c) for c in choices)}"
+    if kind in _BOUNDS:
+        return _bounds_text(info, ctx)
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}"
+    if kind == "finite_number":
+        return "must be a finite number"
+    if kind == "too_short":
+        return f"must hold at least {ctx['min_length']} item(s)"
+    if kind == "value_error":
+        return str(ctx["error"])
+    return error["msg"][:1].lower() + error["msg"][1:]
+
+
+def _literal_values(tp: Any) -> tuple[Any, ...]:
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """Every problem of ``exc`` in one line: ``invalid config: key: problem (got value); ...``."""
+    messages = [f"{_dotted(e['loc']) or 'config'}: {_problem(e)} (got {e['input']!r})" for e in exc.errors()]
+    return ConfigError("invalid config: " + "; ".join(messages))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and saving
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -271,13 +348,10 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict; raises ConfigError listing every problem."""
-    errors: list[str] = []
-    cfg = _build(Config, raw, "", errors)
-    if not errors:
-        errors.extend(validate(cfg))
-    if errors:
-        raise ConfigError("invalid config: " + "; ".join(errors))
-    return cfg
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(exc) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -300,112 +374,48 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Validation
+# Reference documentation
 
 
-def _choice(key: str, value: Any, valid: tuple[str, ...]) -> list[str]:
-    return [] if value in valid else [f"{key}: must be one of {', '.join(valid)} (got {value!r})"]
+def _type_text(tp: Any) -> str:
+    """A type as a reader writes it: ``'sgd' | 'adam'``, ``list[int] | None``, ``dict[str, Any]``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin is typing.Annotated:
+        return _type_text(args[0])
+    if tp is type(None):
+        return "None"
+    if tp is Any:
+        return "Any"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
 
 
-def validate_rank_schedule(schedule: list[list[int]] | None, key: str = "adapter.rank_schedule") -> list[str]:
-    """A schedule is [[task, rank], ...], strictly ascending tasks from 0, positive ranks."""
-    if schedule is None:
-        return []
-    if not schedule:
-        return [f"{key}: must not be empty (got [])"]
-    errors = []
-    if any(not isinstance(e, (list, tuple)) or len(e) != 2 for e in schedule):
-        return [f"{key}: each entry must be [first_task, rank] (got {schedule!r})"]
-    tasks = [e[0] for e in schedule]
-    if tasks[0] != 0:
-        errors.append(f"{key}: the first entry must start at task 0 (got {schedule!r})")
-    if any(b <= a for a, b in zip(tasks, tasks[1:], strict=False)):
-        errors.append(f"{key}: task indices must be strictly ascending (got {schedule!r})")
-    if any(e[1] <= 0 for e in schedule):
-        errors.append(f"{key}: ranks must be > 0 (got {schedule!r})")
-    return errors
-
-
-def validate(cfg: Config) -> list[str]:
-    """Every semantic check of the tree; returns messages ``key: problem (got value)``."""
-    a, d, t = cfg.adapter, cfg.data, cfg.train
-    errors: list[str] = []
-    errors += _choice("adapter.preset", a.preset, PRESETS)
-    errors += _choice("adapter.magnitude", a.magnitude, MAGNITUDE_MODES)
-    errors += _choice("adapter.compute", a.compute, COMPUTE_MODES)
-    errors += _choice("train.method", t.method, METHODS)
-    errors += _choice("train.optimizer", t.optimizer, OPTIMIZERS)
-    errors += _choice("train.precision", t.precision, PRECISIONS)
-    errors += _choice("data.normalize", d.normalize, NORMALIZE)
-    errors += _choice("data.corrupt", d.corrupt, CORRUPT_POLICIES)
-    errors += _choice("data.bad_shard", d.bad_shard, CORRUPT_POLICIES)
-    if a.rank <= 0:
-        errors.append(f"adapter.rank: must be > 0 (got {a.rank})")
-    errors += validate_rank_schedule(a.rank_schedule)
-    if not (0.0 < a.kd_threshold < 1.0):
-        errors.append(f"adapter.kd_threshold: must be in (0, 1) (got {a.kd_threshold})")
-    if not math.isfinite(a.init_magnitude):
-        errors.append(f"adapter.init_magnitude: must be finite (got {a.init_magnitude})")
-    if a.blocks is not None and (not a.blocks or any(b < 0 for b in a.blocks)):
-        errors.append(f"adapter.blocks: must be null or a non-empty list of block indices >= 0 (got {a.blocks})")
-    for key, value in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
-        if value <= 0:
-            errors.append(f"{key}: must be > 0 (got {value})")
-    if d.num_workers < 0:
-        errors.append(f"data.num_workers: must be >= 0 (got {d.num_workers})")
-    if len(d.train_crop_scale) != 2 or not (0 < d.train_crop_scale[0] <= d.train_crop_scale[1] <= 1):
-        errors.append(f"data.train_crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1 (got {d.train_crop_scale})")
-    if not (0.0 <= d.hflip <= 1.0):
-        errors.append(f"data.hflip: must be in [0, 1] (got {d.hflip})")
-    if not (0.0 < d.eval_crop_pct <= 1.0):
-        errors.append(f"data.eval_crop_pct: must be in (0, 1] (got {d.eval_crop_pct})")
-    for key, value in (("train.epochs", t.epochs), ("train.first_task_epochs", t.first_task_epochs)):
-        if value is not None and value <= 0:
-            errors.append(f"{key}: must be > 0 (got {value})")
-    for key, value in (("train.lr", t.lr), ("train.first_task_lr", t.first_task_lr)):
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            errors.append(f"{key}: must be a positive number (got {value})")
-    if t.zero_stage not in (0, 1, 2, 3):
-        errors.append(f"train.zero_stage: must be 0, 1, 2 or 3 (got {t.zero_stage})")
-    if t.checkpoint_every < 0:
-        errors.append(f"train.checkpoint_every: must be >= 0 (got {t.checkpoint_every})")
-    if t.timeout_s <= 0:
-        errors.append(f"train.timeout_s: must be > 0 (got {t.timeout_s})")
-    if t.milestones != sorted(t.milestones):
-        errors.append(f"train.milestones: must be ascending (got {t.milestones})")
-    if t.tasks is not None and t.tasks <= 0:
-        errors.append(f"train.tasks: must be > 0 (got {t.tasks})")
-    if t.max_steps_per_epoch is not None and t.max_steps_per_epoch <= 0:
-        errors.append(f"train.max_steps_per_epoch: must be > 0 (got {t.max_steps_per_epoch})")
-    return errors
+def _is_section(info: FieldInfo) -> bool:
+    return isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
 
 
 def config_reference() -> str:
-    """Markdown reference of every key, generated from the dataclasses (checked by a test)."""
+    """Markdown reference of every key, generated from the config models (checked by a test)."""
     lines = ["# Configuration reference", "", "Generated by `sdlora config-docs` from `sdlora_dist/config.py`.", ""]
 
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        section = [f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
-        if section:
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        leaves = {name: info for name, info in cls.model_fields.items() if not _is_section(info)}
+        if leaves:
             lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", (cls.__doc__ or "").strip(), ""])
             lines.extend(["| key | type | default | meaning |", "|---|---|---|---|"])
-            for f in section:
-                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                tp = (
-                    str(hints[f.name])
-                    .replace("typing.", "")
-                    .replace("<class '", "")
-                    .replace("'>", "")
-                    .replace("|", "\\|")
-                )
-                lines.append(
-                    f"| `{prefix}{f.name}` | `{tp}` | `{json.dumps(default)}` | {f.metadata.get('help', '')} |"
-                )
+            for name, info in leaves.items():
+                tp = _type_text(info.annotation).replace("|", "\\|")
+                default = json.dumps(info.get_default(call_default_factory=True))
+                lines.append(f"| `{prefix}{name}` | `{tp}` | `{default}` | {info.description or ''} |")
             lines.append("")
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
+        for name, info in cls.model_fields.items():
+            if _is_section(info):
+                walk(info.annotation, f"{prefix}{name}.")
 
     walk(Config, "")
     return "\n".join(lines)

@@ -26,16 +26,17 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from sdlora_dist.config import Precision, config_root
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import first_slurm_host
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = tuple(p for p in get_args(Precision) if p != "auto")  # what "auto" resolves among
 DEFAULT_TEMPLATE_NAME = "template.json"
 _SHM_OP_NAME = "deepspeed_shm_comm"
 _CLIENT_KEY = "sdlora_client_state"
@@ -235,11 +236,10 @@ def precision_for(precision: str, device: torch.device | str) -> str:
 
 
 def _template_path() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs" / "deepspeed", here.parent / "configs" / "deepspeed"):
-        if (candidate / DEFAULT_TEMPLATE_NAME).is_file():
-            return candidate / DEFAULT_TEMPLATE_NAME
-    raise FileNotFoundError(f"DeepSpeed config template {DEFAULT_TEMPLATE_NAME} not found next to {here}")
+    path = config_root() / "deepspeed" / DEFAULT_TEMPLATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config template {DEFAULT_TEMPLATE_NAME} not found at {path}")
+    return path
 
 
 def deepspeed_config(

@@ -12,18 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist.config import Config, apply_overrides, config_from_dict, read_yaml_mapping, save_config
+from sdlora_dist.config import Config, apply_overrides, config_from_dict, config_root, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
-
-_HERE = Path(__file__).resolve().parent
-# a wheel installs configs/ as sdlora_dist/configs; a source checkout has it beside the package
-CONFIG_ROOT = next((p for p in (_HERE / "configs", _HERE.parent / "configs") if (p / "benchmarks").is_dir()), _HERE)
 
 
 def benchmark_recipes() -> dict[str, Path]:
     """Benchmark name -> recipe YAML shipped in ``configs/benchmarks``."""
-    return {p.stem: p for p in sorted((CONFIG_ROOT / "benchmarks").glob("*.yaml"))}
+    return {p.stem: p for p in sorted((config_root() / "benchmarks").glob("*.yaml"))}
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

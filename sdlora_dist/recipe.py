@@ -19,7 +19,7 @@ import contextlib
 import hashlib
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import distributed as dist
-from sdlora_dist.config import Config, DataConfig
+from sdlora_dist.config import Config, DataConfig, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader
 from sdlora_dist.data.pipeline import train_steps_per_epoch
@@ -59,16 +59,19 @@ def check_shards(cfg: Config) -> Manifest:
     return manifest
 
 
+# data.normalize (config.Normalize) -> (mean, std), given the backbone's pretrained cfg
+NORMALIZE_STATS: dict[str, Callable[[dict[str, Any]], tuple[tuple[float, ...], tuple[float, ...]]]] = {
+    "model": lambda pcfg: (tuple(pcfg.get("mean", (0.5,) * 3)), tuple(pcfg.get("std", (0.5,) * 3))),
+    "none": lambda pcfg: ((0.0,) * 3, (1.0,) * 3),  # the reference code feeds [0, 1] inputs (reference-sdlora.md s.5)
+    "imagenet": lambda pcfg: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "half": lambda pcfg: ((0.5,) * 3, (0.5,) * 3),
+}
+
+
 def transform_spec(model: SDLoRAViT, data: DataConfig) -> TransformSpec:
     """Preprocessing from the backbone's pretrained cfg (size, interpolation) and ``data.normalize``."""
     pcfg = model.pretrained_cfg
-    means = {
-        "model": (tuple(pcfg.get("mean", (0.5,) * 3)), tuple(pcfg.get("std", (0.5,) * 3))),
-        "none": ((0.0,) * 3, (1.0,) * 3),  # the reference code feeds [0, 1] inputs (reference-sdlora.md s.5)
-        "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        "half": ((0.5,) * 3, (0.5,) * 3),
-    }
-    mean, std = means[data.normalize]
+    mean, std = NORMALIZE_STATS[data.normalize](pcfg)
     return TransformSpec(
         img_size=int(pcfg["input_size"][-1]),
         mean=mean,
@@ -91,15 +94,17 @@ def task_epochs(cfg: Config, task: int) -> int:
     return cfg.train.first_task_epochs if task == 0 and cfg.train.first_task_epochs else cfg.train.epochs
 
 
+# train.optimizer (config.Optimizer) -> the optimizer over (params, train config)
+OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda params, t: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
+    "adam": lambda params, t: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
+    "adamw": lambda params, t: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay),
+}
+
+
 def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """The recipe's optimizer over this task's trainable parameters (learning rate set per epoch)."""
-    t = cfg.train
-    table = {
-        "sgd": lambda: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay),
-        "adam": lambda: torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay),
-        "adamw": lambda: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay),
-    }
-    return table[t.optimizer]()
+    return OPTIMIZERS[cfg.train.optimizer](params, cfg.train)
 
 
 def adapter_checksum(model: SDLoRAViT) -> str:

@@ -31,19 +31,20 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sdlora_dist.config import ShardPolicy
 from sdlora_dist.data.images import open_rgb
 from sdlora_dist.data.manifest import Manifest, ShardInfo, load_manifest, shard_problem
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_rank_zero
 
-POLICIES = ("skip", "error")
+POLICIES = get_args(ShardPolicy)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 INTERPOLATIONS: dict[str, int] = {
     "bicubic": Image.BICUBIC,
