@@ -7,17 +7,19 @@
       run.json                    config hash, benchmark, shards path, class names, package version (RUN_FILE)
       backbone.safetensors        frozen base weights W0, written once (BACKBONE_FILE)
       tasks/task_03/              one folder per completed task (model.task_key), renamed into place when complete
-        adapters.safetensors      what this task changed: its own pair's factors, every magnitude, the head
-                                  (ADAPTERS_FILE); frozen factors of earlier tasks stay in the folder that wrote them
+        adapters.safetensors      what this task changed: its own pair's factors and head rows, every magnitude
+                                  (ADAPTERS_FILE); frozen factors and closed head rows stay in the folder that
+                                  wrote them
         layout.json               model.layout() plus a "checkpoint" block (CHECKPOINT_KEY): "format" (2),
-                                  "factor_sources" (pair key -> task folder holding its factors) and "sha256"
-                                  (file name -> sha256 of this folder's tensor files, verified on load)
+                                  "factor_sources" (task key -> task folder holding that task's factors and head
+                                  rows) and "sha256" (file name -> sha256 of this folder's files, checked on load)
         progress.json             this task's own recipe record and accuracy row (kept apart from weights)
       engine/task_03/             mid-task DeepSpeed checkpoints (recipe-owned)
       metrics.json, metrics.csv   the whole accuracy matrix, summary metrics and every task's record
 
 Storage per task is therefore flat in the task count: the frozen factors a task did not change are never copied
-(a frozen pair's factors never change; consolidation only sets magnitudes or drops the newest pair). Loading task t
+(a frozen pair's factors never change, consolidation only sets magnitudes or drops the newest pair, and a closed
+task's head rows are frozen). Loading task t
 assembles the factors named by its ``factor_sources`` from the earlier folders, each file checked against the
 sha256 its folder recorded. Runs written before format 2 still load: there, every folder holds every tensor
 (``tasks/task_003`` names, a full ``progress.json`` history), and a resumed old run continues in format 2.
@@ -62,6 +64,7 @@ METRICS_CSV = "metrics.csv"
 
 
 CHECKPOINT_KEY = "checkpoint"  # layout.json block: format, factor_sources, sha256
+HEAD_PARTS = ("weight", "bias")  # TaskHead's per-task ParameterDicts
 FORMAT = 2  # 1 (implicit): every folder holds every tensor; 2: each folder holds only what its task changed
 
 
@@ -83,9 +86,12 @@ def task_folder(parent: Path, task: int) -> Path:
 
 
 def _pair_of(name: str) -> str | None:
-    """Pair key of a factor tensor name (``...qkv.lora_A.task_03`` -> ``task_03``), None for other tensors."""
+    """Task key of a per-task tensor that freezes with its task: factors (``...qkv.lora_A.task_03``) and head rows
+    (``head.weight.task_03``) -> ``task_03``; None for the magnitudes (every task may change them)."""
     parts = name.rsplit(".", 2)
-    return parts[2] if len(parts) == 3 and parts[1] in ("lora_A", "lora_B") else None
+    if len(parts) == 3 and (parts[1] in ("lora_A", "lora_B") or (parts[0] == "head" and parts[1] in HEAD_PARTS)):
+        return parts[2]
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -162,7 +168,8 @@ def _previous_sources(run_dir: Path, task: int) -> dict[str, str]:
     layout = read_json(folder / LAYOUT_FILE)
     if CHECKPOINT_KEY in layout:
         return dict(layout[CHECKPOINT_KEY]["factor_sources"])
-    return {key: folder.name for key in layout["ranks"]}  # format 1: the folder holds every pair itself
+    keys = [*layout["ranks"], *(task_key(t) for t in range(len(layout["task_classes"])))]
+    return {key: folder.name for key in keys}  # format 1: the folder holds every tensor itself
 
 
 def factor_sources(run_dir: Path, task: int, model: Any) -> dict[str, str]:
@@ -287,7 +294,7 @@ def assemble_task_state(run_dir: Path, folder: Path, layout: dict[str, Any]) -> 
         other = run_dir / TASKS_DIR / name
         if not (other / LAYOUT_FILE).is_file():
             raise UserError(
-                f"{folder} needs the factors of {sorted(pairs)} from {other}, which is missing; "
+                f"{folder} needs the tensors of {sorted(pairs)} from {other}, which is missing; "
                 "the run directory is incomplete (restore that folder)"
             )
         state.update(_verified_tensors(other, read_json(other / LAYOUT_FILE), pairs))
