@@ -11,8 +11,9 @@
                                   (ADAPTERS_FILE); frozen factors and closed head rows stay in the folder that
                                   wrote them
         layout.json               model.layout() plus a "checkpoint" block (CHECKPOINT_KEY): "format" (2),
-                                  "factor_sources" (task key -> task folder holding that task's factors and head
-                                  rows) and "sha256" (file name -> sha256 of this folder's files, checked on load)
+                                  "sources" (group -> task folder holding it; groups are a pair's factors, "task_03",
+                                  and a task's head rows, "head.task_03") and "sha256" (file name -> sha256 of this
+                                  folder's files, checked on load)
         progress.json             this task's own recipe record and accuracy row (kept apart from weights)
       engine/task_03/             mid-task DeepSpeed checkpoints (recipe-owned)
       metrics.json, metrics.csv   the whole accuracy matrix, summary metrics and every task's record
@@ -20,7 +21,7 @@
 Storage per task is therefore flat in the task count: the frozen factors a task did not change are never copied
 (a frozen pair's factors never change, consolidation only sets magnitudes or drops the newest pair, and a closed
 task's head rows are frozen). Loading task t
-assembles the factors named by its ``factor_sources`` from the earlier folders, each file checked against the
+assembles the groups named by its ``sources`` from the earlier folders, each file checked against the
 sha256 its folder recorded. Runs written before format 2 still load: there, every folder holds every tensor
 (``tasks/task_003`` names, a full ``progress.json`` history), and a resumed old run continues in format 2.
 
@@ -63,7 +64,7 @@ METRICS_FILE = "metrics.json"
 METRICS_CSV = "metrics.csv"
 
 
-CHECKPOINT_KEY = "checkpoint"  # layout.json block: format, factor_sources, sha256
+CHECKPOINT_KEY = "checkpoint"  # layout.json block: format, sources, sha256
 HEAD_PARTS = ("weight", "bias")  # TaskHead's per-task ParameterDicts
 FORMAT = 2  # 1 (implicit): every folder holds every tensor; 2: each folder holds only what its task changed
 
@@ -85,13 +86,16 @@ def task_folder(parent: Path, task: int) -> Path:
     return legacy if legacy.is_dir() and not current.is_dir() else current
 
 
-def _pair_of(name: str) -> str | None:
-    """Task key of a per-task tensor that freezes with its task: factors (``...qkv.lora_A.task_03``) and head rows
-    (``head.weight.task_03``) -> ``task_03``; None for the magnitudes (every task may change them)."""
+def _group_of(name: str) -> str | None:
+    """Source group of a per-task tensor that freezes with its task: a pair's factors (``...qkv.lora_A.task_03`` ->
+    ``task_03``) or a task's head rows (``head.weight.task_03`` -> ``head.task_03``); None for the magnitudes (every
+    task may change them), which each folder therefore holds in full."""
     parts = name.rsplit(".", 2)
-    if len(parts) == 3 and (parts[1] in ("lora_A", "lora_B") or (parts[0] == "head" and parts[1] in HEAD_PARTS)):
+    if len(parts) != 3:
+        return None
+    if parts[1] in ("lora_A", "lora_B"):
         return parts[2]
-    return None
+    return f"head.{parts[2]}" if parts[0] == "head" and parts[1] in HEAD_PARTS else None
 
 
 def file_sha256(path: Path) -> str:
@@ -167,19 +171,19 @@ def _previous_sources(run_dir: Path, task: int) -> dict[str, str]:
         return {}
     layout = read_json(folder / LAYOUT_FILE)
     if CHECKPOINT_KEY in layout:
-        return dict(layout[CHECKPOINT_KEY]["factor_sources"])
-    keys = [*layout["ranks"], *(task_key(t) for t in range(len(layout["task_classes"])))]
+        return dict(layout[CHECKPOINT_KEY]["sources"])
+    keys = [*layout["ranks"], *(f"head.{task_key(t)}" for t in range(len(layout["task_classes"])))]
     return {key: folder.name for key in keys}  # format 1: the folder holds every tensor itself
 
 
-def factor_sources(run_dir: Path, task: int, model: Any) -> dict[str, str]:
-    """Where each pair of ``model`` is stored once task ``task`` is saved: frozen pairs already on disk stay where
-    they are (their factors never change after freezing); the open pair and anything not yet on disk go here."""
+def tensor_sources(run_dir: Path, task: int, model: Any) -> dict[str, str]:
+    """Where each task's factors and head rows are stored once task ``task`` is saved: those already on disk stay
+    where they are (a frozen pair never changes, nor do a closed task's head rows); the open pair (trained by every
+    task under lora-seq) and anything not yet on disk go here."""
     own = task_dir_name(task)
     previous = _previous_sources(run_dir, task)
-    return {
-        key: previous[key] if key != model.current_key and key in previous else own for key in model.adapters[0].lora_A
-    }
+    keys = [*model.adapters[0].lora_A, *(f"head.{k}" for k in model.head.weight)]
+    return {key: previous[key] if key != model.current_key and key in previous else own for key in keys}
 
 
 def save_task_checkpoint(
@@ -203,15 +207,15 @@ def save_task_checkpoint(
         return None
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    sources = factor_sources(run_dir, task, model)
+    sources = tensor_sources(run_dir, task, model)
     own = task_dir_name(task)
-    tensors = {k: v for k, v in adapter_state(model).items() if sources.get(_pair_of(k) or "", own) == own}
+    tensors = {k: v for k, v in adapter_state(model).items() if sources.get(_group_of(k) or "", own) == own}
     layout = model.layout()
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTERS_FILE))
         checks = {ADAPTERS_FILE: file_sha256(tmp / ADAPTERS_FILE)}
-        block = {"format": FORMAT, "factor_sources": sources, "sha256": checks}
+        block = {"format": FORMAT, "sources": sources, "sha256": checks}
         (tmp / LAYOUT_FILE).write_text(json.dumps({**layout, CHECKPOINT_KEY: block}, indent=2))
         if times is not None:
             times["checkpoint"] = time.perf_counter() - start
@@ -265,8 +269,8 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
-def _verified_tensors(folder: Path, layout: dict[str, Any], pairs: set[str] | None) -> dict[str, torch.Tensor]:
-    """Tensors of ``folder``'s adapters file (only the factors of ``pairs`` when given), checked against the sha256
+def _verified_tensors(folder: Path, layout: dict[str, Any], groups: set[str] | None) -> dict[str, torch.Tensor]:
+    """Tensors of ``folder``'s adapters file (only the tensors of ``groups`` when given), checked against the sha256
     its layout recorded (format 2; format-1 folders recorded none)."""
     path = folder / ADAPTERS_FILE
     expected = layout.get(CHECKPOINT_KEY, {}).get("sha256", {}).get(ADAPTERS_FILE)
@@ -277,27 +281,27 @@ def _verified_tensors(folder: Path, layout: dict[str, Any], pairs: set[str] | No
                 "the run directory is damaged (restore the file or retrain from an earlier task)"
             )
         with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys() if pairs is None or _pair_of(k) in pairs}
+            return {k: fh.get_tensor(k) for k in fh.keys() if groups is None or _group_of(k) in groups}
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"cannot read the weights of {folder} ({exc}); the run directory is damaged") from exc
 
 
 def assemble_task_state(run_dir: Path, folder: Path, layout: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every non-W0 tensor of the model saved in ``folder``: its own file plus the frozen factors it points to."""
-    sources = layout.get(CHECKPOINT_KEY, {}).get("factor_sources", {})
+    sources = layout.get(CHECKPOINT_KEY, {}).get("sources", {})
     by_folder: dict[str, set[str]] = {}
     for key, name in sources.items():
         if name != folder.name:
             by_folder.setdefault(name, set()).add(key)
     state = _verified_tensors(folder, layout, None)
-    for name, pairs in sorted(by_folder.items()):
+    for name, groups in sorted(by_folder.items()):
         other = run_dir / TASKS_DIR / name
         if not (other / LAYOUT_FILE).is_file():
             raise UserError(
-                f"{folder} needs the tensors of {sorted(pairs)} from {other}, which is missing; "
+                f"{folder} needs the tensors of {sorted(groups)} from {other}, which is missing; "
                 "the run directory is incomplete (restore that folder)"
             )
-        state.update(_verified_tensors(other, read_json(other / LAYOUT_FILE), pairs))
+        state.update(_verified_tensors(other, read_json(other / LAYOUT_FILE), groups))
     return state
 
 

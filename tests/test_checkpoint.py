@@ -70,8 +70,9 @@ def test_fifty_task_checkpoints_grow_linearly(tiny_cfg, tmp_path):
     sizes = [folder_bytes(tasks / f"task_{t:02d}") for t in range(50)]
     assert sizes[-1] <= 2 * sizes[0], sizes
     # the last folder stores one pair, not fifty: its factor bytes equal task 0's
-    own = json.loads((tasks / "task_49" / "layout.json").read_text())["checkpoint"]["factor_sources"]
-    assert own == {f"task_{t:02d}": f"task_{t:02d}" for t in range(50)}
+    own = json.loads((tasks / "task_49" / "layout.json").read_text())["checkpoint"]["sources"]
+    assert own == {**{f"task_{t:02d}": f"task_{t:02d}" for t in range(50)},
+                   **{f"head.task_{t:02d}": f"task_{t:02d}" for t in range(50)}}  # fmt: skip
     loaded = ckpt.load_task_model(tmp_path, 49)
     assert torch.equal(logits(loaded), logits(model))
 
@@ -133,8 +134,9 @@ def test_old_full_copy_run_loads_and_resumes_in_the_new_layout(tiny_cfg, tmp_pat
     record = {"record": {"task": 3}, "correct": [4, 4, 4, 4], "totals": [10] * 4}
     ckpt.save_task_checkpoint(tmp_path, 3, resumed, record)
     layout = json.loads((tmp_path / "tasks" / "task_03" / "layout.json").read_text())
-    assert layout["checkpoint"]["factor_sources"] == {
+    assert layout["checkpoint"]["sources"] == {
         "task_00": "task_002", "task_01": "task_002", "task_02": "task_002", "task_03": "task_03",
+        "head.task_00": "task_002", "head.task_01": "task_002", "head.task_02": "task_002", "head.task_03": "task_03",
     }  # fmt: skip
     assert torch.equal(logits(ckpt.load_task_model(tmp_path, 3)), logits(resumed))
     progress = ckpt.load_progress(tmp_path, 3)
@@ -177,6 +179,27 @@ def test_damaged_earlier_folder_is_named(tiny_cfg, tmp_path, damage):
         message = "task_00/adapters.safetensors: sha256"
     else:
         shutil.rmtree(first)
-        message = "needs the tensors of ['task_00'] from"
+        message = "needs the tensors of ['head.task_00', 'task_00'] from"
     with pytest.raises(UserError, match=re.escape(message)):
         ckpt.load_task_model(tmp_path, 1)
+
+
+def test_lora_seq_rewrites_its_one_open_pair_every_task(tiny_cfg, tmp_path):
+    """lora-seq trains the same pair in every task: each folder must hold it, and every task loads exactly."""
+    cfg = tiny_cfg("train.method=lora-seq")
+    model = build_model(cfg)
+    ckpt.write_run_header(tmp_path, cfg, model, {"benchmark": "test"})
+    want = []
+    for t in range(3):
+        next_task(model, t)
+        ckpt.save_task_checkpoint(tmp_path, t, model, {"task": t})
+        want.append(logits(model))
+    layout = json.loads((tmp_path / "tasks" / "task_02" / "layout.json").read_text())
+    assert layout["checkpoint"]["sources"] == {
+        "task_00": "task_02",
+        "head.task_00": "task_00",
+        "head.task_01": "task_01",
+        "head.task_02": "task_02",
+    }
+    for t in range(3):
+        assert torch.equal(logits(ckpt.load_task_model(tmp_path, t)), want[t])
