@@ -92,6 +92,9 @@ class SDLoRAQKV(nn.Module):
         self.register_buffer("past_B", torch.empty(0), persistent=False)  # [2, d, R]
         self.register_buffer("past_inv_norm", torch.empty(0), persistent=False)  # [2, R]
         self.register_buffer("past_col_task", torch.empty(0, dtype=torch.long), persistent=False)  # [R]
+        # Loading weights overwrites the frozen factors the bank and the cached norms derive from: rebuild them then,
+        # so no caller has to remember to (a stale bank would silently give wrong outputs).
+        self.register_load_state_dict_post_hook(_rebuild_after_load)
 
     # ---------------------------------------------------------------------------------------------------------------
     # Lifecycle (driven by the model)
@@ -116,6 +119,11 @@ class SDLoRAQKV(nn.Module):
     def forget_norms(self) -> None:
         """Drop cached normalisers (after the factors were overwritten, e.g. by ``load_state_dict``)."""
         self._inv_norms.clear()
+
+    def rebuild_derived_state(self) -> None:
+        """Recompute the cached normalisers and the past bank from the current factors (same layout)."""
+        self.forget_norms()
+        self.set_layout(self.frozen_keys, self.current_key)
 
     def _inv_norm(self, key: str) -> torch.Tensor:
         """``1 / n`` of a frozen pair for q and v -> [2] (0 for an all-zero pair), computed once per key."""
@@ -222,6 +230,11 @@ class SDLoRAQKV(nn.Module):
         delta = self.delta_weight()
         w = self.base_layer.weight
         return w.clone() if delta is None else w + self._pad_qv(delta).to(w.dtype)
+
+
+def _rebuild_after_load(module: SDLoRAQKV, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook: the factors may have changed, so the derived state must follow."""
+    module.rebuild_derived_state()
 
 
 def product_frobenius_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -6,34 +6,52 @@
       config.yaml                 resolved config (CONFIG_FILE)
       run.json                    config hash, benchmark, shards path, class names, package version (RUN_FILE)
       backbone.safetensors        frozen base weights W0, written once (BACKBONE_FILE)
-      tasks/task_003/             one folder per completed task, renamed into place when complete
-        adapters.safetensors      every non-frozen-base tensor: factors, magnitudes, head (ADAPTERS_FILE)
-        layout.json               model.layout(): tasks, ranks, frozen/current keys, KD/RR decisions
-        progress.json             recipe progress: accuracy row, timings, magnitudes (kept apart from weights)
-      engine/                     mid-task DeepSpeed checkpoints (recipe-owned)
-      metrics.json, metrics.csv   the accuracy matrix and summary metrics
+      tasks/task_03/              one folder per completed task (model.task_key), renamed into place when complete
+        adapters.safetensors      what this task changed: its own pair's factors and head rows, every magnitude
+                                  (ADAPTERS_FILE); frozen factors and closed head rows stay in the folder that
+                                  wrote them
+        layout.json               model.layout() plus a "checkpoint" block (CHECKPOINT_KEY): "format" (2),
+                                  "sources" (group -> task folder holding it; groups are a pair's factors, "task_03",
+                                  and a task's head rows, "head.task_03") and "sha256" (file name -> sha256 of this
+                                  folder's files, checked on load)
+        progress.json             this task's own recipe record and accuracy row (kept apart from weights)
+      engine/task_03/             mid-task DeepSpeed checkpoints (recipe-owned)
+      metrics.json, metrics.csv   the whole accuracy matrix, summary metrics and every task's record
 
-``backbone.safetensors`` plus ``adapters.safetensors`` together are exactly ``model.state_dict()``. Writes go to a
-temporary sibling and are renamed into place: a killed process never leaves a folder ``--resume`` would load.
-Saving never mutates the model.
+Storage per task is therefore flat in the task count: the frozen factors a task did not change are never copied
+(a frozen pair's factors never change, consolidation only sets magnitudes or drops the newest pair, and a closed
+task's head rows are frozen). Loading task t
+assembles the groups named by its ``sources`` from the earlier folders, each file checked against the
+sha256 its folder recorded. Runs written before format 2 still load: there, every folder holds every tensor
+(``tasks/task_003`` names, a full ``progress.json`` history), and a resumed old run continues in format 2.
+
+``backbone.safetensors`` plus the assembled tensors are exactly ``model.state_dict()``. Writes go to a temporary
+sibling and are renamed into place: a killed process never leaves a folder ``--resume`` would load. Saving never
+mutates the model. Only rank 0 writes (:func:`save_task_checkpoint` checks).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdlora_dist import __version__
+from sdlora_dist import distributed as dist
 from sdlora_dist.config import Config, load_config, save_config
 from sdlora_dist.errors import UserError
-from sdlora_dist.fileio import atomic_dir, atomic_write_json
+from sdlora_dist.fileio import atomic_dir, atomic_write_json, atomic_write_text
+from sdlora_dist.model import task_key
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -43,11 +61,50 @@ ADAPTERS_FILE = "adapters.safetensors"
 LAYOUT_FILE = "layout.json"
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.json"
+METRICS_CSV = "metrics.csv"
+
+
+CHECKPOINT_KEY = "checkpoint"  # layout.json block: format, sources, sha256
+HEAD_PARTS = ("weight", "bias")  # TaskHead's per-task ParameterDicts
+FORMAT = 2  # 1 (implicit): every folder holds every tensor; 2: each folder holds only what its task changed
 
 
 def task_dir_name(task: int) -> str:
-    """Folder of task ``task``'s checkpoint (``task_003``)."""
+    """Folder of task ``task``'s checkpoint: the model's per-task name (``task_03``), one format for both."""
+    return task_key(task)
+
+
+def legacy_task_dir_name(task: int) -> str:
+    """Folder name of runs written before the names were unified (``task_003``); still read."""
     return f"task_{task:03d}"
+
+
+def task_folder(parent: Path, task: int) -> Path:
+    """``parent/task_03``, or the legacy ``parent/task_003`` when only that one exists (old runs)."""
+    legacy = parent / legacy_task_dir_name(task)
+    current = parent / task_dir_name(task)
+    return legacy if legacy.is_dir() and not current.is_dir() else current
+
+
+def _group_of(name: str) -> str | None:
+    """Source group of a per-task tensor that freezes with its task: a pair's factors (``...qkv.lora_A.task_03`` ->
+    ``task_03``) or a task's head rows (``head.weight.task_03`` -> ``head.task_03``); None for the magnitudes (every
+    task may change them), which each folder therefore holds in full."""
+    parts = name.rsplit(".", 2)
+    if len(parts) != 3:
+        return None
+    if parts[1] in ("lora_A", "lora_B"):
+        return parts[2]
+    return f"head.{parts[2]}" if parts[0] == "head" and parts[1] in HEAD_PARTS else None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _is_base_key(key: str) -> bool:
@@ -105,18 +162,76 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise
 
 
-def save_task_checkpoint(run_dir: Path, task: int, model: Any, progress: dict[str, Any]) -> Path:
-    """Write ``tasks/task_XXX`` atomically: adapter tensors, layout, recipe progress. Returns the folder."""
-    rest = adapter_state(model)
+def _previous_sources(run_dir: Path, task: int) -> dict[str, str]:
+    """Pair key -> folder holding its factors, as recorded by task ``task - 1``'s folder ({} when there is none)."""
+    if task == 0:
+        return {}
+    folder = task_folder(run_dir / TASKS_DIR, task - 1)
+    if not (folder / LAYOUT_FILE).is_file():
+        return {}
+    layout = read_json(folder / LAYOUT_FILE)
+    if CHECKPOINT_KEY in layout:
+        return dict(layout[CHECKPOINT_KEY]["sources"])
+    keys = [*layout["ranks"], *(f"head.{task_key(t)}" for t in range(len(layout["task_classes"])))]
+    return {key: folder.name for key in keys}  # format 1: the folder holds every tensor itself
+
+
+def tensor_sources(run_dir: Path, task: int, model: Any) -> dict[str, str]:
+    """Where each task's factors and head rows are stored once task ``task`` is saved: those already on disk stay
+    where they are (a frozen pair never changes, nor do a closed task's head rows); the open pair (trained by every
+    task under lora-seq) and anything not yet on disk go here."""
+    own = task_dir_name(task)
+    previous = _previous_sources(run_dir, task)
+    keys = [*model.adapters[0].lora_A, *(f"head.{k}" for k in model.head.weight)]
+    return {key: previous[key] if key != model.current_key and key in previous else own for key in keys}
+
+
+def save_task_checkpoint(
+    run_dir: Path,
+    task: int,
+    model: Any,
+    progress: dict[str, Any],
+    *,
+    times: dict[str, float] | None = None,
+    metrics: dict[str, Any] | None = None,
+    metrics_csv: str | None = None,
+    discard: Path | None = None,
+) -> Path | None:
+    """On rank 0, write ``tasks/task_XX`` atomically (this task's tensors, layout, ``progress``), then the run's
+    metrics files, then remove ``discard`` (the task's engine checkpoints). Other ranks return None at once.
+
+    ``times`` (the caller's per-phase timings, also referenced by ``progress`` and ``metrics``) gets
+    ``times["checkpoint"]``: the seconds spent up to writing the JSON, so every file is written once.
+    """
+    if dist.rank() != 0:
+        return None
+    start = time.perf_counter()
+    run_dir = Path(run_dir)
+    sources = tensor_sources(run_dir, task, model)
+    own = task_dir_name(task)
+    tensors = {k: v for k, v in adapter_state(model).items() if sources.get(_group_of(k) or "", own) == own}
     layout = model.layout()
 
     def fill(tmp: Path) -> None:
-        save_file(rest, str(tmp / ADAPTERS_FILE))
-        (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))
+        save_file(tensors, str(tmp / ADAPTERS_FILE))
+        checks = {ADAPTERS_FILE: file_sha256(tmp / ADAPTERS_FILE)}
+        block = {"format": FORMAT, "sources": sources, "sha256": checks}
+        (tmp / LAYOUT_FILE).write_text(json.dumps({**layout, CHECKPOINT_KEY: block}, indent=2))
+        if times is not None:
+            times["checkpoint"] = time.perf_counter() - start
         (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
 
-    final = run_dir / TASKS_DIR / task_dir_name(task)
+    final = run_dir / TASKS_DIR / own
     atomic_dir(final, fill)
+    legacy = run_dir / TASKS_DIR / legacy_task_dir_name(task)
+    if legacy.is_dir():  # a retrained task of an old run: one folder per task
+        shutil.rmtree(legacy)
+    if metrics is not None:
+        atomic_write_json(run_dir / METRICS_FILE, metrics)
+    if metrics_csv is not None:
+        atomic_write_text(run_dir / METRICS_CSV, metrics_csv)
+    if discard is not None:
+        shutil.rmtree(discard, ignore_errors=True)
     return final
 
 
@@ -133,7 +248,7 @@ def completed_tasks(run_dir: str | Path) -> list[int]:
     for child in tasks_dir.iterdir():
         if child.name.startswith("task_") and (child / PROGRESS_FILE).is_file():
             done.append(int(child.name.split("_")[1]))
-    return sorted(done)
+    return sorted(set(done))
 
 
 def read_json(path: Path) -> Any:
@@ -154,23 +269,81 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(path)
 
 
+def _verified_tensors(folder: Path, layout: dict[str, Any], groups: set[str] | None) -> dict[str, torch.Tensor]:
+    """Tensors of ``folder``'s adapters file (only the tensors of ``groups`` when given), checked against the sha256
+    its layout recorded (format 2; format-1 folders recorded none)."""
+    path = folder / ADAPTERS_FILE
+    expected = layout.get(CHECKPOINT_KEY, {}).get("sha256", {}).get(ADAPTERS_FILE)
+    try:
+        if expected is not None and (got := file_sha256(path)) != expected:
+            raise UserError(
+                f"{path}: sha256 {got[:16]}... does not match {expected[:16]}... recorded in {folder / LAYOUT_FILE}; "
+                "the run directory is damaged (restore the file or retrain from an earlier task)"
+            )
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys() if groups is None or _group_of(k) in groups}
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"cannot read the weights of {folder} ({exc}); the run directory is damaged") from exc
+
+
+def assemble_task_state(run_dir: Path, folder: Path, layout: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every non-W0 tensor of the model saved in ``folder``: its own file plus the frozen factors it points to."""
+    sources = layout.get(CHECKPOINT_KEY, {}).get("sources", {})
+    by_folder: dict[str, set[str]] = {}
+    for key, name in sources.items():
+        if name != folder.name:
+            by_folder.setdefault(name, set()).add(key)
+    state = _verified_tensors(folder, layout, None)
+    for name, groups in sorted(by_folder.items()):
+        other = run_dir / TASKS_DIR / name
+        if not (other / LAYOUT_FILE).is_file():
+            raise UserError(
+                f"{folder} needs the tensors of {sorted(groups)} from {other}, which is missing; "
+                "the run directory is incomplete (restore that folder)"
+            )
+        state.update(_verified_tensors(other, read_json(other / LAYOUT_FILE), groups))
+    return state
+
+
 def load_task_model(run_dir: str | Path, task: int, cfg: Config | None = None) -> Any:
     """Rebuild the model exactly as it was after ``task`` (weights, layout, trainable flags)."""
     from sdlora_dist.model import SDLoRAViT, build_backbone
 
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
-    folder = run_dir / TASKS_DIR / task_dir_name(task)
+    folder = task_folder(run_dir / TASKS_DIR, task)
     layout = read_json(folder / LAYOUT_FILE)
     model_cfg = type(cfg.model)(name=cfg.model.name, weights="random", kwargs=dict(cfg.model.kwargs))
     model = SDLoRAViT(build_backbone(model_cfg), cfg.adapter, method=cfg.train.method)
     model.restore_layout(layout)
     try:
-        state = {**load_file(str(run_dir / BACKBONE_FILE)), **load_file(str(folder / ADAPTERS_FILE))}
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"cannot read the weights of {folder} ({exc}); the run directory is damaged") from exc
-    model.load_weights(state)
+        backbone = load_file(str(run_dir / BACKBONE_FILE))
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"cannot read {run_dir / BACKBONE_FILE} ({exc}); the run directory is damaged") from exc
+    model.load_weights({**backbone, **assemble_task_state(run_dir, folder, layout)})
     return model
+
+
+def load_progress(run_dir: str | Path, task: int) -> dict[str, Any]:
+    """The run's progress up to ``task`` (``{"accuracy": {...}, "tasks": [...]}``, as metrics.json holds it).
+
+    Format 2 folders hold their own record (``{"record", "correct", "totals"}``); walking back to task 0 or to a
+    format-1 folder (which holds the whole history) assembles it.
+    """
+    tasks_dir = Path(run_dir) / TASKS_DIR
+    own: list[dict[str, Any]] = []
+    base: dict[str, Any] = {"accuracy": {"correct": [], "totals": []}, "tasks": []}
+    for t in range(task, -1, -1):
+        data = read_json(task_folder(tasks_dir, t) / PROGRESS_FILE)
+        if "record" not in data:  # format 1: the full history up to t
+            base = data
+            break
+        own.append(data)
+    own.reverse()
+    correct = [list(r) for r in base["accuracy"].get("correct", [])] + [list(d["correct"]) for d in own]
+    totals = list(own[-1]["totals"]) if own else list(base["accuracy"].get("totals", []))
+    records = list(base["tasks"]) + [d["record"] for d in own]
+    return {"accuracy": {"correct": correct, "totals": totals}, "tasks": records}
 
 
 @dataclass

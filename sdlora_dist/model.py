@@ -374,20 +374,18 @@ class SDLoRAViT(nn.Module):
         self._sync_layout()
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a state dict saved from a model of the same layout (strict) and rebuild derived buffers."""
+        """Load a state dict saved from a model of the same layout (strict); adapter post-hooks rebuild the banks."""
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise UserError(
                 f"checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
                 "was it written by a run with another model config?"
             )
-        self.rebuild_derived_state()
 
     def rebuild_derived_state(self) -> None:
-        """Recompute the non-persistent banks and normalisers after weights were overwritten (load, engine resume)."""
+        """Recompute the non-persistent banks and normalisers (``load_state_dict`` does it through post-hooks)."""
         for adapter in self.adapters:
-            adapter.forget_norms()
-        self._sync_layout()
+            adapter.rebuild_derived_state()
 
 
 def select_blocks(backbone: nn.Module, adapter_cfg: AdapterConfig) -> list[int]:

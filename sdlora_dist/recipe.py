@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader
 from sdlora_dist.data.pipeline import train_steps_per_epoch
 from sdlora_dist.errors import UserError
-from sdlora_dist.fileio import atomic_write_json, atomic_write_text
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
 from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
@@ -171,8 +170,7 @@ def restore_state(cfg: Config, mode: str, manifest: Manifest) -> tuple[SDLoRAViT
             "append new classes with 'sdlora data add-task' first"
         )
     model = ckpt.load_task_model(run_dir, last, cfg)
-    folder = run_dir / ckpt.TASKS_DIR / ckpt.task_dir_name(last)
-    progress = RunProgress.from_dict(ckpt.read_json(folder / ckpt.PROGRESS_FILE))
+    progress = RunProgress.from_dict(ckpt.load_progress(run_dir, last))
     log_rank_zero(f"{mode}: tasks 0..{last} are complete in {run_dir}; starting at task {last + 1}")
     return model, progress, last + 1
 
@@ -185,7 +183,7 @@ def last_task(cfg: Config, manifest: Manifest, mode: str) -> int:
 
 def latest_engine_checkpoint(run_dir: Path, task: int) -> str | None:
     """Newest complete mid-task engine checkpoint tag of ``task`` (hidden partial tags are ignored)."""
-    folder = run_dir / ENGINE_DIR / ckpt.task_dir_name(task)
+    folder = ckpt.task_folder(run_dir / ENGINE_DIR, task)
     tags = sorted(p.name for p in folder.glob("step_*") if p.is_dir()) if folder.is_dir() else []
     return tags[-1] if tags else None
 
@@ -204,84 +202,132 @@ def consolidate_everywhere(model: SDLoRAViT) -> Decision:
     return decision
 
 
-def train_task(
-    cfg: Config, model: SDLoRAViT, task: int, manifest: Manifest, env: dist.DistEnv, spec: TransformSpec
-) -> dict[str, Any]:
-    """Train ``task`` with a fresh DeepSpeed engine; resumes from the newest mid-task engine checkpoint."""
-    world = env.world_size
-    if cfg.data.batch_size % world:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {world} ranks")
-    per_rank = cfg.data.batch_size // world
-    steps = train_steps_per_epoch(manifest, task, cfg.data.batch_size)
-    steps = min(steps, cfg.train.max_steps_per_epoch or steps)
+@dataclass
+class TaskContext:
+    """What training one task needs: the run's config, model, ranks, preprocessing and shards, and the task."""
+
+    cfg: Config
+    model: SDLoRAViT
+    env: dist.DistEnv
+    spec: TransformSpec
+    manifest: Manifest
+    task: int
+
+    @property
+    def per_rank(self) -> int:
+        """Micro-batch of one rank (the global batch split evenly)."""
+        return self.cfg.data.batch_size // self.env.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (every rank runs the same number), capped by ``train.max_steps_per_epoch``."""
+        steps = train_steps_per_epoch(self.manifest, self.task, self.cfg.data.batch_size)
+        return min(steps, self.cfg.train.max_steps_per_epoch or steps)
+
+    @property
+    def engine_dir(self) -> Path:
+        """Folder of this task's mid-task engine checkpoints."""
+        return ckpt.task_folder(Path(self.cfg.run_dir) / ENGINE_DIR, self.task)
+
+
+def train_task(ctx: TaskContext) -> dict[str, Any]:
+    """Train ``ctx.task`` with a fresh DeepSpeed engine; resumes from the newest mid-task engine checkpoint."""
+    cfg, env, model = ctx.cfg, ctx.env, ctx.model
+    if cfg.data.batch_size % env.world_size:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {env.world_size} ranks")
     precision = dist.precision_for(cfg.train.precision, env.device)
     params = model.trainable_parameters()
     optimizer = make_optimizer(cfg, params)
-    ds_config = dist.deepspeed_config(cfg.train, micro_batch_per_rank=per_rank, world_size=world, precision=precision)
+    ds_config = dist.deepspeed_config(
+        cfg.train, micro_batch_per_rank=ctx.per_rank, world_size=env.world_size, precision=precision
+    )
     engine = dist.build_engine(model, params, optimizer, None, ds_config)
-    engine_dir = Path(cfg.run_dir) / ENGINE_DIR / ckpt.task_dir_name(task)
     start = {"epoch": 0, "step": 0}
-    tag = latest_engine_checkpoint(Path(cfg.run_dir), task)
+    tag = latest_engine_checkpoint(Path(cfg.run_dir), ctx.task)
     if tag is not None:
-        start = dist.load_engine_checkpoint(engine, engine_dir, tag)
-        model.rebuild_derived_state()
+        start = dist.load_engine_checkpoint(engine, ctx.engine_dir, tag)  # load_state_dict post-hooks rebuild banks
         log_rank_zero(
-            f"task {task}: resumed from engine checkpoint {tag} (epoch {start['epoch']}, step {start['step']})"
+            f"task {ctx.task}: resumed from engine checkpoint {tag} (epoch {start['epoch']}, step {start['step']})"
         )
-    stats = _run_epochs(cfg, engine, model, task, spec, env, steps, per_rank, start, engine_dir)
+    stats = _run_epochs(ctx, engine, start)
     dist.release_engine(engine)
     return stats
 
 
-def _run_epochs(
-    cfg: Config,
-    engine: Any,
-    model: SDLoRAViT,
-    task: int,
-    spec: TransformSpec,
-    env: dist.DistEnv,
-    steps: int,
-    per_rank: int,
-    start: dict[str, int],
-    engine_dir: Path,
-) -> dict[str, Any]:
+class StepMonitor:
+    """Everything around the optimizer step: progress bar, loss read every 10 steps, mid-task engine checkpoints.
+
+    ``on_step`` runs after each ``engine.step()``; the step loop itself stays forward, backward, step.
+    """
+
+    def __init__(self, ctx: TaskContext, engine: Any, start: dict[str, int]) -> None:
+        self.ctx, self.engine = ctx, engine
+        self.steps = ctx.steps_per_epoch
+        self.total = task_epochs(ctx.cfg, ctx.task) * self.steps
+        self.done = start["epoch"] * self.steps + start["step"]
+        self.seen, self.loss, self.lr, self.epoch = 0, float("nan"), 0.0, start["epoch"]
+        self.t0 = time.perf_counter()
+        self.bar = progress_bar(
+            total=self.total, initial=self.done, desc=f"task {ctx.task}", unit="step", disable=not ctx.env.is_main
+        )
+
+    def __enter__(self) -> StepMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def on_epoch(self, epoch: int, lr: float) -> None:
+        """A new epoch starts at learning rate ``lr``."""
+        self.epoch, self.lr = epoch, lr
+
+    def on_step(self, step: int, loss: torch.Tensor, batch: int) -> None:
+        """Step ``step`` of the epoch finished with ``loss`` on a per-rank batch of ``batch`` samples."""
+        self.seen += batch * self.ctx.env.world_size
+        self.done += 1
+        self.bar.update(1)
+        if self.done % 10 == 0 or self.done == self.total:  # .item() waits for the device: not on every step
+            self.loss = loss.item()
+            rate = self.seen / (time.perf_counter() - self.t0)
+            self.bar.set_postfix(loss=f"{self.loss:.3f}", lr=f"{self.lr:.2e}", img_s=f"{rate:.0f}")
+        every = self.ctx.cfg.train.checkpoint_every
+        if every and self.done % every == 0 and self.done < self.total:
+            nxt = (
+                {"epoch": self.epoch, "step": step + 1}
+                if step + 1 < self.steps
+                else {"epoch": self.epoch + 1, "step": 0}
+            )
+            dist.save_engine_checkpoint(self.engine, self.ctx.engine_dir, f"step_{self.done:08d}", client_state=nxt)
+
+
+def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> dict[str, Any]:
     """The epochs of one task from ``start`` (epoch, step); engine checkpoints every ``train.checkpoint_every``."""
-    epochs = task_epochs(cfg, task)
+    cfg, env, model, task = ctx.cfg, ctx.env, ctx.model, ctx.task
     offset, n_cls = model.class_offset(task), model.task_classes[task]
     dtype = next(p for p in model.parameters() if p.requires_grad).dtype
-    total = epochs * steps
-    done = start["epoch"] * steps + start["step"]
-    bar = progress_bar(total=total, initial=done, desc=f"task {task}", unit="step", disable=not env.is_main)
-    corrupt, seen, t0, loss_v = 0, 0, time.perf_counter(), float("nan")
-    for epoch in range(start["epoch"], epochs):
-        lr = task_lr(cfg, task, epoch)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        loader = make_train_loader(
-            cfg.data.shards, task, spec=spec, batch_size=per_rank, epoch=epoch, seed=cfg.train.seed,
-            rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers, steps_per_epoch=steps,
-            corrupt=cfg.data.corrupt, bad_shard=cfg.data.bad_shard,
-        )  # fmt: skip
-        skip = start["step"] if epoch == start["epoch"] else 0
-        for step, (x, y) in enumerate(loader):
-            if step < skip:
-                continue
-            logits = engine(x.to(env.device, dtype))
-            loss = masked_cross_entropy(logits.float(), y.to(env.device), offset, n_cls)
-            engine.backward(loss)
-            engine.step()
-            seen += x.shape[0] * env.world_size
-            done += 1
-            bar.update(1)
-            if done % 10 == 0 or done == total:  # .item() waits for the device: not on every step
-                loss_v = loss.item()
-                bar.set_postfix(loss=f"{loss_v:.3f}", lr=f"{lr:.2e}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < total:
-                nxt = {"epoch": epoch, "step": step + 1} if step + 1 < steps else {"epoch": epoch + 1, "step": 0}
-                dist.save_engine_checkpoint(engine, engine_dir, f"step_{done:08d}", client_state=nxt)
-        corrupt += loader.stats.corrupt
-    bar.close()
-    return {"steps": total, "final_loss": loss_v, "images": seen, "corrupt_skipped": corrupt}
+    corrupt = 0
+    with StepMonitor(ctx, engine, start) as monitor:
+        for epoch in range(start["epoch"], task_epochs(cfg, task)):
+            lr = task_lr(cfg, task, epoch)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            monitor.on_epoch(epoch, lr)
+            loader = make_train_loader(
+                cfg.data.shards, task, spec=ctx.spec, batch_size=ctx.per_rank, epoch=epoch, seed=cfg.train.seed,
+                rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
+                steps_per_epoch=monitor.steps, corrupt=cfg.data.corrupt, bad_shard=cfg.data.bad_shard,
+            )  # fmt: skip
+            skip = start["step"] if epoch == start["epoch"] else 0
+            for step, (x, y) in enumerate(loader):
+                if step < skip:
+                    continue
+                logits = engine(x.to(env.device, dtype))
+                loss = masked_cross_entropy(logits.float(), y.to(env.device), offset, n_cls)
+                engine.backward(loss)
+                engine.step()
+                monitor.on_step(step, loss, x.shape[0])
+            corrupt += loader.stats.corrupt
+    return {"steps": monitor.total, "final_loss": monitor.loss, "images": monitor.seen, "corrupt_skipped": corrupt}
 
 
 @torch.no_grad()
@@ -355,7 +401,7 @@ def run_task(
     model.add_task(manifest.classes_per_task[task])
     model.to(env.device)
     with timed(times, "train"):
-        train_stats = train_task(cfg, model, task, manifest, env, spec)
+        train_stats = train_task(TaskContext(cfg, model, env, spec, manifest, task))
     with timed(times, "eval"):
         correct, totals = evaluate(cfg, model, task, env, spec)
     dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
@@ -371,24 +417,16 @@ def run_task(
         "time_s": times,
     }
     progress.tasks.append(record)
-    with timed(times, "checkpoint"):
-        if env.is_main:
-            ckpt.save_task_checkpoint(Path(cfg.run_dir), task, model, progress.to_dict())
-            write_metrics(Path(cfg.run_dir), progress)
-            shutil.rmtree(Path(cfg.run_dir) / ENGINE_DIR / ckpt.task_dir_name(task), ignore_errors=True)
-        dist.barrier()
-    if env.is_main:  # the checkpoint time is known only now: record it in both places
-        folder = Path(cfg.run_dir) / ckpt.TASKS_DIR / ckpt.task_dir_name(task)
-        atomic_write_json(folder / ckpt.PROGRESS_FILE, progress.to_dict())
-        write_metrics(Path(cfg.run_dir), progress)
-        write_tensorboard(Path(cfg.run_dir), progress)
+    run_dir = Path(cfg.run_dir)
+    ckpt.save_task_checkpoint(  # rank 0 only; sets times["checkpoint"] (shared by record) before serialising
+        run_dir, task, model, {"record": record, "correct": correct, "totals": totals}, times=times,
+        metrics=progress.to_dict(), metrics_csv=matrix_csv(progress.log),
+        discard=ckpt.task_folder(run_dir / ENGINE_DIR, task),
+    )  # fmt: skip
+    dist.barrier()
+    if env.is_main:
+        write_tensorboard(run_dir, progress)
     return record
-
-
-def write_metrics(run_dir: Path, progress: RunProgress) -> None:
-    """metrics.json (matrix, Acc, AAA, forgetting, BWT, per-task records) and metrics.csv, atomically."""
-    atomic_write_json(run_dir / ckpt.METRICS_FILE, progress.to_dict())
-    atomic_write_text(run_dir / "metrics.csv", matrix_csv(progress.log))
 
 
 def write_tensorboard(run_dir: Path, progress: RunProgress) -> None:

@@ -109,19 +109,19 @@ def test_kill_then_resume_replays_uninterrupted_run(digits_shards, tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sdlora_dist.cli.main", *base, "--run-dir", str(run_dir), *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    engine_dir = run_dir / "engine" / "task_001"
+    engine_dir = run_dir / "engine" / "task_01"
     deadline = time.time() + 240
     while time.time() < deadline and not (engine_dir.is_dir() and any(engine_dir.glob("step_*"))):
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (run_dir / "tasks" / "task_000").is_dir() and not (run_dir / "tasks" / "task_002").exists()
-    task0_mtime = (run_dir / "tasks" / "task_000" / "adapters.safetensors").stat().st_mtime
+    assert (run_dir / "tasks" / "task_00").is_dir() and not (run_dir / "tasks" / "task_02").exists()
+    task0_mtime = (run_dir / "tasks" / "task_00" / "adapters.safetensors").stat().st_mtime
 
     resumed = sdlora("train", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from engine checkpoint" in resumed.stderr
-    assert (run_dir / "tasks" / "task_000" / "adapters.safetensors").stat().st_mtime == task0_mtime  # not retrained
+    assert (run_dir / "tasks" / "task_00" / "adapters.safetensors").stat().st_mtime == task0_mtime  # not retrained
     assert metrics(run_dir)["accuracy"]["correct"] == metrics(tmp_path / "ref")["accuracy"]["correct"]
     assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "tasks").glob(".*"))
 
