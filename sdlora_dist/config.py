@@ -29,6 +29,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NORMALIZE = ("model", "none", "imagenet", "half")
 CORRUPT_POLICIES = ("error", "skip")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
 
 class ConfigError(UserError):
@@ -54,6 +55,24 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(
         default_factory=dict,
         metadata=_help("Extra keyword arguments for timm.create_model (img_size, patch_size, depth, embed_dim, ...)."),
+    )
+    mean: list[float] | None = field(
+        default=None,
+        metadata=_help(
+            "Input mean (RGB) of the weights, used when data.normalize=model; null = from the weights file "
+            "(config.json beside it, or safetensors metadata), else timm's pretrained cfg of model.name."
+        ),
+    )
+    std: list[float] | None = field(
+        default=None, metadata=_help("Input std (RGB) of the weights; null = from the weights file, else timm's.")
+    )
+    interpolation: str | None = field(
+        default=None,
+        metadata=_help("Resize filter (bicubic, bilinear, ...); null = from the weights file, else timm's."),
+    )
+    crop_pct: float | None = field(
+        default=None,
+        metadata=_help("Eval center-crop fraction; null = from the weights file, else data.eval_crop_pct."),
     )
 
 
@@ -326,6 +345,20 @@ def validate_rank_schedule(schedule: list[list[int]] | None, key: str = "adapter
     return errors
 
 
+def _validate_preprocessing(m: ModelConfig) -> list[str]:
+    errors = []
+    for key, value in (("model.mean", m.mean), ("model.std", m.std)):
+        if value is not None and (len(value) != 3 or not all(math.isfinite(v) for v in value)):
+            errors.append(f"{key}: must be 3 finite numbers (RGB) or null (got {value})")
+    if m.std is not None and any(v <= 0 for v in m.std):
+        errors.append(f"model.std: must be > 0 (got {m.std})")
+    if m.interpolation is not None and m.interpolation not in INTERPOLATIONS:
+        errors.append(f"model.interpolation: must be one of {', '.join(INTERPOLATIONS)} (got {m.interpolation!r})")
+    if m.crop_pct is not None and not (0.0 < m.crop_pct <= 1.0):
+        errors.append(f"model.crop_pct: must be in (0, 1] (got {m.crop_pct})")
+    return errors
+
+
 def validate(cfg: Config) -> list[str]:
     """Every semantic check of the tree; returns messages ``key: problem (got value)``."""
     a, d, t = cfg.adapter, cfg.data, cfg.train
@@ -339,6 +372,7 @@ def validate(cfg: Config) -> list[str]:
     errors += _choice("data.normalize", d.normalize, NORMALIZE)
     errors += _choice("data.corrupt", d.corrupt, CORRUPT_POLICIES)
     errors += _choice("data.bad_shard", d.bad_shard, CORRUPT_POLICIES)
+    errors += _validate_preprocessing(cfg.model)
     if a.rank <= 0:
         errors.append(f"adapter.rank: must be > 0 (got {a.rank})")
     errors += validate_rank_schedule(a.rank_schedule)
