@@ -93,6 +93,9 @@ def write_run_header(run_dir: Path, cfg: Config, model: torch.nn.Module, info: d
 
     save_config(cfg, run_dir / CONFIG_FILE)
     loaded = preprocessing_record(model, cfg.data)
+    if (run_dir / RUN_FILE).is_file() and not loaded["weights"].get("sha256"):
+        # resumed from a checkpoint: W0 comes from BACKBONE_FILE; keep the record of the file loaded at the start
+        loaded["weights"] = read_json(run_dir / RUN_FILE).get("weights", loaded["weights"])
     log_rank_zero(describe_weights(loaded["weights"]) + "\n" + describe_preprocessing(loaded))
     header = {"config_hash": cfg.hash(), "version": __version__, **info, **loaded}
     atomic_write_json(run_dir / RUN_FILE, header)
