@@ -4,7 +4,8 @@ A killed process never leaves a half-written file that a later run would read. U
 directory, the shard manifest, the report and the ONNX export. ``tempfile.mkstemp``/``mkdtemp`` create 0600/0700
 whatever the umask (their security guarantee for shared /tmp); the renamed result here is an ordinary file or
 folder, so its mode is set to what ``open``/``mkdir`` would have given under the current umask (0644/0755 under
-umask 022), or colleagues and a serving process on a shared filesystem could not read it.
+umask 022), or colleagues and a serving process on a shared filesystem could not read it. The same holds for
+what a writer puts into an atomic folder: safetensors' ``save_file`` also creates its files 0600.
 """
 
 from __future__ import annotations
@@ -68,13 +69,22 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def _chmod_tree(root: Path) -> None:
+    """Give ``root`` and everything in it the modes ``open``/``mkdir`` would give under the current umask."""
+    files, folders = file_mode(), dir_mode()
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, folders if path.is_dir() else files)
+    os.chmod(root, folders)
+
+
 def atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
     """Create ``final`` by filling a temp sibling folder and renaming it; replaces an existing ``final``."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         fill(tmp)
-        os.chmod(tmp, dir_mode())
+        _chmod_tree(tmp)
         if final.exists():
             trash = final.with_name(f".{final.name}.old")
             shutil.rmtree(trash, ignore_errors=True)

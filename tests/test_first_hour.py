@@ -150,17 +150,18 @@ def unreadable(root: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_demo_output_is_readable_by_others_under_umask_022(tmp_path):
+    from sdlora_dist.demo import run_demo
+
     out = tmp_path / "demo"
-    cmd = [
-        sys.executable, "-c", "import os, sys; os.umask(0o022); from sdlora_dist.cli.main import main; "
-        "sys.exit(main(sys.argv[1:]))", "demo", "--out", str(out), "--set", "train.epochs=1",
-        "--set", "train.max_steps_per_epoch=2", "--set", "train.timeout_s=60",
-    ]  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    old = os.umask(0o022)
+    try:
+        run_demo(out, ranks=2, overrides=["train.epochs=1", "train.max_steps_per_epoch=2", "train.timeout_s=60"],
+                 backbone_steps=5)  # fmt: skip
+    finally:
+        os.umask(old)
     names = {p.name for p in out.rglob("*")}
     assert {"manifest.json", "metrics.json", "config.yaml", "backbone.safetensors", "model.onnx", "report"} <= names
+    assert {"adapters.safetensors", "predictions.jsonl", "run.json"} <= names
     assert unreadable(out) == []
 
 
