@@ -8,6 +8,9 @@ import typer
 
 from sdlora_dist.errors import UserError
 
+# Packages a command imports only when it needs them -> the extra of pyproject.toml that installs them.
+OPTIONAL_PACKAGES = {"onnxruntime": "cpu", "onnxscript": "cpu", "tensorboard": "tensorboard"}
+
 app = typer.Typer(
     name="sdlora",
     help="SD-LoRA class-incremental learning on ViTs: shards, DeepSpeed training, ONNX export and serving.",
@@ -49,12 +52,31 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def missing_package_message(exc: ModuleNotFoundError) -> str | None:
+    """The one line for an optional package that is not installed, naming the extra; None for any other module."""
+    package = (exc.name or "").split(".")[0]
+    extra = OPTIONAL_PACKAGES.get(package)
+    if extra is None:
+        return None
+    alternative = " (or [gpu] on a CUDA machine)" if extra == "cpu" else ""
+    return (
+        f"the Python package {package!r} is not installed: install the [{extra}] extra{alternative}, "
+        f"e.g. pip install -e '.[{extra}]' in a checkout or pip install 'sdlora-dist[{extra}]'"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; a UserError becomes one ``error: ...`` line and code 2."""
+    """Run the CLI and return its exit code; a UserError or missing optional package is one line and code 2."""
     try:
         app(args=argv, prog_name="sdlora")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        message = missing_package_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # typer's standalone mode always ends this way
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -7,6 +7,14 @@ import typer
 from sdlora_dist.launch import LaunchSpec
 
 
+def default_gpus_per_node() -> tuple[int, str]:
+    """Ranks per node when --gpus-per-node is not given: every visible GPU (torchrun's ``gpu``), else 1."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return (visible, "every visible GPU") if visible else (1, "no GPU visible: one CPU process")
+
+
 def train(
     benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Shipped recipe (configs/benchmarks)."),
     config: str | None = typer.Option(None, "--config", "-c", help="YAML merged over the recipe."),
@@ -18,7 +26,9 @@ def train(
         None, "--continue", help="Learn the tasks added (data add-task) after a finished run."
     ),
     nodes: int = typer.Option(1, "--nodes", help="Number of nodes."),
-    gpus_per_node: int = typer.Option(1, "--gpus-per-node", help="Ranks per node (GPUs, or processes on CPU)."),
+    gpus_per_node: int | None = typer.Option(
+        None, "--gpus-per-node", help="Ranks per node: default every visible GPU on a GPU node, 1 on CPU."
+    ),
     hostfile: str | None = typer.Option(None, "--hostfile", help="DeepSpeed hostfile ('host slots=N' lines)."),
     master_addr: str | None = typer.Option(None, "--master-addr", help="Address of node 0."),
     master_port: int | None = typer.Option(None, "--master-port", help="Rendezvous port."),
@@ -34,6 +44,10 @@ def train(
         benchmark=benchmark, config=config, sets=set_, data=data, run_dir=run_dir, resume=resume,
         continue_run=continue_run,
     )  # fmt: skip
+    if gpus_per_node is None:
+        gpus_per_node, why = default_gpus_per_node()
+        if dry_run:
+            typer.echo(f"# --gpus-per-node {gpus_per_node} ({why})")
     spec = LaunchSpec(
         nodes=nodes, procs_per_node=gpus_per_node, launcher=launcher, hostfile=hostfile, master_addr=master_addr,
         master_port=master_port, node_rank=node_rank, no_ssh=no_ssh,

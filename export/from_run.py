@@ -16,16 +16,15 @@ from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
 from sdlora_dist.export.onnx_export import ExportReport, export_onnx
 from sdlora_dist.export.triton import write_triton_repo
 from sdlora_dist.logs import log_rank_zero
+from sdlora_dist.preprocess import describe_weights, transform_spec
 
 
 def run_metadata(state: RunState) -> dict[str, Any]:
     """The ``metadata=`` dict of ``export_onnx`` for a loaded run."""
-    from sdlora_dist.recipe import transform_spec
-
     # The training recipe's own eval preprocessing (data.normalize, data.eval_crop_pct): one source of truth.
     spec = transform_spec(state.model, state.config.data)
     pretrained = {**state.model.pretrained_cfg, "interpolation": spec.interpolation}
-    return metadata_from_pretrained_cfg(
+    metadata = metadata_from_pretrained_cfg(
         pretrained,
         class_names=state.class_names,
         num_tasks=state.model.num_tasks,
@@ -34,6 +33,10 @@ def run_metadata(state: RunState) -> dict[str, Any]:
         mean=tuple(spec.mean),
         std=tuple(spec.std),
     )
+    weights = state.info.get("weights")
+    if weights:
+        metadata["weights"] = describe_weights(weights).removeprefix("weights: ")
+    return metadata
 
 
 def real_test_images(shards_dir: str | Path, metadata: dict[str, Any], *, tasks: int, limit: int) -> np.ndarray:

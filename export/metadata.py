@@ -12,9 +12,10 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from sdlora_dist import __version__
+from sdlora_dist.config import Interpolation
 from sdlora_dist.errors import UserError
 
 PREFIX = "sdlora."
@@ -22,10 +23,12 @@ LAYOUT_FLOAT = "NCHW_float32"
 LAYOUT_UINT8 = "NHWC_uint8"
 LAYOUTS = (LAYOUT_FLOAT, LAYOUT_UINT8)
 PRECISIONS = ("fp32", "fp16")
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
+INTERPOLATIONS = get_args(Interpolation)
 
 # Keys the caller of ``export_onnx`` provides; the exporter adds version, layout and precision itself.
 REQUIRED_KEYS = ("class_names", "mean", "std", "input_size", "interpolation", "crop_pct", "num_tasks", "config_hash")
+# Keys a file may lack (added after the first release); they default to "".
+_OPTIONAL = ("weights",)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class ModelMetadata:
     package_version: str = __version__
     input_layout: str = LAYOUT_FLOAT
     precision: str = "fp32"
+    weights: str = ""  # the pre-trained weights the run loaded: path, tensor count, sha256 prefix (provenance)
 
     @property
     def num_classes(self) -> int:
@@ -71,7 +75,7 @@ class ModelMetadata:
     @classmethod
     def from_props(cls, props: Mapping[str, str], *, source: str) -> ModelMetadata:
         """Parse ``metadata_props`` (onnxruntime's ``custom_metadata_map``); ``source`` names the file in errors."""
-        missing = [f.name for f in dataclasses.fields(cls) if PREFIX + f.name not in props]
+        missing = [f.name for f in dataclasses.fields(cls) if PREFIX + f.name not in props and f.name not in _OPTIONAL]
         if missing:
             raise UserError(
                 f"{source} has no sdlora metadata ({', '.join(PREFIX + m for m in missing)} missing): "
@@ -79,6 +83,8 @@ class ModelMetadata:
             )
         raw: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
+            if PREFIX + f.name not in props:  # an optional field absent from a file of an older version
+                continue
             text = props[PREFIX + f.name]
             if f.type in ("str", str):
                 raw[f.name] = text
@@ -108,7 +114,7 @@ class ModelMetadata:
             crop_pct=float(raw["crop_pct"]),
             num_tasks=int(raw["num_tasks"]),
             config_hash=str(raw["config_hash"]),
-            **{k: str(raw[k]) for k in ("package_version", "input_layout", "precision") if k in raw},
+            **{k: str(raw[k]) for k in ("package_version", "input_layout", "precision", *_OPTIONAL) if k in raw},
         )
         problems = meta.problems()
         if problems:

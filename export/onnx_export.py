@@ -19,8 +19,6 @@ import contextlib
 import copy
 import io
 import logging
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -38,6 +36,7 @@ from sdlora_dist.export.inference import open_session, resolve_providers
 from sdlora_dist.export.metadata import LAYOUT_FLOAT, LAYOUT_UINT8, ModelMetadata
 from sdlora_dist.export.preprocess import InGraphNormalize, normalize
 from sdlora_dist.export.verify import VerifyReport, check_graph, compare_logits, random_batches, split_batches
+from sdlora_dist.fileio import atomic_path
 
 INPUT_FLOAT = "pixel_values"  # float32 (batch, 3, H, W), normalised
 INPUT_UINT8 = "image"  # uint8 (batch, H, W, 3), raw pixels (--with-preprocessing)
@@ -110,12 +109,6 @@ def _quiet_exporter() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=False):
             lg.setLevel(level)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _to_onnx(module: nn.Module, example: torch.Tensor, input_name: str, opset: int) -> onnx.ModelProto:
@@ -210,6 +203,74 @@ def _check_verify_inputs(verify_inputs: np.ndarray | None, meta: ModelMetadata) 
         )
 
 
+def _prepare_metadata(
+    model: nn.Module, metadata: Mapping[str, Any], *, opset: int, fp16: bool, with_preprocessing: bool
+) -> ModelMetadata:
+    """Check the model and options; the metadata with input layout and precision filled in."""
+    _check_plain_vit(model)
+    if not (MIN_OPSET <= opset <= MAX_OPSET):
+        raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
+    meta = ModelMetadata.from_dict(metadata).replace(
+        input_layout=LAYOUT_UINT8 if with_preprocessing else LAYOUT_FLOAT, precision="fp16" if fp16 else "fp32"
+    )
+    if model.num_classes != meta.num_classes:
+        raise ValueError(f"the model has {model.num_classes} outputs, metadata lists {meta.num_classes} class names")
+    return meta
+
+
+def _check_out_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise UserError(f"{out_path} is a directory: give a file name such as {out_path / 'model.onnx'}")
+    return out_path
+
+
+def _trace(model: nn.Module, meta: ModelMetadata, opset: int) -> tuple[nn.Module, onnx.ModelProto]:
+    """(fp32 CPU eval copy of ``model``, the exported graph with our metadata); ``model`` keeps its mode."""
+    uint8 = meta.input_layout == LAYOUT_UINT8
+    was_training = model.training
+    model.eval()
+    try:
+        plain = copy.deepcopy(model).float().cpu()
+        module: nn.Module = copy.deepcopy(plain)
+        if meta.precision == "fp16":
+            module = _HalfPrecision(module)
+        if uint8:
+            module = InGraphNormalize(module, meta.mean, meta.std)
+        example = random_batches(meta.input_size, uint8_nhwc=uint8, batch_sizes=(2,))[0]
+        proto = _to_onnx(module.eval(), torch.from_numpy(example), INPUT_UINT8 if uint8 else INPUT_FLOAT, opset)
+    finally:
+        model.train(was_training)
+    _set_metadata(proto, meta)
+    if proto.ByteSize() > _PROTOBUF_LIMIT:
+        raise UserError(
+            f"the model serialises to {proto.ByteSize() / 2**30:.1f} GiB, over ONNX's 2 GiB single-file "
+            "limit: use --fp16 or a smaller backbone"
+        )
+    return plain, proto
+
+
+def _write_verified(
+    proto: onnx.ModelProto,
+    out_path: Path,
+    reference: nn.Module,
+    meta: ModelMetadata,
+    verify_inputs: np.ndarray | None,
+    tolerance: float | None,
+) -> tuple[VerifyReport, ...]:
+    """Save to a temp file beside ``out_path``, verify it, and only then rename it into place."""
+    with atomic_path(out_path) as tmp:
+        onnx.save_model(proto, str(tmp))
+        checks = _verify(tmp, reference, meta, verify_inputs, tolerance)
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            raise UserError(
+                f"export verification failed, {out_path} not written: "
+                + "; ".join(c.summary() + f", {c.margin_disagreements} clear-margin top-1 flips" for c in failed)
+            )
+    return checks
+
+
 def export_onnx(
     model: nn.Module,
     out_path: str | Path,
@@ -234,65 +295,18 @@ def export_onnx(
     existing file is kept).
     """
     start = time.perf_counter()
-    _check_plain_vit(model)
-    if not (MIN_OPSET <= opset <= MAX_OPSET):
-        raise UserError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET} (got {opset})")
-    meta = ModelMetadata.from_dict(metadata).replace(
-        input_layout=LAYOUT_UINT8 if with_preprocessing else LAYOUT_FLOAT, precision="fp16" if fp16 else "fp32"
-    )
+    meta = _prepare_metadata(model, metadata, opset=opset, fp16=fp16, with_preprocessing=with_preprocessing)
     _check_verify_inputs(verify_inputs, meta)
-    if model.num_classes != meta.num_classes:
-        raise ValueError(f"the model has {model.num_classes} outputs, metadata lists {meta.num_classes} class names")
-    out_path = Path(out_path)
-    if out_path.is_dir():
-        raise UserError(f"{out_path} is a directory: give a file name such as {out_path / 'model.onnx'}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    was_training = model.training
-    model.eval()
-    try:
-        plain = copy.deepcopy(model).float().cpu()
-        module: nn.Module = copy.deepcopy(plain)
-        if fp16:
-            module = _HalfPrecision(module)
-        input_name = INPUT_UINT8 if with_preprocessing else INPUT_FLOAT
-        if with_preprocessing:
-            module = InGraphNormalize(module, meta.mean, meta.std)
-        example = random_batches(meta.input_size, uint8_nhwc=with_preprocessing, batch_sizes=(2,))[0]
-        proto = _to_onnx(module.eval(), torch.from_numpy(example), input_name, opset)
-    finally:
-        model.train(was_training)
-
-    _set_metadata(proto, meta)
-    if proto.ByteSize() > _PROTOBUF_LIMIT:
-        raise UserError(
-            f"the model serialises to {proto.ByteSize() / 2**30:.1f} GiB, over ONNX's 2 GiB single-file "
-            "limit: use --fp16 or a smaller backbone"
-        )
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        onnx.save_model(proto, str(tmp))
-        checks = _verify(
-            tmp, _frozen_copy(reference) if reference is not None else plain, meta, verify_inputs, tolerance
-        )
-        failed = [c for c in checks if not c.passed]
-        if failed:
-            raise UserError(
-                f"export verification failed, {out_path} not written: "
-                + "; ".join(c.summary() + f", {c.margin_disagreements} clear-margin top-1 flips" for c in failed)
-            )
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp made it 0600; give it a normal file's mode
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    out_path = _check_out_path(out_path)
+    plain, proto = _trace(model, meta, opset)
+    checks = _write_verified(
+        proto, out_path, _frozen_copy(reference) if reference is not None else plain, meta, verify_inputs, tolerance
+    )
     return ExportReport(
         path=out_path,
         opset=next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset),
         precision=meta.precision,
-        input_name=input_name,
+        input_name=INPUT_UINT8 if with_preprocessing else INPUT_FLOAT,
         input_layout=meta.input_layout,
         output_name=OUTPUT,
         num_nodes=len(proto.graph.node),

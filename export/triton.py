@@ -23,6 +23,7 @@ import onnx
 
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.metadata import ModelMetadata
+from sdlora_dist.fileio import dir_mode
 
 # ONNX TensorProto element type -> Triton data_type.
 _TRITON_TYPES = {
@@ -105,7 +106,7 @@ def write_triton_repo(
         shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
         (tmp / "config.pbtxt").write_text(config)
         (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in meta.class_names))
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, dir_mode())  # mkdtemp made it 0700
         if final.exists():
             old = repo_dir / f".{name}.old-{os.getpid()}"
             os.replace(final, old)

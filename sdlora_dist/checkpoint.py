@@ -50,7 +50,7 @@ from sdlora_dist import __version__
 from sdlora_dist import distributed as dist
 from sdlora_dist.config import Config, load_config, save_config
 from sdlora_dist.errors import UserError
-from sdlora_dist.fileio import atomic_dir, atomic_write_json, atomic_write_text
+from sdlora_dist.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from sdlora_dist.model import task_key
 
 CONFIG_FILE = "config.yaml"
@@ -144,22 +144,24 @@ def check_writable(run_dir: str | Path) -> Path:
 
 def write_run_header(run_dir: Path, cfg: Config, model: torch.nn.Module, info: dict[str, Any]) -> None:
     """Write config.yaml, run.json and the frozen backbone (once per run)."""
+    from sdlora_dist.logs import log_rank_zero
+    from sdlora_dist.preprocess import describe_preprocessing, describe_weights, preprocessing_record
+
     save_config(cfg, run_dir / CONFIG_FILE)
-    header = {"config_hash": cfg.hash(), "version": __version__, **info}
+    loaded = preprocessing_record(model, cfg.data)
+    if (run_dir / RUN_FILE).is_file() and not loaded["weights"].get("sha256"):
+        # resumed from a checkpoint: W0 comes from BACKBONE_FILE; keep the record of the file loaded at the start
+        loaded["weights"] = read_json(run_dir / RUN_FILE).get("weights", loaded["weights"])
+    log_rank_zero(describe_weights(loaded["weights"]) + "\n" + describe_preprocessing(loaded))
+    header = {"config_hash": cfg.hash(), "version": __version__, **info, **loaded}
     atomic_write_json(run_dir / RUN_FILE, header)
     if not (run_dir / BACKBONE_FILE).exists():
         _atomic_safetensors(run_dir / BACKBONE_FILE, base_state(model))
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def _previous_sources(run_dir: Path, task: int) -> dict[str, str]:
@@ -266,7 +268,9 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CONFIG_FILE}: not a run directory written by 'sdlora train'")
-    return load_config(path)
+    cfg = load_config(path)
+    cfg.run_dir = str(path.parent.absolute())  # where it is now: a run directory can be moved
+    return cfg
 
 
 def _verified_tensors(folder: Path, layout: dict[str, Any], groups: set[str] | None) -> dict[str, torch.Tensor]:
@@ -313,7 +317,7 @@ def load_task_model(run_dir: str | Path, task: int, cfg: Config | None = None) -
     cfg = cfg or load_run_config(run_dir)
     folder = task_folder(run_dir / TASKS_DIR, task)
     layout = read_json(folder / LAYOUT_FILE)
-    model_cfg = type(cfg.model)(name=cfg.model.name, weights="random", kwargs=dict(cfg.model.kwargs))
+    model_cfg = cfg.model.model_copy(update={"weights": "random"})  # W0 comes from BACKBONE_FILE below
     model = SDLoRAViT(build_backbone(model_cfg), cfg.adapter, method=cfg.train.method)
     model.restore_layout(layout)
     try:

@@ -33,6 +33,11 @@ Optimizer = Literal["sgd", "adam", "adamw"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Normalize = Literal["model", "none", "imagenet", "half"]
 ShardPolicy = Literal["error", "skip"]
+_Finite = typing.Annotated[float, Field(allow_inf_nan=False)]
+_Positive = typing.Annotated[float, Field(gt=0, allow_inf_nan=False)]
+RGB = typing.Annotated[list[_Finite], Field(min_length=3, max_length=3)]  # one number per colour channel
+PositiveRGB = typing.Annotated[list[_Positive], Field(min_length=3, max_length=3)]
+Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -70,6 +75,25 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments for timm.create_model (img_size, patch_size, depth, embed_dim, ...).",
+    )
+    mean: RGB | None = Field(
+        None,
+        description=(
+            "Input mean (RGB) of the weights, used when data.normalize=model; null = from the weights file "
+            "(config.json beside it, or safetensors metadata), else timm's pretrained cfg of model.name."
+        ),
+    )
+    std: PositiveRGB | None = Field(
+        None, description="Input std (RGB) of the weights; null = from the weights file, else timm's."
+    )
+    interpolation: Interpolation | None = Field(
+        None, description="Resize filter (bicubic, bilinear, ...); null = from the weights file, else timm's."
+    )
+    crop_pct: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Eval center-crop fraction; null = from the weights file, else data.eval_crop_pct.",
     )
 
 

@@ -6,6 +6,7 @@ options) is checked here, in the calling process, so it fails in one line before
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.config import Config, apply_overrides, config_from_dict, config_root, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
+from sdlora_dist.model import fill_preprocessing_from_weights
 
 
 def benchmark_recipes() -> dict[str, Path]:
@@ -29,26 +31,55 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+GENERIC_RECIPE = "generic"  # configs/benchmarks/generic.yaml: for shard sets with no recipe of their own
+
+
+def _recipe_for(benchmark: str | None, data: str | None) -> dict[str, Any]:
+    """The shipped recipe named by ``-b``, else the one of the shards' benchmark, else the generic one."""
+    recipes = benchmark_recipes()
+    if benchmark is not None:
+        if benchmark not in recipes:
+            raise UserError(f"unknown benchmark {benchmark!r}: valid are {', '.join(recipes)}")
+        return read_yaml_mapping(recipes[benchmark])
+    if data is None:
+        raise UserError("pass --data SHARDS_DIR (its manifest names the benchmark), --benchmark NAME or --config FILE")
+    from sdlora_dist.data.manifest import load_manifest
+
+    shipped = load_manifest(data).benchmark
+    return read_yaml_mapping(recipes[shipped if shipped in recipes else GENERIC_RECIPE])
+
+
 def resolve_config(
     benchmark: str | None, config: str | None, sets: list[str], data: str | None, run_dir: str | None
 ) -> Config:
-    """Recipe of ``benchmark`` <- ``--config`` file <- ``--set`` overrides <- ``--data``/``--run-dir``."""
-    raw: dict[str, Any] = {}
-    if benchmark is not None:
-        recipes = benchmark_recipes()
-        if benchmark not in recipes:
-            raise UserError(f"unknown benchmark {benchmark!r}: valid are {', '.join(recipes)}")
-        raw = read_yaml_mapping(recipes[benchmark])
+    """Recipe <- ``--config`` file <- ``--set`` overrides <- ``--data``/``--run-dir``; paths made absolute.
+
+    The recipe is ``-b NAME``; without ``-b`` and ``--config``, the shards' own benchmark recipe, or the generic
+    one. A recipe without ``data.benchmark`` (generic) takes the benchmark from the shards' manifest. Unset
+    ``model.mean/std/interpolation/crop_pct`` are filled from the weights file when it carries them.
+    """
+    raw = _recipe_for(benchmark, data) if benchmark is not None or config is None else {}
     if config is not None:
         raw = _merge(raw, read_yaml_mapping(Path(config)))
-    if benchmark is None and config is None:
-        raise UserError("pass --benchmark NAME (a shipped recipe) or --config FILE")
     apply_overrides(raw, sets)
     if data is not None:
         raw.setdefault("data", {})["shards"] = data
+    shards = raw.get("data", {}).get("shards")
+    if shards:  # resume from another working directory must find the same shards
+        raw["data"]["shards"] = str(Path(shards).absolute())
+        if "benchmark" not in raw["data"] and Path(shards, "manifest.json").is_file():
+            from sdlora_dist.data.manifest import load_manifest
+
+            raw["data"]["benchmark"] = load_manifest(shards).benchmark
     bench = raw.get("data", {}).get("benchmark", "run")
-    raw["run_dir"] = run_dir or raw.get("run_dir") or f"runs/{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return config_from_dict(raw)
+    chosen = run_dir or raw.get("run_dir") or f"runs/{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
+    raw["run_dir"] = str(Path(chosen).absolute())
+    cfg = config_from_dict(raw)
+    filled, source = fill_preprocessing_from_weights(cfg.model)
+    if source is None:
+        return cfg
+    print(f"preprocessing of the weights read from {source}", file=sys.stderr)
+    return config_from_dict({**cfg.to_dict(), "model": filled.model_dump()})  # validated like the rest
 
 
 def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
@@ -70,8 +101,13 @@ def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
     return original
 
 
-def prepare_run_dir(cfg: Config, mode: str) -> None:
-    """Fresh runs need an empty run dir; the resolved config is written atomically before launch."""
+def prepare_run_dir(cfg: Config, mode: str) -> set[str] | None:
+    """Fresh runs need an empty run dir; the resolved config is written atomically before launch.
+
+    Returns the names the run dir held before (None: it did not exist), so a failed start can undo its claim.
+    """
+    existed = Path(cfg.run_dir).is_dir()
+    before = {p.name for p in Path(cfg.run_dir).iterdir()} if existed else None
     run_dir = ckpt.check_writable(cfg.run_dir)
     if mode == "fresh":
         if (run_dir / ckpt.CONFIG_FILE).exists():
@@ -80,6 +116,28 @@ def prepare_run_dir(cfg: Config, mode: str) -> None:
                 "or another --run-dir"
             )
         save_config(cfg, run_dir / ckpt.CONFIG_FILE)
+    return before
+
+
+def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
+    """A fresh start that failed before anything resumable was written leaves the run dir as it found it.
+
+    Otherwise its config.yaml would block the same --run-dir and make --resume refuse the corrected setting.
+    """
+    from sdlora_dist.recipe import ENGINE_DIR
+
+    if ckpt.completed_tasks(run_dir) or (run_dir / ENGINE_DIR).exists():
+        return  # training got far enough for --resume to use it
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir():
+        if path.name in before:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = False) -> int:
@@ -99,12 +157,19 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
         argv, env = build_command(spec, worker)
         print(format_command(argv, env))
         return 0
-    prepare_run_dir(cfg, mode)
-    if launcher == "local" and spec.procs_per_node == 1:
-        from sdlora_dist.worker import main as worker_main
+    before = prepare_run_dir(cfg, mode)
+    code = 1
+    try:
+        if launcher == "local" and spec.procs_per_node == 1:
+            from sdlora_dist.worker import main as worker_main
 
-        return worker_main(worker[3:])
-    return launch(spec, worker)
+            code = worker_main(worker[3:])
+        else:
+            code = launch(spec, worker)
+    finally:
+        if code != 0 and mode == "fresh":
+            _release_failed_start(Path(cfg.run_dir), before)
+    return code
 
 
 def load_or_resolve(

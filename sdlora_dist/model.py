@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -49,24 +50,101 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct")
+
+
+def _preprocessing_from_mapping(raw: Any) -> dict[str, Any]:
+    """mean/std/interpolation/crop_pct of a timm/HF ``config.json``: under ``pretrained_cfg`` or at the top level."""
+    if not isinstance(raw, dict):
+        return {}
+    nested = raw.get("pretrained_cfg")
+    found = {k: raw[k] for k in PREPROCESSING_KEYS if k in raw}
+    if isinstance(nested, dict):
+        found.update({k: nested[k] for k in PREPROCESSING_KEYS if k in nested})
+    return found
+
+
+def weights_preprocessing(path: str | Path) -> tuple[dict[str, Any], str | None]:
+    """(preprocessing the weights file carries, where it was found); ({}, None) when it carries none.
+
+    Looked up in a timm/Hugging Face ``config.json`` beside the file (``pretrained_cfg.mean`` ... or top-level
+    ``mean`` ...), then in a safetensors header's ``__metadata__`` (values JSON-encoded strings, as metadata must be
+    strings). A file that cannot be parsed is a UserError naming it, not a silent fallback to timm's defaults.
+    """
+    import json
+
+    path = Path(path)
+    found: dict[str, Any] = {}
+    source = None
+    if path.suffix.lower() == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        for key in PREPROCESSING_KEYS:
+            if key in meta:
+                try:
+                    found[key] = json.loads(meta[key])
+                except json.JSONDecodeError:
+                    found[key] = meta[key]  # plain strings such as bicubic
+        source = f"{path} metadata" if found else None
+    beside = path.parent / "config.json"
+    if beside.is_file():
+        try:
+            from_json = _preprocessing_from_mapping(json.loads(beside.read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"model.weights: {beside} beside the weights is not valid JSON ({exc})") from exc
+        if from_json:
+            found.update(from_json)
+            source = str(beside)
+    return found, source
+
+
+def fill_preprocessing_from_weights(model_cfg: ModelConfig) -> tuple[ModelConfig, str | None]:
+    """``model_cfg`` with each unset model.mean/std/interpolation/crop_pct taken from the weights file.
+
+    Explicit config values win. Returns the new config and where the filled values came from (None: nothing).
+    """
+    if model_cfg.weights in (None, "hub", "random"):
+        return model_cfg, None
+    found, source = weights_preprocessing(model_cfg.weights)
+    fill = {k: v for k, v in found.items() if getattr(model_cfg, k) is None}
+    if "mean" in fill or "std" in fill:
+        fill = {k: list(v) if k in ("mean", "std") else v for k, v in fill.items()}
+    return (model_cfg.model_copy(update=fill), source) if fill else (model_cfg, None)  # caller validates
+
+
+def _sha256_prefix(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load pre-trained weights from a local file into a timm ViT (head weights are ignored).
 
-    Formats: ``.safetensors``, ``.pth``/``.pt``/``.bin`` state dicts, and timm/big_vision ``.npz``.
+    Formats: ``.safetensors``, ``.pth``/``.pt``/``.bin`` state dicts, and timm/big_vision ``.npz``. Returns what was
+    loaded: ``{"path", "tensors", "sha256"}`` (absolute path, tensors loaded, sha256 prefix of the file).
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model.weights: file {path} does not exist; pass a local weights file, 'hub' or 'random'")
+    report = {"path": str(path.absolute()), "tensors": 0, "sha256": _sha256_prefix(path)}
     if path.suffix.lower() == ".npz":
         try:
             backbone.load_pretrained(str(path))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise UserError(f"model.weights: {path} does not match model {type(backbone).__name__}: {exc}") from exc
-        return
+        return {**report, "tensors": len(backbone.state_dict())}
     try:
         state = _read_state_dict(path)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise UserError(f"model.weights: cannot read {path}: {exc}") from exc
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        # weights_only=True refuses pickles that would run code: that is a bad file, not a crash
+        raise UserError(f"model.weights: cannot read {path}: {str(exc).splitlines()[0]}") from exc
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = {k: v for k, v in checkpoint_filter_fn(state, backbone).items() if not k.startswith("head.")}
@@ -93,6 +171,14 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
             "use weights of the same architecture"
         )
     backbone.load_state_dict(state, strict=True)
+    return {**report, "tensors": len(state)}
+
+
+def _apply_preprocessing(backbone: nn.Module, model_cfg: ModelConfig) -> None:
+    """Overlay explicit model.mean/std/interpolation/crop_pct on timm's pretrained cfg (what the model reports)."""
+    overrides = {k: getattr(model_cfg, k) for k in PREPROCESSING_KEYS if getattr(model_cfg, k) is not None}
+    backbone.pretrained_cfg = {**(getattr(backbone, "pretrained_cfg", {}) or {}), **overrides}
+    backbone.preprocessing_overrides = overrides
 
 
 def build_backbone(model_cfg: ModelConfig) -> nn.Module:
@@ -122,8 +208,10 @@ def build_backbone(model_cfg: ModelConfig) -> nn.Module:
         raise
     if not hasattr(backbone, "blocks") or not hasattr(backbone.blocks[0].attn, "qkv"):
         raise UserError(f"model.name: {model_cfg.name} has no blocks[i].attn.qkv (SD-LoRA needs a ViT with fused qkv)")
+    backbone.loaded_weights = {"path": model_cfg.weights, "tensors": 0, "sha256": ""}
     if model_cfg.weights not in ("hub", "random"):
-        load_backbone_weights(backbone, model_cfg.weights)
+        backbone.loaded_weights = load_backbone_weights(backbone, model_cfg.weights)
+    _apply_preprocessing(backbone, model_cfg)
     return backbone
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import distributed as dist
-from sdlora_dist.config import Config, DataConfig, TrainConfig
+from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader
 from sdlora_dist.data.pipeline import train_steps_per_epoch
@@ -36,6 +36,7 @@ from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
 from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
+from sdlora_dist.preprocess import transform_spec
 
 ENGINE_DIR = "engine"
 MODES = ("fresh", "resume", "continue")
@@ -56,30 +57,6 @@ def check_shards(cfg: Config) -> Manifest:
             f"{cfg.data.benchmark!r}; pass the matching --benchmark or --data"
         )
     return manifest
-
-
-# data.normalize (config.Normalize) -> (mean, std), given the backbone's pretrained cfg
-NORMALIZE_STATS: dict[str, Callable[[dict[str, Any]], tuple[tuple[float, ...], tuple[float, ...]]]] = {
-    "model": lambda pcfg: (tuple(pcfg.get("mean", (0.5,) * 3)), tuple(pcfg.get("std", (0.5,) * 3))),
-    "none": lambda pcfg: ((0.0,) * 3, (1.0,) * 3),  # the reference code feeds [0, 1] inputs (reference-sdlora.md s.5)
-    "imagenet": lambda pcfg: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "half": lambda pcfg: ((0.5,) * 3, (0.5,) * 3),
-}
-
-
-def transform_spec(model: SDLoRAViT, data: DataConfig) -> TransformSpec:
-    """Preprocessing from the backbone's pretrained cfg (size, interpolation) and ``data.normalize``."""
-    pcfg = model.pretrained_cfg
-    mean, std = NORMALIZE_STATS[data.normalize](pcfg)
-    return TransformSpec(
-        img_size=int(pcfg["input_size"][-1]),
-        mean=mean,
-        std=std,
-        interpolation=str(pcfg.get("interpolation", "bicubic")),
-        crop_pct=data.eval_crop_pct,
-        train_scale=(data.train_crop_scale[0], data.train_crop_scale[1]),
-        hflip=data.hflip,
-    )
 
 
 def task_lr(cfg: Config, task: int, epoch: int) -> float:

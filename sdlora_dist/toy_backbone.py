@@ -9,7 +9,6 @@ PIL and jittered -- and saves it as a local weights file, which the digits run t
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from sdlora_dist.config import ModelConfig
+from sdlora_dist.fileio import atomic_path
 
 _CANVAS = 64  # glyphs are drawn large, then reduced to 8x8 like the digits, then resized to the model's input
 
@@ -103,7 +103,6 @@ def pretrain_toy_backbone(
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.reset_classifier(0)
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, out)  # atomic: a killed demo never leaves a half-written weights file
+    with atomic_path(out) as tmp:  # a killed demo never leaves a half-written weights file
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return out

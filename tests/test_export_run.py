@@ -19,7 +19,7 @@ from sdlora_dist.data.manifest import load_manifest
 from sdlora_dist.data.pipeline import make_eval_loader
 from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.model import build_model
-from sdlora_dist.recipe import transform_spec
+from sdlora_dist.preprocess import transform_spec
 
 pytestmark = pytest.mark.slow
 TASKS = 3
