@@ -6,6 +6,9 @@ options) is checked here, in the calling process, so it fails in one line before
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.config import Config, apply_overrides, config_from_dict, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
+from sdlora_dist.runlock import hold_run_lock
 
 _HERE = Path(__file__).resolve().parent
 # a wheel installs configs/ as sdlora_dist/configs; a source checkout has it beside the package
@@ -57,7 +61,8 @@ def resolve_config(
 
 def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
     """The config of an existing run; ``--set`` overrides must not change it (hash compared)."""
-    original = ckpt.load_run_config(run_dir)
+    # The directory the user named, not the one saved in config.yaml (the run may have been moved or copied).
+    original = dataclasses.replace(ckpt.load_run_config(run_dir), run_dir=str(run_dir))
     if not sets:
         return original
     raw = apply_overrides(original.to_dict(), sets)
@@ -103,12 +108,15 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
         argv, env = build_command(spec, worker)
         print(format_command(argv, env))
         return 0
-    prepare_run_dir(cfg, mode)
-    if launcher == "local" and spec.procs_per_node == 1:
-        from sdlora_dist.worker import main as worker_main
+    # One job per run directory: node 0's front door holds the lock (other nodes share its directory).
+    owner = (spec.node_rank or 0) == 0 and os.environ.get("RANK", "0") == "0"
+    with hold_run_lock(ckpt.check_writable(cfg.run_dir)) if owner else contextlib.nullcontext():
+        prepare_run_dir(cfg, mode)
+        if launcher == "local" and spec.procs_per_node == 1:
+            from sdlora_dist.worker import main as worker_main
 
-        return worker_main(worker[3:])
-    return launch(spec, worker)
+            return worker_main(worker[3:])
+        return launch(spec, worker, run_dir=cfg.run_dir)
 
 
 def load_or_resolve(
