@@ -32,6 +32,30 @@ class _Cfg:
     zero_stage = 0
 
 
+def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range, for a rendezvous whose port must be fixed in advance.
+
+    A port from ``bind(port 0)`` is ephemeral: between choosing it and the rank-0 store binding it, any outgoing
+    connection on the machine (other jobs' ranks, other tests) may be handed the same port by the kernel. Ports
+    below the range are never handed out that way; the random pick keeps concurrent tests apart.
+    """
+    import random
+    import socket
+
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(100):
+        port = rng.randrange(20000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000..{low}")
+
+
 def make_model(seed: int = 0) -> nn.Module:
     """Seeded tiny ViT with a LoRA-like trainable subset: head, block 1's qkv weight, block 0's first norm.
 
