@@ -50,12 +50,15 @@ _register_commands()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; a UserError becomes one ``error: ...`` line and code 2."""
+    """Run the CLI and return its exit code; a UserError becomes one ``error: ...`` line and code 2, Ctrl-C 130."""
     try:
         app(args=argv, prog_name="sdlora")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training job (which reports its own line)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except SystemExit as exc:  # typer's standalone mode always ends this way
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0

@@ -7,6 +7,7 @@ Launchers (local, DeepSpeed runner, srun, torchrun, Kubernetes) start this on ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         try:
-            run_training(load_run_config(args.run_dir), args.mode)
+            # The directory we were given, not the one saved in config.yaml: a run can be moved or copied.
+            run_training(dataclasses.replace(load_run_config(args.run_dir), run_dir=args.run_dir), args.mode)
         finally:
             dist.shutdown()
 
