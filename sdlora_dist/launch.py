@@ -234,13 +234,23 @@ def _check_tools(argv: list[str], spec: LaunchSpec, launcher: str) -> None:
         )
 
 
-def _first_local_rank(spec: LaunchSpec) -> int:
-    """Global rank of this node's first process (the log the console echoes)."""
-    return (spec.node_rank or 0) * spec.procs_per_node if spec.no_ssh else 0
+def _own_ranks(spec: LaunchSpec, launcher: str) -> range:
+    """Global ranks this node's launcher starts (the first one's log is echoed to the console)."""
+    if launcher == "env":
+        rank = int(os.environ.get("RANK") or 0)
+        return range(rank, rank + 1)
+    if spec.no_ssh:
+        first = (spec.node_rank or 0) * spec.procs_per_node
+        return range(first, first + spec.procs_per_node)
+    return range(spec.nodes * spec.procs_per_node)
 
 
 def _start(argv: list[str], env: dict[str, str], log: Path | None) -> subprocess.Popen:
-    """Start the launcher; it gets SIGTERM if we die (even by ``kill -9``), and so, in turn, do its ranks."""
+    """Start the launcher; it gets SIGTERM if we die (even by ``kill -9``), and so, in turn, do its ranks.
+
+    Linux ties the parent-death signal to the thread that forked: the caller's thread must outlive the launcher
+    (``launch`` waits for it in the same thread, so it does).
+    """
     me = os.getpid()
 
     def die_with_us() -> None:
@@ -263,12 +273,14 @@ def launch(spec: LaunchSpec, worker_argv: list[str], run_dir: str | Path | None 
     _check_tools(argv, spec, resolve_launcher(spec))
     env = {**os.environ, **extra_env, ranklog.FRONTDOOR_ENV: f"{socket.gethostname()}:{os.getpid()}"}
     echo = log = None
+    ranks = range(0)
     if run_dir is not None:
         logs = Path(run_dir) / ranklog.LOGS_DIR
         logs.mkdir(parents=True, exist_ok=True)
-        ranklog.clear_records(run_dir)
-        log = logs / "launcher.log"
-        echo = ranklog.LogEcho(ranklog.log_path(run_dir, _first_local_rank(spec)))
+        ranks = _own_ranks(spec, resolve_launcher(spec))
+        ranklog.clear_records(run_dir, ranks)
+        log = logs / ("launcher.log" if ranks[0] == 0 else f"launcher_rank{ranks[0]}.log")
+        echo = ranklog.LogEcho(ranklog.log_path(run_dir, ranks[0]))
     else:
         env.pop(ranklog.FRONTDOOR_ENV)
     code, stopped_by = _wait(_start(argv, env, log))
@@ -279,7 +291,7 @@ def launch(spec: LaunchSpec, worker_argv: list[str], run_dir: str | Path | None 
     if run_dir is None:
         print(f"error: the training job failed (launcher exit code {code})", file=sys.stderr, flush=True)
         return code
-    line, code = ranklog.summarize(run_dir, code, stopped_by)
+    line, code = ranklog.summarize(run_dir, code, stopped_by, ours=ranks)
     print(line, file=sys.stderr, flush=True)
     return code
 

@@ -140,6 +140,15 @@ class _Recorder:
         self.file.flush()
 
 
+def _is_transport_error(exc: BaseException) -> bool:
+    """A collective inside DeepSpeed (gradient all-reduce) that failed because a peer went away."""
+    import torch.distributed as torch_dist
+
+    if isinstance(exc, torch_dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("gloo/transport", "NCCL error", "Gloo"))
+
+
 def classify(exc: BaseException) -> tuple[str, str]:
     """(exit class, one-line message) of an exception ended a rank."""
     from sdlora_dist.distributed import RankFailure
@@ -149,7 +158,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "user", first
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", "interrupted (Ctrl-C)"
-    if isinstance(exc, RankFailure):
+    if isinstance(exc, RankFailure) or _is_transport_error(exc):
         return "peer", first
     if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
         where = f" writing {exc.filename}" if exc.filename else ""
@@ -214,14 +223,20 @@ def read_records(run_dir: str | Path) -> list[RankRecord]:
     return sorted(out, key=lambda r: r.rank)
 
 
-def clear_records(run_dir: str | Path) -> None:
-    """Forget the records of a previous job in this run directory (its logs stay, appended to)."""
-    for path in (Path(run_dir) / LOGS_DIR).glob("rank_*.json"):
-        path.unlink(missing_ok=True)
+def clear_records(run_dir: str | Path, ranks: range) -> None:
+    """Forget a previous job's records of ``ranks`` (the ones this node starts; other nodes may share the dir)."""
+    for rank in ranks:
+        record_path(run_dir, rank).unlink(missing_ok=True)
 
 
-def summarize(run_dir: str | Path, launcher_code: int, stopped_by: str | None = None) -> tuple[str, int]:
-    """The one line and the exit code for a failed job, from the ranks' records and how the launcher ended."""
+def summarize(
+    run_dir: str | Path, launcher_code: int, stopped_by: str | None = None, ours: range | None = None
+) -> tuple[str, int]:
+    """The one line and the exit code for a failed job, from the ranks' records and how the launcher ended.
+
+    ``ours``: the ranks this node's launcher started (all when None); only those are surely gone now, so only
+    those still marked ``running`` count as killed without a word.
+    """
     run_dir = Path(run_dir)
     logs = run_dir / LOGS_DIR
     if stopped_by == "SIGINT":
@@ -233,7 +248,7 @@ def summarize(run_dir: str | Path, launcher_code: int, stopped_by: str | None = 
     records = read_records(run_dir)
     failed = [r for r in records if r.status == "failed"]
     for record in records:  # a rank still "running" after its launcher ended was killed without a word
-        if record.status == "running":
+        if record.status == "running" and (ours is None or record.rank in ours):
             record.kind = "died"
             record.message = f"died without an error (pid {record.pid} was killed, e.g. by kill -9 or out of memory)"
             failed.append(record)
@@ -254,6 +269,7 @@ class LogEcho:
         self.offset = path.stat().st_size if path.exists() else 0  # earlier jobs' text is not echoed again
         self._stop = threading.Event()
         self._done = False
+        self._open_line = False
         self._thread = threading.Thread(target=self._run, name="sdlora-log-echo", daemon=True)
         self._thread.start()
 
@@ -266,15 +282,16 @@ class LogEcho:
         mark = chunk.find(FAILURE_MARK.encode())
         if mark >= 0:
             chunk, self._done = chunk[:mark], True
-        elif final:
-            pass
-        elif b"\n" in chunk:
-            chunk = chunk[: chunk.rindex(b"\n") + 1]  # whole lines only: the mark may still be arriving
-        else:
-            chunk = b""
+        elif not final:  # whole lines (or progress-bar updates) only: the mark may still be arriving
+            end = max(chunk.rfind(b"\n"), chunk.rfind(b"\r"))
+            chunk = chunk[: end + 1]
         self.offset += len(chunk)
         if chunk:
             os.write(self.out, chunk)
+            self._open_line = not chunk.endswith(b"\n")
+        if (final or self._done) and self._open_line:
+            os.write(self.out, b"\n")  # the summary line must start on a line of its own
+            self._open_line = False
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
