@@ -30,7 +30,7 @@ TINY = [
     "data.batch_size=16",
     "data.eval_batch_size=64",
     "data.num_workers=0",
-    "train.epochs=20",
+    "train.epochs=3",
     "train.lr=0.01",
     "train.checkpoint_every=5",
     "train.timeout_s=30",
@@ -221,7 +221,7 @@ def _tmpfs(run_dir: Path, size: str) -> bool:
 
 
 def full_disk(shards: Path, run_dir: Path) -> dict[str, Any]:
-    if not _tmpfs(run_dir, "3m"):  # holds the run header and logs, not the engine checkpoints
+    if not _tmpfs(run_dir, "1m"):  # holds the run header and logs, not an engine checkpoint
         return {"not_measured": "mounting a tmpfs needs root"}
     try:
         return _run_to_end(shards, run_dir)
@@ -270,17 +270,40 @@ FAULTS = {
     "SIGTERM to sdlora train": sigterm,
     "truncated train shard": truncated_shard,
     "corrupt image in a shard": corrupt_image,
-    "full disk (3 MB tmpfs run dir)": full_disk,
+    "full disk (1 MB tmpfs run dir)": full_disk,
     "run dir turned read-only mid-run": read_only_run_dir,
     "second job on a running run (--resume)": two_jobs,
 }
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """The fault table for RELIABILITY.md."""
+    rows = ["| fault | exit code | s to exit | console: lines, last line | ranks left | resume after it |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        if "not_measured" in r or "harness_error" in r:
+            rows.append(f"| {r['fault']} | not measured: {r.get('not_measured') or r.get('harness_error')} |||||")
+            continue
+        last = r["last_line"].replace("|", "\\|")
+        resume = "n/a"
+        if "resume_exit_code" in r:
+            resume = f"exit {r['resume_exit_code']}; kept {len(r['tasks_kept'])} task(s); {r['resumed_from'] or '-'}"
+            resume += f"; partial files: {len(r['partial_files_left'])}"
+        seconds = r.get("seconds_until_no_rank", r["seconds_to_exit"])
+        rows.append(f"| {r['fault']} | {r['exit_code']} | {seconds} | {r['console_lines']}: `{last}` | "
+                    f"{r.get('ranks_alive_after_15s', '-')} | {resume} |")  # fmt: skip
+    return "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results/fault_table.json"))
     parser.add_argument("--only", default="", help="comma-separated substrings of fault names")
+    parser.add_argument("--markdown", type=Path, help="print the table of an existing JSON and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())["faults"]))
+        return
     from sdlora_dist.data import prepare
 
     work = Path(tempfile.mkdtemp(prefix="faults-"))
@@ -305,6 +328,7 @@ def main() -> None:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
     args.out.write_text(json.dumps({"machine": machine, "config": TINY, "faults": results}, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
+    print(markdown(results))
 
 
 if __name__ == "__main__":
