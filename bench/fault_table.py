@@ -186,7 +186,12 @@ def _damaged_copy(shards: Path, tmp: Path, damage) -> Path:
 
 def _run_to_end(shards: Path, run_dir: Path) -> dict[str, Any]:
     job = _train(shards, run_dir)
-    return _finish(job, time.monotonic(), [])
+    result = _finish(job, time.monotonic(), [])
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():  # where a skipped sample is counted
+        tasks = json.loads(metrics.read_text())["tasks"]
+        result["corrupt_skipped"] = sum(t["train"]["corrupt_skipped"] for t in tasks)
+    return result
 
 
 def truncated_shard(shards: Path, run_dir: Path) -> dict[str, Any]:
@@ -221,7 +226,7 @@ def _tmpfs(run_dir: Path, size: str) -> bool:
 
 
 def full_disk(shards: Path, run_dir: Path) -> dict[str, Any]:
-    if not _tmpfs(run_dir, "1m"):  # holds the run header and logs, not an engine checkpoint
+    if not _tmpfs(run_dir, "400k"):  # holds the run header and logs, not an engine checkpoint
         return {"not_measured": "mounting a tmpfs needs root"}
     try:
         return _run_to_end(shards, run_dir)
@@ -230,17 +235,19 @@ def full_disk(shards: Path, run_dir: Path) -> dict[str, Any]:
 
 
 def read_only_run_dir(shards: Path, run_dir: Path) -> dict[str, Any]:
-    if not _tmpfs(run_dir, "64m"):
-        return {"not_measured": "mounting a tmpfs needs root"}
+    """A read-only bind mount over the running run directory: open files stay writable, every new file fails."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = _train(shards, run_dir)
+    pids = _wait_training(run_dir, job)
+    if subprocess.run(["mount", "--bind", str(run_dir), str(run_dir)], capture_output=True).returncode:
+        job.kill()
+        return {"not_measured": "a bind mount needs root"}
     try:
-        job = _train(shards, run_dir)
-        pids = _wait_training(run_dir, job)
-        subprocess.run(["mount", "-o", "remount,ro", str(run_dir)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(run_dir)], check=True)
         result = _finish(job, time.monotonic(), pids)
-        subprocess.run(["mount", "-o", "remount,rw", str(run_dir)], check=True)
-        return {**result, **_resume(run_dir)}
     finally:
         subprocess.run(["umount", "-l", str(run_dir)], check=False)
+    return {**result, **_resume(run_dir)}
 
 
 def two_jobs(shards: Path, run_dir: Path) -> dict[str, Any]:
@@ -270,7 +277,7 @@ FAULTS = {
     "SIGTERM to sdlora train": sigterm,
     "truncated train shard": truncated_shard,
     "corrupt image in a shard": corrupt_image,
-    "full disk (1 MB tmpfs run dir)": full_disk,
+    "full disk (400 kB tmpfs run dir)": full_disk,
     "run dir turned read-only mid-run": read_only_run_dir,
     "second job on a running run (--resume)": two_jobs,
 }
@@ -290,7 +297,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
             resume = f"exit {r['resume_exit_code']}; kept {len(r['tasks_kept'])} task(s); {r['resumed_from'] or '-'}"
             resume += f"; partial files: {len(r['partial_files_left'])}"
         seconds = r.get("seconds_until_no_rank", r["seconds_to_exit"])
-        rows.append(f"| {r['fault']} | {r['exit_code']} | {seconds} | {r['console_lines']}: `{last}` | "
+        code = r["exit_code"] if r["exit_code"] >= 0 else f"{128 - r['exit_code']} (killed)"
+        if "corrupt_skipped" in r:
+            resume = f"{r['corrupt_skipped']} sample(s) skipped, counted in metrics.json"
+        rows.append(f"| {r['fault']} | {code} | {seconds} | {r['console_lines']}: `{last}` | "
                     f"{r.get('ranks_alive_after_15s', '-')} | {resume} |")  # fmt: skip
     return "\n".join(rows)
 

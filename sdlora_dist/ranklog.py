@@ -20,6 +20,7 @@ import ctypes
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -40,6 +41,7 @@ _PR_SET_PDEATHSIG = 1
 _USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM}
 # Exit classes, most explanatory first: the summary names the rank of the first class present.
 # "stopped": SIGTERM from the launcher, which stops the other ranks once one has failed (a consequence, never a cause).
+_FULL_DISK_BYTES = 16 << 20  # less free space than one checkpoint of a small model: the likely cause of a crash
 EXIT_CODES = {"user": 2, "interrupted": 130, "crash": 1, "died": 1, "peer": 1, "stopped": 143}
 
 
@@ -166,6 +168,13 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return "crash", f"{type(exc).__name__}: {first}"
 
 
+def _disk_full(run_dir: Path) -> bool:
+    try:
+        return shutil.disk_usage(run_dir).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
 def _stopped(recorder: _Recorder) -> None:
     """SIGTERM (the launcher stopping the job): record it unless a failure is already recorded, then leave."""
     if recorder.record.status == "running":
@@ -193,6 +202,10 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
         body()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001  (every failure is recorded, then reported once)
         kind, message = classify(exc)
+        if kind == "crash" and _disk_full(run_dir):
+            # torch.save on a full disk raises an opaque "enforce fail at inline_container.cc" RuntimeError.
+            kind = "user"
+            message = f"the disk holding {run_dir} is full ({message}): free space, then resume with --resume"
         code = EXIT_CODES[kind]
         recorder.write(status="failed", kind=kind, code=code, message=message)
         if frontdoor:

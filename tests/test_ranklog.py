@@ -114,3 +114,17 @@ def test_log_echo_stops_at_the_failure_mark(tmp_path):
     echo.stop()
     os.close(fd)
     assert out.read_bytes() == b"task 0: top1 50.0\n\rprogress 10%\n"  # the summary line starts on its own line
+
+
+def test_a_crash_on_a_full_disk_is_reported_as_the_full_disk(tmp_path, monkeypatch):
+    monkeypatch.delenv(ranklog.FRONTDOOR_ENV, raising=False)
+
+    def save() -> None:  # what torch.save raises when the disk fills up mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+
+    assert ranklog.run_rank(tmp_path, 0, save) == 1  # plenty of space: a crash
+    monkeypatch.setattr(ranklog, "_FULL_DISK_BYTES", 1 << 62)  # every disk is "full" below 4 EiB free
+    assert ranklog.run_rank(tmp_path, 0, save) == 2
+    message = json.loads(ranklog.record_path(tmp_path, 0).read_text())["message"]
+    assert message.startswith(f"the disk holding {tmp_path} is full (RuntimeError: [enforce fail")
+    assert message.endswith("free space, then resume with --resume")
