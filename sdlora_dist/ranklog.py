@@ -168,11 +168,16 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return "crash", f"{type(exc).__name__}: {first}"
 
 
-def _disk_full(run_dir: Path) -> bool:
+def _disk_problem(run_dir: Path) -> str | None:
+    """'the disk holding RUN_DIR is full' or '... is read-only' when that is so, else None."""
     try:
-        return shutil.disk_usage(run_dir).free < _FULL_DISK_BYTES
+        if not os.access(run_dir, os.W_OK):  # EROFS even for root
+            return f"the run directory {run_dir} is not writable (read-only filesystem or permissions)"
+        if shutil.disk_usage(run_dir).free < _FULL_DISK_BYTES:
+            return f"the disk holding {run_dir} is full"
     except OSError:
-        return False
+        return None
+    return None
 
 
 def _stopped(recorder: _Recorder) -> None:
@@ -202,10 +207,11 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
         body()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001  (every failure is recorded, then reported once)
         kind, message = classify(exc)
-        if kind == "crash" and _disk_full(run_dir):
-            # torch.save on a full disk raises an opaque "enforce fail at inline_container.cc" RuntimeError.
-            kind = "user"
-            message = f"the disk holding {run_dir} is full ({message}): free space, then resume with --resume"
+        problem = _disk_problem(run_dir) if kind == "crash" else None
+        if problem:
+            # torch.save on a full disk raises an opaque "enforce fail at inline_container.cc" RuntimeError, on a
+            # read-only one "Parent directory ... does not exist": name the cause the user can fix.
+            kind, message = "user", f"{problem} ({message}): fix that, then resume with --resume"
         code = EXIT_CODES[kind]
         recorder.write(status="failed", kind=kind, code=code, message=message)
         if frontdoor:

@@ -173,7 +173,10 @@ class RunLock:
             self._thread.join(timeout=self.heartbeat_s + 1)
         holder = read_holder(self.path)
         if holder is not None and holder.token == self.me.token:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only or vanished run dir: the lock goes stale with our pid, and is taken over then
 
 
 @contextmanager

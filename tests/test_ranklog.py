@@ -127,4 +127,4 @@ def test_a_crash_on_a_full_disk_is_reported_as_the_full_disk(tmp_path, monkeypat
     assert ranklog.run_rank(tmp_path, 0, save) == 2
     message = json.loads(ranklog.record_path(tmp_path, 0).read_text())["message"]
     assert message.startswith(f"the disk holding {tmp_path} is full (RuntimeError: [enforce fail")
-    assert message.endswith("free space, then resume with --resume")
+    assert message.endswith("fix that, then resume with --resume")
