@@ -87,4 +87,3 @@ def test_heartbeat_refreshes_and_stops_when_taken_over(tmp_path):
     finally:
         lock.release()
     assert read_holder(tmp_path / LOCK_FILE).host == "new-holder"  # release removes only its own lock
-
