@@ -66,7 +66,8 @@ def missing_package_message(exc: ModuleNotFoundError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; a UserError or missing optional package is one line and code 2."""
+    """Run the CLI and return its exit code: a UserError or missing optional package is one ``error: ...`` line and
+    code 2, Ctrl-C 130."""
     try:
         app(args=argv, prog_name="sdlora")
     except UserError as exc:
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training job (which reports its own line)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except SystemExit as exc:  # typer's standalone mode always ends this way
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0

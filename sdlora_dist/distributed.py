@@ -451,6 +451,14 @@ def load_engine_checkpoint(engine: Any, directory: str | Path, tag: str) -> dict
     path = Path(directory) / tag
     if not path.is_dir():
         raise UserError(f"engine checkpoint {path} does not exist: pass a run directory with a complete checkpoint")
+    partitions = len(list(path.glob("zero_pp_rank_*_optim_states.pt")))
+    if partitions and partitions != world_size():
+        # ZeRO >= 1 splits the optimizer state per rank; DeepSpeed cannot re-split it (ZeRO 0 keeps it whole).
+        raise UserError(
+            f"engine checkpoint {path} holds optimizer state split over {partitions} ranks (ZeRO stage >= 1) and "
+            f"cannot be loaded on {world_size()}: resume on {partitions} ranks, or delete {path.parent} to restart "
+            "that task from its beginning on any number of ranks"
+        )
     load_path, client_state = engine.load_checkpoint(
         str(directory), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
     )

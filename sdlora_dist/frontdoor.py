@@ -6,6 +6,8 @@ options) is checked here, in the calling process, so it fails in one line before
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import sys
 import time
@@ -17,6 +19,7 @@ from sdlora_dist.config import Config, apply_overrides, config_from_dict, config
 from sdlora_dist.errors import UserError
 from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 from sdlora_dist.model import fill_preprocessing_from_weights
+from sdlora_dist.runlock import hold_run_lock
 
 
 def benchmark_recipes() -> dict[str, Path]:
@@ -84,7 +87,7 @@ def resolve_config(
 
 def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
     """The config of an existing run; ``--set`` overrides must not change it (hash compared)."""
-    original = ckpt.load_run_config(run_dir)
+    original = ckpt.load_run_config(run_dir)  # run_dir: where it is now, not where config.yaml says it was
     if not sets:
         return original
     raw = apply_overrides(original.to_dict(), sets)
@@ -101,13 +104,8 @@ def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
     return original
 
 
-def prepare_run_dir(cfg: Config, mode: str) -> set[str] | None:
-    """Fresh runs need an empty run dir; the resolved config is written atomically before launch.
-
-    Returns the names the run dir held before (None: it did not exist), so a failed start can undo its claim.
-    """
-    existed = Path(cfg.run_dir).is_dir()
-    before = {p.name for p in Path(cfg.run_dir).iterdir()} if existed else None
+def prepare_run_dir(cfg: Config, mode: str) -> None:
+    """Fresh runs need an empty run dir; the resolved config is written atomically before launch."""
     run_dir = ckpt.check_writable(cfg.run_dir)
     if mode == "fresh":
         if (run_dir / ckpt.CONFIG_FILE).exists():
@@ -116,7 +114,6 @@ def prepare_run_dir(cfg: Config, mode: str) -> set[str] | None:
                 "or another --run-dir"
             )
         save_config(cfg, run_dir / ckpt.CONFIG_FILE)
-    return before
 
 
 def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
@@ -157,17 +154,24 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
         argv, env = build_command(spec, worker)
         print(format_command(argv, env))
         return 0
-    before = prepare_run_dir(cfg, mode)
-    code = 1
+    # Taken before the lock (whose file is created inside it), so a failed start can undo its claim exactly.
+    before = {p.name for p in Path(cfg.run_dir).iterdir()} if Path(cfg.run_dir).is_dir() else None
+    # One job per run directory: node 0's front door holds the lock (other nodes share its directory).
+    owner = (spec.node_rank or 0) == 0 and os.environ.get("RANK", "0") == "0"
+    code, locked = 1, False
     try:
-        if launcher == "local" and spec.procs_per_node == 1:
-            from sdlora_dist.worker import main as worker_main
+        with hold_run_lock(ckpt.check_writable(cfg.run_dir)) if owner else contextlib.nullcontext():
+            locked = True
+            prepare_run_dir(cfg, mode)
+            if launcher == "local" and spec.procs_per_node == 1:
+                from sdlora_dist.worker import main as worker_main
 
-            code = worker_main(worker[3:])
-        else:
-            code = launch(spec, worker)
+                code = worker_main(worker[3:])
+            else:
+                code = launch(spec, worker, run_dir=cfg.run_dir)
     finally:
-        if code != 0 and mode == "fresh":
+        # only a start that held the lock undoes its claim: another job's files are never touched
+        if locked and owner and code != 0 and mode == "fresh":
             _release_failed_start(Path(cfg.run_dir), before)
     return code
 

@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdlora_dist import ranklog
 from sdlora_dist.errors import UserError
 
 LAUNCHERS = ("auto", "local", "deepspeed", "slurm", "env")
@@ -232,32 +234,93 @@ def _check_tools(argv: list[str], spec: LaunchSpec, launcher: str) -> None:
         )
 
 
-def launch(spec: LaunchSpec, worker_argv: list[str]) -> int:
-    """Run the launcher command, streaming its output; return its exit code (non-zero if any rank failed)."""
+def _own_ranks(spec: LaunchSpec, launcher: str) -> range:
+    """Global ranks this node's launcher starts (the first one's log is echoed to the console)."""
+    if launcher == "env":
+        rank = int(os.environ.get("RANK") or 0)
+        return range(rank, rank + 1)
+    if spec.no_ssh:
+        first = (spec.node_rank or 0) * spec.procs_per_node
+        return range(first, first + spec.procs_per_node)
+    return range(spec.nodes * spec.procs_per_node)
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path | None) -> subprocess.Popen:
+    """Start the launcher; it gets SIGTERM if we die (even by ``kill -9``), and so, in turn, do its ranks.
+
+    Linux ties the parent-death signal to the thread that forked: the caller's thread must outlive the launcher
+    (``launch`` waits for it in the same thread, so it does).
+    """
+    me = os.getpid()
+
+    def die_with_us() -> None:
+        ranklog.die_with_parent(signal.SIGTERM, parent=me)
+
+    if log is None:
+        return subprocess.Popen(argv, env=env, preexec_fn=die_with_us)
+    with open(log, "ab") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_us)
+
+
+def launch(spec: LaunchSpec, worker_argv: list[str], run_dir: str | Path | None = None) -> int:
+    """Run the launcher command; return its exit code (non-zero if any rank failed).
+
+    With ``run_dir`` (what ``sdlora train`` does) the launcher's own output goes to ``RUN_DIR/logs/launcher.log``,
+    each rank logs to ``RUN_DIR/logs/rank_N.log``, the console shows this node's first rank, and a failure ends in
+    one line naming the rank, its host and its error, with exit code 2 (user error), 130 (Ctrl-C) or 1.
+    """
     argv, extra_env = build_command(spec, worker_argv)
     _check_tools(argv, spec, resolve_launcher(spec))
-    proc = subprocess.Popen(argv, env={**os.environ, **extra_env})
+    env = {**os.environ, **extra_env, ranklog.FRONTDOOR_ENV: f"{socket.gethostname()}:{os.getpid()}"}
+    echo = log = None
+    ranks = range(0)
+    if run_dir is not None:
+        logs = Path(run_dir) / ranklog.LOGS_DIR
+        logs.mkdir(parents=True, exist_ok=True)
+        ranks = _own_ranks(spec, resolve_launcher(spec))
+        ranklog.clear_records(run_dir, ranks)
+        log = logs / ("launcher.log" if ranks[0] == 0 else f"launcher_rank{ranks[0]}.log")
+        echo = ranklog.LogEcho(ranklog.log_path(run_dir, ranks[0]))
+    else:
+        env.pop(ranklog.FRONTDOOR_ENV)
+    code, stopped_by = _wait(_start(argv, env, log))
+    if echo is not None:
+        echo.stop()
+    if code == 0:
+        return 0
+    if run_dir is None:
+        print(f"error: the training job failed (launcher exit code {code})", file=sys.stderr, flush=True)
+        return code
+    line, code = ranklog.summarize(run_dir, code, stopped_by, ours=ranks)
+    print(line, file=sys.stderr, flush=True)
+    return code
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, str | None]:
+    """Wait for the launcher, passing Ctrl-C and SIGTERM on; (exit code, name of the signal that stopped us)."""
+    stopped_by: list[str] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        proc.send_signal(signum)
+
     previous = None
     if threading.current_thread() is threading.main_thread():
         # A scheduler stopping us with SIGTERM must stop the ranks too, not orphan them.
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+        previous = signal.signal(signal.SIGTERM, forward)
     try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C while the ranks stop is passed on too
+                forward(signal.SIGINT, None)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if code < 0:
         code = 128 - code  # killed by a signal: the shell's convention
-    if code != 0:
-        print(
-            f"error: the training job failed (launcher exit code {code}); the failing rank's message is above",
-            file=sys.stderr,
-            flush=True,
-        )
-    return code
+    return code, (stopped_by[0] if stopped_by else None)
 
 
 __all__ = [

@@ -41,7 +41,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, i.e. running the file's code: never pass that on.
+        raise UserError(
+            f"model.weights: {path} is a pickle that holds more than tensors (code or custom objects) and was "
+            "refused unread; pass a .safetensors file or a plain state dict of tensors"
+        ) from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]

@@ -10,31 +10,31 @@ import argparse
 import os
 import sys
 
-from sdlora_dist.errors import UserError
-
 
 def main(argv: list[str] | None = None) -> int:
-    """Run this rank's part of the training; one ``error:`` line and exit 2 for bad input, 1 for a dead peer."""
+    """Run this rank's part of the training; exit 2 for bad input, 130 for Ctrl-C, 1 for a dead peer or a crash.
+
+    Under ``sdlora train`` the rank logs to ``RUN_DIR/logs/rank_N.log`` and records how it ended for the front
+    door's one-line summary (:mod:`sdlora_dist.ranklog`); run by hand it prints one ``error:`` line itself.
+    """
     parser = argparse.ArgumentParser(prog="sdlora_dist.worker")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--mode", choices=("fresh", "resume", "continue"), default="fresh")
     args = parser.parse_args(argv)
     from sdlora_dist import distributed as dist
     from sdlora_dist.checkpoint import load_run_config
+    from sdlora_dist.ranklog import run_rank
     from sdlora_dist.recipe import run_training
 
-    try:
-        cfg = load_run_config(args.run_dir)
-        run_training(cfg, args.mode)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except dist.RankFailure as exc:
-        print(f"error: rank {dist.rank()}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        dist.shutdown()
-    return 0
+    def body() -> None:
+        try:
+            # The directory we were given, not the one saved in config.yaml: a run can be moved or copied.
+            run_training(load_run_config(args.run_dir), args.mode)
+        finally:
+            dist.shutdown()
+
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)  # srun sets only SLURM_PROCID
+    return run_rank(args.run_dir, rank, body)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import torch
 from torch import nn
 
 import sdlora_dist.distributed as D  # noqa: N812  (also applies the torchvision compat fix before timm)
+from sdlora_dist.errors import UserError
+from sdlora_dist.ranklog import run_rank
 
 GLOBAL_BATCH = 8
 NUM_CLASSES = 10
@@ -27,6 +30,30 @@ NUM_CLASSES = 10
 
 class _Cfg:
     zero_stage = 0
+
+
+def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range, for a rendezvous whose port must be fixed in advance.
+
+    A port from ``bind(port 0)`` is ephemeral: between choosing it and the rank-0 store binding it, any outgoing
+    connection on the machine (other jobs' ranks, other tests) may be handed the same port by the kernel. Ports
+    below the range are never handed out that way; the random pick keeps concurrent tests apart.
+    """
+    import random
+    import socket
+
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    for _ in range(100):
+        port = rng.randrange(20000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000..{low}")
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -169,27 +196,47 @@ def scenario_hang(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
         time.sleep(0.05)
 
 
+def scenario_user_error_rank1(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
+    """Rank 1 alone finds bad input (as a rank reading its own shard would); rank 0 waits in a collective."""
+    D.barrier()
+    if env.rank == 1:
+        raise UserError(f"shard {out}/bad.tar is damaged (toy): re-create it with 'sdlora data prepare'")
+    D.barrier()
+
+
 SCENARIOS: dict[str, Any] = {
     "dp": scenario_dp,
     "decide": scenario_decide,
     "collectives": scenario_collectives,
     "hang": scenario_hang,
+    "user_error_rank1": scenario_user_error_rank1,
 }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("scenarios", help=f"comma-separated, run in order: {', '.join(SCENARIOS)}")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--timeout", type=int, default=60)
     args = parser.parse_args()
-    env = D.init_distributed(timeout_s=args.timeout)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.scenarios.split(","):
-        SCENARIOS[name](env, args.out, args)
-    D.barrier()
-    D.shutdown()
+
+    def body() -> None:
+        env = D.init_distributed(timeout_s=args.timeout)
+        try:
+            for name in args.scenarios.split(","):
+                SCENARIOS[name](env, args.out, args)
+            D.barrier()
+        finally:
+            D.shutdown()
+
+    # The same log, record and launcher watchdog as the training worker (OUT plays the run directory).
+    return run_rank(args.out, int(os.environ.get("RANK", "0")), body)
 
 
 if __name__ == "__main__":
-    main()
+    code = main()
+    # Like sdlora_dist.worker: skip interpreter finalisation, which can race gloo's threads into SIGABRT.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
