@@ -85,7 +85,20 @@ class DataConfig:
     """Shards and the streaming pipeline."""
 
     benchmark: str = field(default="digits", metadata=_help("Benchmark name (must match the shards' manifest)."))
-    shards: str | None = field(default=None, metadata=_help("Shard directory written by 'sdlora data prepare'."))
+    shards: str | None = field(
+        default=None,
+        metadata=_help(
+            "Shard set written by 'sdlora data prepare': a folder or URL (file://, http(s)://, s3://, gs://, hf://, "
+            "pipe:CMD)."
+        ),
+    )
+    cache_dir: str | None = field(
+        default=None, metadata=_help("Local cache of remote shards, checked against the manifest sha256 (null = off).")
+    )
+    streams: int = field(
+        default=8,
+        metadata=_help("Train streams: global step i holds the same samples on every world size dividing this."),
+    )
     batch_size: int = field(default=128, metadata=_help("Global training batch size (split evenly over ranks)."))
     eval_batch_size: int = field(default=256, metadata=_help("Per-rank evaluation batch size."))
     num_workers: int = field(default=4, metadata=_help("DataLoader worker processes per rank."))
@@ -348,7 +361,8 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"adapter.init_magnitude: must be finite (got {a.init_magnitude})")
     if a.blocks is not None and (not a.blocks or any(b < 0 for b in a.blocks)):
         errors.append(f"adapter.blocks: must be null or a non-empty list of block indices >= 0 (got {a.blocks})")
-    for key, value in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
+    for key, value in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size),
+                       ("data.streams", d.streams)):  # fmt: skip
         if value <= 0:
             errors.append(f"{key}: must be > 0 (got {value})")
     if d.num_workers < 0:
