@@ -1,4 +1,4 @@
-"""Per-task streaming from shards: exact, deterministic train epochs and exactly-once evaluation, per rank and worker.
+"""The seekable tarfile reader before issue 11, kept only as the baseline of bench/bench_loader.py (unused).
 
 Why not ``webdataset.WebDataset`` + ``DataLoader`` here: its worker split hands whole shards to workers, so with
 uneven shards ranks get different batch counts, and its shuffle buffer depends on worker scheduling. The shards
