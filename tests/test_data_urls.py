@@ -150,3 +150,14 @@ def test_data_inspect_over_http(shards: Path, capsys: pytest.CaptureFixture, mon
     with http_server(shards.parent / "nowhere") as server:
         assert main(["data", "inspect", f"{server.url}/digits"]) == 2
     assert "no readable manifest.json" in capsys.readouterr().err
+
+
+def test_locations_compare_and_display(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert urls.same_location("shards/x", tmp_path / "shards" / "x")
+    assert urls.same_location("file://" + str(tmp_path / "shards/x"), "shards/x/")
+    assert urls.same_location("s3://b/p/", "s3://b/p") and not urls.same_location("s3://b/p", "s3://b/q")
+    assert urls.display("shards/x") == str(tmp_path / "shards" / "x")
+    assert (
+        urls.display("http://h:1/s") == "http://h:1/s" and urls.join("pipe:cat /d", "m.json") == "pipe:cat /d/m.json"
+    )

@@ -275,7 +275,9 @@ class _ShardSource:
                     f"shard {remote} does not match the manifest's sha256 (got {digest[:12]}..., expected "
                     f"{shard.sha256[:12]}...); re-upload the shard set or fix its manifest.json"
                 )
-            os.chmod(tmp, 0o644)
+            umask = os.umask(0o022)  # mkstemp files are 0600: give the cache the permissions of a normal file
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
