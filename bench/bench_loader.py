@@ -1,6 +1,14 @@
-"""Loader throughput per worker: task shards vs a plain ImageFolder + PIL loader, same train transform.
+"""Loader throughput per worker: the streaming shard reader (local and over HTTP) vs the seekable reader before
+issue 11 (``bench/legacy_pipeline.py``) vs a plain ImageFolder + PIL loader, same train transform; plus time to the
+first batch and bytes read per epoch.
 
-    python bench/bench_loader.py [--root DIR] [--images 400] [--reps 5] [--out bench/results/bench_loader.json]
+    python bench/bench_loader.py [--root DIR] [--images 400] [--reps 5] [--shard-size 50]
+                                 [--out bench/results/bench_loader.json]
+
+The HTTP server is ``python -m http.server`` in its own process on 127.0.0.1 (curl, started by webdataset's opener,
+reads it). Bytes read are counted on the streams ``sdlora_dist.data.urls.open_stream`` returns, for one epoch of
+the task, against the sum of the task's shard sizes; they are given for ``--shard-size`` and for one shard holding
+the whole task (where the 8 streams share one shard and read its prefixes: see the pipeline's docstring).
 
 Without ``--root`` it makes a synthetic source: ``--images`` JPEGs at 500x375 (quality 90, smooth colour fields plus
 noise, so they compress like photos) in 10 class folders ``train/<class>/`` (+ a small ``test/``). The shard set is
@@ -14,20 +22,28 @@ best of ``--reps`` alternating epochs (least disturbed by other load); medians a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sdlora_dist.data import TransformSpec, load_manifest, make_train_loader, prepare
-from sdlora_dist.data.pipeline import normalize_batch, sample_rng, to_uint8_chw, train_crop
+sys.path.insert(0, str(Path(__file__).parent))
+import legacy_pipeline as legacy  # noqa: E402
+
+from sdlora_dist.data import TransformSpec, load_manifest, make_train_loader, prepare, urls  # noqa: E402
+from sdlora_dist.data.pipeline import normalize_batch, sample_rng, to_uint8_chw, train_crop  # noqa: E402
 
 SPEC = TransformSpec(img_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 BATCH = 32
@@ -64,10 +80,68 @@ def plain_imagefolder_epoch(root: Path, seed: int) -> int:
     return images
 
 
-def shard_epoch(shards: Path, seed: int) -> int:
-    """The task pipeline over the same images (one task holding every class)."""
+def shard_epoch(shards: str | Path, seed: int) -> int:
+    """The streaming task pipeline over the same images (one task holding every class)."""
     loader = make_train_loader(shards, 0, spec=SPEC, batch_size=BATCH, epoch=seed, seed=seed, num_workers=0)
     return sum(x.shape[0] for x, _ in loader)
+
+
+def legacy_epoch(shards: Path, seed: int) -> int:
+    """The seekable tarfile reader before issue 11, same arguments."""
+    loader = legacy.make_train_loader(shards, 0, spec=SPEC, batch_size=BATCH, epoch=seed, seed=seed, num_workers=0)
+    return sum(x.shape[0] for x, _ in loader)
+
+
+def first_batch_s(shards: str | Path) -> float:
+    """Seconds from building the loader (manifest read included) to its first batch."""
+    start = time.perf_counter()
+    next(iter(make_train_loader(shards, 0, spec=SPEC, batch_size=BATCH, epoch=0, seed=0, num_workers=0)))
+    return time.perf_counter() - start
+
+
+class _Counting:
+    """A stream wrapper that adds the bytes it returns to a shared counter."""
+
+    def __init__(self, stream, counter: list[int]) -> None:  # noqa: ANN001
+        self.stream, self.counter = stream, counter
+
+    def read(self, *args) -> bytes:  # noqa: ANN002
+        data = self.stream.read(*args)
+        self.counter[0] += len(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def bytes_ratio(shards: Path) -> float:
+    """Shard bytes read in one train epoch of task 0 / the task's shard bytes."""
+    counter, original = [0], urls.open_stream
+    urls.open_stream = lambda url: _Counting(original(url), counter)
+    try:
+        shard_epoch(shards, 0)
+    finally:
+        urls.open_stream = original
+    return counter[0] / sum(s.bytes for s in load_manifest(shards).task_shards("train", 0))
+
+
+@contextlib.contextmanager
+def http_served(root: Path) -> Iterator[str]:
+    """``python -m http.server`` on 127.0.0.1 in its own process; yields its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def _timed(fn, *args) -> tuple[float, int]:  # noqa: ANN001
@@ -76,12 +150,57 @@ def _timed(fn, *args) -> tuple[float, int]:  # noqa: ANN001
     return time.perf_counter() - start, n
 
 
+def _best(runs: list[tuple[float, int]]) -> float:
+    return max(n / t for t, n in runs)
+
+
+def _median(runs: list[tuple[float, int]]) -> float:
+    return statistics.median(n / t for t, n in runs)
+
+
+def measure(root: Path, tmp: Path, shard_size: int, reps: int) -> dict:
+    """Every figure, with the loaders alternating so machine noise hits them alike."""
+    shards = tmp / "shards"
+    prepare("imagefolder", root, shards, tasks=1, shard_size=shard_size, progress=False)
+    one_shard = tmp / "one_shard"
+    prepare("imagefolder", root, one_shard, tasks=1, shard_size=10**6, progress=False)
+    runs: dict[str, list] = {"plain": [], "legacy": [], "local": [], "http": []}
+    firsts: dict[str, list] = {"local": [], "http": []}
+    with http_served(tmp) as server:
+        url = f"{server}/shards"
+        for rep in range(reps):
+            runs["plain"].append(_timed(plain_imagefolder_epoch, root, rep))
+            runs["legacy"].append(_timed(legacy_epoch, shards, rep))
+            runs["local"].append(_timed(shard_epoch, shards, rep))
+            runs["http"].append(_timed(shard_epoch, url, rep))
+            firsts["local"].append(first_batch_s(shards))
+            firsts["http"].append(first_batch_s(url))
+    best = {k: _best(v) for k, v in runs.items()}
+    med = {k: _median(v) for k, v in runs.items()}
+    return {
+        "images_per_s_best": {k: round(v, 1) for k, v in best.items()},
+        "images_per_s_median": {k: round(v, 1) for k, v in med.items()},
+        "stream_local_vs_legacy": round(best["local"] / best["legacy"], 3),
+        "stream_local_vs_legacy_median": round(med["local"] / med["legacy"], 3),
+        "stream_http_vs_local": round(best["http"] / best["local"], 3),
+        "stream_http_vs_local_median": round(med["http"] / med["local"], 3),
+        "stream_local_vs_plain_imagefolder": round(best["local"] / best["plain"], 3),
+        "first_batch_s_median": {k: round(statistics.median(v), 4) for k, v in firsts.items()},
+        "bytes_read_vs_task_shard_bytes": round(bytes_ratio(shards), 4),
+        "bytes_read_vs_task_shard_bytes_one_shard": round(bytes_ratio(one_shard), 4),
+        "shards": len(load_manifest(shards).task_shards("train", 0)),
+        "train_images": load_manifest(shards).num_samples("train", 0),
+        "shard_mb": round(sum(p.stat().st_size for p in shards.rglob("*.tar")) / 2**20, 2),
+    }
+
+
 def main() -> None:
-    """Run both loaders, print and write the JSON."""
+    """Run the loaders, print and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=None, help="An ImageFolder tree (train/<class>/*.jpg); default synthetic.")
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--size", default="500x375", help="Synthetic source image size WxH (originals).")
     parser.add_argument("--out", default="bench/results/bench_loader.json")
     args = parser.parse_args()
@@ -89,35 +208,19 @@ def main() -> None:
     size = tuple(int(v) for v in args.size.lower().split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root) if args.root else make_synthetic_source(Path(tmp) / "src", args.images, size=size)
-        shards = Path(tmp) / "shards"
-        prepare("imagefolder", root, shards, tasks=1, progress=False)
-        n_train = load_manifest(shards).num_samples("train", 0)
-        plain, shard = [], []
-        for rep in range(args.reps):  # alternate, so machine noise hits both alike
-            plain.append(_timed(plain_imagefolder_epoch, root, rep))
-            shard.append(_timed(shard_epoch, shards, rep))
-        shard_bytes = sum(p.stat().st_size for p in shards.rglob("*.tar"))
-        source_bytes = sum(p.stat().st_size for p in (root / "train").rglob("*"))
-    # best epoch = least disturbed by other processes on a shared machine; medians are kept too
-    plain_ips, shard_ips = max(n / t for t, n in plain), max(n / t for t, n in shard)
-    plain_med, shard_med = statistics.median(n / t for t, n in plain), statistics.median(n / t for t, n in shard)
+        figures = measure(root, Path(tmp), args.shard_size, args.reps)
     result = {
-        "benchmark": "loader images/s per worker (decode + train transform + batch), one core",
+        "benchmark": "loader images/s per worker (decode + train transform + batch), one core, num_workers=0",
         "source": args.root or f"synthetic: {args.images} JPEGs {args.size} q90 in 10 classes",
-        "train_images": n_train,
         "transform": {"img_size": SPEC.img_size, "interpolation": SPEC.interpolation, "scale": SPEC.train_scale},
-        "plain_imagefolder_pil_images_per_s": round(plain_ips, 1),
-        "shards_images_per_s": round(shard_ips, 1),
-        "speedup": round(shard_ips / plain_ips, 2),
-        "median_plain_images_per_s": round(plain_med, 1),
-        "median_shards_images_per_s": round(shard_med, 1),
-        "median_speedup": round(shard_med / plain_med, 2),
-        "shard_mb": round(shard_bytes / 2**20, 2),
-        "source_mb": round(source_bytes / 2**20, 2),
+        "batch": BATCH,
+        "shard_size": args.shard_size,
+        **figures,
         "reps": args.reps,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": "python bench/bench_loader.py"
         + (f" --root {args.root}" if args.root else f" --size {args.size}")
+        + f" --shard-size {args.shard_size}"
         + (f" --out {args.out}" if args.out != "bench/results/bench_loader.json" else ""),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,9 @@ def add_task_cmd(
 
 @data_app.command("inspect")
 def inspect_cmd(
-    shards_dir: str = typer.Argument(..., help="Shard directory written by 'sdlora data prepare'."),
+    shards_dir: str = typer.Argument(
+        ..., help="Shard set written by 'sdlora data prepare': folder or URL (http(s)://, s3://, gs://, hf://, pipe:)."
+    ),
     verify: bool = typer.Option(False, "--verify", help="Check every shard's size and sha256 against the manifest."),
 ) -> None:
     """Print the tasks, their classes and sample counts; --verify checks checksums first."""

@@ -59,7 +59,7 @@ def predict(
 
 def evaluate(
     model: Path = typer.Argument(..., help="An .onnx file written by 'sdlora export'."),
-    data: Path = typer.Option(..., "--data", help="Shard directory (from 'sdlora data prepare')."),
+    data: str = typer.Option(..., "--data", help="Shard set (from 'sdlora data prepare'): a folder or URL."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per onnxruntime call."),
     provider: str = typer.Option(None, "--provider", help="cuda, tensorrt or cpu (default: CUDA when installed)."),
 ) -> None:

@@ -19,7 +19,7 @@ def train(
     benchmark: str | None = typer.Option(None, "--benchmark", "-b", help="Shipped recipe (configs/benchmarks)."),
     config: str | None = typer.Option(None, "--config", "-c", help="YAML merged over the recipe."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=0.01 (repeatable)."),
-    data: str | None = typer.Option(None, "--data", help="Shard directory from 'sdlora data prepare'."),
+    data: str | None = typer.Option(None, "--data", help="Shard set from 'sdlora data prepare': folder or URL."),
     run_dir: str | None = typer.Option(None, "--run-dir", help="Run directory (default runs/<benchmark>-<time>)."),
     resume: str | None = typer.Option(None, "--resume", help="Continue an interrupted run from its newest state."),
     continue_run: str | None = typer.Option(

@@ -43,7 +43,7 @@ class EvalResult:
         }
 
 
-def _check_shards_match(meta: ModelMetadata, class_names: list[str], shards_dir: Path) -> None:
+def _check_shards_match(meta: ModelMetadata, class_names: list[str], shards_dir: str) -> None:
     seen = class_names[: meta.num_classes]
     if len(seen) < meta.num_classes or list(meta.class_names) != seen:
         raise UserError(
@@ -61,8 +61,12 @@ def evaluate_onnx(
     provider: str | None = None,
     tasks: list[int] | None = None,
     num_workers: int = 0,
+    cache_dir: str | Path | None = None,
 ) -> EvalResult:
-    """Top-1 correct counts of the ONNX model on the test shards of ``tasks`` (default: every task it has seen)."""
+    """Top-1 correct counts of the ONNX model on the test shards of ``tasks`` (default: every task it has seen).
+
+    ``shards_dir`` is a folder or any URL the data pipeline streams from (``sdlora_dist.data.urls``).
+    """
     from sdlora_dist.data.manifest import load_manifest
     from sdlora_dist.data.pipeline import TransformSpec, make_eval_loader
 
@@ -70,7 +74,7 @@ def evaluate_onnx(
     log_rank_zero(classifier.describe_provider())
     meta = classifier.metadata
     manifest = load_manifest(shards_dir)
-    _check_shards_match(meta, manifest.class_names, Path(shards_dir))
+    _check_shards_match(meta, manifest.class_names, str(shards_dir))
     tasks = list(range(min(meta.num_tasks, manifest.num_tasks()))) if tasks is None else tasks
     uint8 = meta.input_layout == LAYOUT_UINT8
     # A uint8 model takes raw pixels: mean 0, std 1/255 makes the loader return the pixel values themselves.
@@ -78,7 +82,9 @@ def evaluate_onnx(
     spec = TransformSpec(meta.image_hw[0], mean, std, interpolation=meta.interpolation, crop_pct=meta.crop_pct)
     result = EvalResult()
     for task in tasks:
-        loader = make_eval_loader(shards_dir, [task], spec=spec, batch_size=batch_size, num_workers=num_workers)
+        loader = make_eval_loader(
+            shards_dir, [task], spec=spec, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir
+        )
         correct = total = 0
         for images, labels in tqdm(loader, desc=f"evaluate task {task}", leave=False, file=None):
             x = images.numpy()

@@ -134,7 +134,19 @@ class DataConfig(_Section):
     """Shards and the streaming pipeline."""
 
     benchmark: str = Field("digits", description="Benchmark name (must match the shards' manifest).")
-    shards: str | None = Field(None, description="Shard directory written by 'sdlora data prepare'.")
+    shards: str | None = Field(
+        None,
+        description=(
+            "Shard set written by 'sdlora data prepare': a folder or URL (file://, http(s)://, s3://, gs://, hf://, "
+            "pipe:CMD)."
+        ),
+    )
+    cache_dir: str | None = Field(
+        None, description="Local cache of remote shards, checked against the manifest sha256 (null = off)."
+    )
+    streams: int = Field(
+        8, gt=0, description="Train streams: global step i holds the same samples on every world size dividing this."
+    )
     batch_size: int = Field(128, gt=0, description="Global training batch size (split evenly over ranks).")
     eval_batch_size: int = Field(256, gt=0, description="Per-rank evaluation batch size.")
     num_workers: int = Field(4, ge=0, description="DataLoader worker processes per rank.")

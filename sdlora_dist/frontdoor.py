@@ -191,7 +191,9 @@ def load_or_resolve(
     cfg = resumed_config(target, sets, flag)
     if benchmark is not None and benchmark != cfg.data.benchmark:
         raise UserError(f"{flag} {target}: the run is for benchmark {cfg.data.benchmark!r}, not {benchmark!r}")
-    if data is not None and Path(data).resolve() != Path(cfg.data.shards).resolve():
+    from sdlora_dist.data import urls
+
+    if data is not None and not urls.same_location(data, cfg.data.shards):
         raise UserError(f"{flag} {target}: the run reads shards {cfg.data.shards}, not {data}")
     return cfg, mode
 

@@ -30,7 +30,7 @@ from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import distributed as dist
 from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
-from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader
+from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
 from sdlora_dist.data.pipeline import train_steps_per_epoch
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
@@ -293,6 +293,7 @@ def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> dict[st
                 cfg.data.shards, task, spec=ctx.spec, batch_size=ctx.per_rank, epoch=epoch, seed=cfg.train.seed,
                 rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
                 steps_per_epoch=monitor.steps, corrupt=cfg.data.corrupt, bad_shard=cfg.data.bad_shard,
+                streams=cfg.data.streams, cache_dir=cfg.data.cache_dir,
             )  # fmt: skip
             skip = start["step"] if epoch == start["epoch"] else 0
             for step, (x, y) in enumerate(loader):
@@ -317,7 +318,7 @@ def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: 
     loader = make_eval_loader(
         cfg.data.shards, list(range(task + 1)), spec=spec, batch_size=cfg.data.eval_batch_size, rank=env.rank,
         world_size=env.world_size, num_workers=cfg.data.num_workers, corrupt=cfg.data.corrupt,
-        bad_shard=cfg.data.bad_shard,
+        bad_shard=cfg.data.bad_shard, cache_dir=cfg.data.cache_dir,
     )  # fmt: skip
     for x, y in progress_bar(loader, desc=f"eval {task}", unit="batch", disable=not env.is_main):
         pred = model(x.to(env.device, dtype)).argmax(dim=1).cpu()
@@ -344,7 +345,7 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
     model, progress, first = restore_state(cfg, mode, manifest)
     model.to(env.device)
     if env.is_main:
-        info = {"benchmark": manifest.benchmark, "shards": str(Path(cfg.data.shards).resolve())}
+        info = {"benchmark": manifest.benchmark, "shards": urls.display(cfg.data.shards)}
         ckpt.write_run_header(run_dir, cfg, model, {**info, "class_names": manifest.class_names})
     spec = transform_spec(model, cfg.data)
     for task in range(first, last_task(cfg, manifest, mode)):

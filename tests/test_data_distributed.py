@@ -1,4 +1,5 @@
-"""Two gloo processes x two DataLoader workers over uneven shards: equal step counts, exactly-once evaluation."""
+"""Two gloo processes x two DataLoader workers over uneven shards served by HTTP on 127.0.0.1: equal step counts,
+exactly-once evaluation."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from data_fixtures import read_shard_set
+from shard_servers import http_server
 
 from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, make_train_loader, prepare
 
@@ -65,7 +67,9 @@ def test_two_ranks_two_workers(tmp_path: Path) -> None:
     prepare("digits", None, shards, shard_size=37, progress=False, workers=2)  # 287 = 7 x 37 + 28: uneven
     manifest = load_manifest(shards)
     assert len({s.count for s in manifest.task_shards("train", 0)}) > 1
-    mp.spawn(_rank_main, args=(_free_port(), str(shards), str(tmp_path)), nprocs=WORLD, join=True)
+    with http_server(tmp_path) as server:  # the ranks and their workers stream every shard over HTTP
+        mp.spawn(_rank_main, args=(_free_port(), f"{server.url}/digits", str(tmp_path)), nprocs=WORLD, join=True)
+        assert any(p.endswith(".tar") for p in server.requests)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
     for key in ("0/0", "0/1", "3/0"):

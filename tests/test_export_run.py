@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
+from shard_servers import http_server
 
 from sdlora_dist.checkpoint import load_run, save_task_checkpoint, write_run_header
 from sdlora_dist.cli.main import main
@@ -100,6 +101,10 @@ def test_evaluate_equals_pytorch_evaluation(exported, shards, capsys):
     assert total == sum(manifest.num_samples("test", t) for t in range(TASKS)) == result["total"]
     assert result["correct"] == correct
     assert sorted(result["per_task"]) == ["0", "1", "2"]
+    with http_server(shards.parent) as server:  # the same shards streamed over HTTP: the same counts
+        argv = ["evaluate", str(root / "model.onnx"), "--data", f"{server.url}/digits", "--batch-size", "50"]
+        assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out) == result
 
 
 def test_evaluate_with_preprocessing_model_equals_pytorch_too(exported, shards, tmp_path, capsys):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlora_dist.data import urls
 from sdlora_dist.errors import UserError
 from sdlora_dist.fileio import atomic_write_text
 
@@ -78,7 +79,7 @@ class Manifest:
         return range(start, start + self.classes_per_task[task])
 
     def task_shards(self, split: str, task: int) -> list[ShardInfo]:
-        """The shards of one task's split, in written order."""
+        """The shards of one task's split, in written order: the one place the loaders get a task's shards from."""
         if split not in self.shards:
             raise UserError(f"unknown split {split!r}: valid splits are {', '.join(SPLITS)}")
         self._check_task(task)
@@ -115,17 +116,26 @@ def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
 
 
 def load_manifest(shards_dir: str | Path) -> Manifest:
-    """Read ``shards_dir/manifest.json``; UserError when it is missing or corrupt."""
-    path = Path(shards_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(
-            f"no {MANIFEST_NAME} in {shards_dir}: it is not a shard set; create one with 'sdlora data prepare'"
-        )
+    """Read ``manifest.json`` of a shard set: a local folder or a URL (``urls`` lists the forms); UserError when it
+    is missing or corrupt."""
+    if urls.is_local(shards_dir):
+        path = urls.local_path(shards_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise UserError(
+                f"no {MANIFEST_NAME} in {shards_dir}: it is not a shard set; create one with 'sdlora data prepare'"
+            )
+        text, where = path.read_text(), str(path)
+    else:
+        where = urls.join(shards_dir, MANIFEST_NAME)
+        try:
+            text = urls.read_bytes(where).decode()
+        except UserError as exc:
+            raise UserError(f"no readable {MANIFEST_NAME} at {shards_dir}: {exc}") from exc
     try:
-        return manifest_from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        return manifest_from_dict(json.loads(text))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserError(
-            f"{path} is corrupt ({type(exc).__name__}: {exc}); re-create the shard set with 'sdlora data prepare'"
+            f"{where} is corrupt ({type(exc).__name__}: {exc}); re-create the shard set with 'sdlora data prepare'"
         ) from exc
 
 
@@ -174,7 +184,10 @@ def damaged_shards(manifest: Manifest, shards_dir: str | Path) -> tuple[int, lis
     for split in SPLITS:
         for task_shards in manifest.shards[split]:
             for shard in task_shards:
-                problem = _shard_problem(Path(shards_dir) / shard.path, shard, check_sha=True)
+                if urls.is_local(shards_dir):
+                    problem = _shard_problem(urls.local_path(shards_dir) / shard.path, shard, check_sha=True)
+                else:
+                    problem = _remote_problem(urls.join(shards_dir, shard.path), shard)
                 checked += 1
                 if problem:
                     damaged.append((shard, problem))
@@ -210,6 +223,30 @@ def _shard_problem(path: Path, shard: ShardInfo, check_sha: bool) -> str | None:
     return None
 
 
+def _remote_problem(url: str, shard: ShardInfo) -> str | None:
+    """Stream a remote shard once: its size and sha256 against the manifest (read errors retried, then raised)."""
+    size, digest = urls.with_retries(url, lambda: stream_sha256(url))
+    if size != shard.bytes:
+        return f"truncated or altered: {size} bytes, manifest says {shard.bytes}"
+    return None if digest == shard.sha256 else "sha256 mismatch"
+
+
+def stream_sha256(url: str, chunk: int = 1 << 20) -> tuple[int, str]:
+    """(size, sha256 hex) of ``url`` read once as a stream."""
+    digest, size = hashlib.sha256(), 0
+    stream = urls.open_stream(url)
+    try:
+        while block := stream.read(chunk):
+            digest.update(block)
+            size += len(block)
+    finally:
+        stream.close()
+    return size, digest.hexdigest()
+
+
 def shard_problem(shards_dir: str | Path, shard: ShardInfo) -> str | None:
-    """Cheap check (existence and size, no hashing) used by the loaders before they open a shard."""
-    return _shard_problem(Path(shards_dir) / shard.path, shard, check_sha=False)
+    """Cheap check (existence and size, no hashing) of a local shard before it is opened; None for a URL (no HEAD
+    request: a remote shard's problems surface while it streams)."""
+    if not urls.is_local(shards_dir):
+        return None
+    return _shard_problem(urls.local_path(shards_dir) / shard.path, shard, check_sha=False)

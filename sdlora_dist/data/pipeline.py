@@ -1,44 +1,70 @@
-"""Per-task streaming from shards: exact, deterministic train epochs and exactly-once evaluation, per rank and worker.
+"""Per-task streaming from shards anywhere: exact, deterministic train epochs and exactly-once evaluation.
 
-Why not ``webdataset.WebDataset`` + ``DataLoader`` here: its worker split hands whole shards to workers, so with
-uneven shards ranks get different batch counts, and its shuffle buffer depends on worker scheduling. The shards
-are WebDataset tars (a test reads them with ``webdataset``), but this module reads them with ``tarfile`` so that
-the stream is a pure function of the arguments:
+Shards are read as forward-only streams (no seeking) through ``webdataset.gopen`` and webdataset's tar iterators
+(``tar_file_expander`` -> ``group_by_keys``) from a folder or any URL ``urls`` lists. Exactness comes from the
+manifest's per-shard counts, not from seeking. Why not ``webdataset.WebDataset`` + ``split_by_node`` +
+``with_epoch``: its worker split hands whole shards to (rank, worker) pairs, so with uneven shards the ranks get
+different sample counts (``with_epoch`` then repeats or cuts at a point that depends on the split), and its shuffle
+buffer interleaves whatever the workers return first. Planning from the counts gives what it cannot:
 
-* Train, epoch e of task t: the task's shards, reshuffled per pass with ``(seed, t, e, pass)``, form an endless
-  sample stream; rank r takes positions ``[r*L, (r+1)*L)`` with ``L = steps * batch_size``, so every rank yields
-  exactly ``steps`` full batches whatever the shard sizes (the stream wraps into the next pass when the task has
-  fewer samples than ``steps * global_batch``). Positions are permuted inside windows of ``shuffle_buffer``
-  samples (seeded by the window's start), batch i of a rank is built by worker ``i % num_workers`` (the order the
-  DataLoader hands batches back in), and each sample's crop and flip come from an RNG seeded by
-  ``(seed, t, e, position, key)``. Same arguments -> same batches, whatever ``num_workers`` is.
-* Eval: the requested tasks' test samples in manifest order are cut into ``world_size`` contiguous ranges; batch i
-  of a rank goes to worker ``i % num_workers``. Each sample is read exactly once; ranks may differ by one batch.
-* A sample that cannot be decoded is skipped and counted (``loader.stats``); in a train batch its slot is refilled
-  with another sample of the same batch so the batch stays full. A missing or truncated shard raises UserError
-  naming it (``bad_shard="error"``) or is left out of the stream and listed in ``loader.stats`` (``"skip"``).
+* Train, epoch e of task t, global batch G = ``batch_size * world_size``, ``steps = ceil(N / G)``. The task's
+  shards (``manifest.task_shards``: the one place that says which shards a task reads), permuted with
+  ``(seed, t, e)``, are cut into S contiguous *streams* (``streams``, default 8) of near-equal length; a cut snaps
+  to a shard boundary when that keeps the pieces balanced (within half a piece) and no longer than
+  ``T = steps * G / S`` samples, else it falls inside a shard (the later stream reads that shard's prefix and drops
+  it: the only bytes read twice). Every stream reads its piece in order through a shuffle buffer seeded by
+  ``(seed, t, e, stream)``, then fills up to exactly T samples by drawing again from the last samples it emitted
+  (no byte is re-read). Global step i is the concatenation over streams of each stream's i-th chunk of G / S
+  samples, so it is a function of (seed, t, e) only. Rank r owns streams ``[r*S/W, (r+1)*S/W)`` and yields
+  exactly ``steps`` batches of G / W samples: equal step counts on every rank whatever the shard sizes, and the
+  same samples in global step i on 1, 2, 4 or 8 ranks (every world size dividing S; S must divide G). A world size
+  that does not divide S falls back to another S, with a warning that the batches then depend on the world size.
+  Within a rank, DataLoader worker w reads streams ``w, w + n, ...`` of the rank's streams and yields its part of
+  every step; the loader joins the parts of a step (the DataLoader returns them round-robin) in stream order, so a
+  batch is the same whatever ``num_workers`` is (at most S/W workers are used). Each sample's crop and flip come
+  from an RNG seeded by ``(seed, t, e, stream, index, key)``.
+  What differs with the world size: nothing in the samples or their augmentation; the float reduction order of the
+  gradient all-reduce does. What differs from a global shuffle: a global batch mixes S streams, each of which
+  mixes only within its shuffle buffer (``shuffle_buffer / S`` samples) and reads its shards in order.
+* Eval: the requested tasks' test shards in manifest order are cut into ``world_size * max(1, num_workers)``
+  pieces (snapped to shard boundaries within half a piece); (rank r, worker w) reads piece ``r * workers + w``.
+  Each sample is read exactly once; ranks may differ in batch count (sum the counts with an all-reduce).
+* A sample that cannot be decoded is skipped and counted (``loader.stats``); in train its stream draws the next
+  one instead, so batches stay full and stay a function of (seed, t, e). A remote read that fails mid-shard is
+  re-opened up to ``urls.RETRIES`` times with backoff, resuming after the last sample it got; then a UserError
+  names the shard and URL (``bad_shard="error"``) or its missing samples are counted as corrupt (``"skip"``).
+  Local shards are checked for existence and size first (no hashing).
+* ``cache_dir``: a remote shard is downloaded once to ``cache_dir/<sha256>.tar`` (streamed, its sha256 checked
+  against the manifest, atomically renamed) and read from there; later epochs and runs reuse it.
 
-The pipeline stages, in order (``_TrainShards.__iter__`` / ``_EvalShards.__iter__``): shard list -> split by rank
-and worker -> read tar members -> decode with a counting error handler -> shuffle -> transform -> batch.
+The pipeline stages, in order (``_TrainShards.__iter__`` / ``_EvalShards.__iter__``): shard list -> cut into
+streams by rank and worker -> read tar samples -> shuffle -> decode with a counting error handler -> transform ->
+batch (-> join the workers' parts).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import os
 import random
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
 import torch
+import webdataset.tariterators as wds_tar
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sdlora_dist.config import ShardPolicy
+from sdlora_dist.data import urls
 from sdlora_dist.data.images import open_rgb
 from sdlora_dist.data.manifest import Manifest, ShardInfo, load_manifest, shard_problem
 from sdlora_dist.errors import UserError
@@ -183,61 +209,11 @@ def eval_transform(img: Image.Image, spec: TransformSpec) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Reading tar shards
+# Reading shards: forward-only streams through webdataset's opener and tar iterators
 
 
 class ShardError(Exception):
-    """A shard file could not be read as a tar (truncated, corrupt, missing)."""
-
-
-class _ShardReader:
-    """Forward-only access to the samples of one shard by index; skipped members are seeked over, not read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self._fh = open(path, "rb")
-            self._tar = tarfile.open(fileobj=self._fh, mode="r:")
-            self._next = self._tar.next()
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            raise ShardError(f"{type(exc).__name__}: {exc}") from exc
-        self._index = -1
-
-    def get(self, index: int) -> tuple[str, dict[str, bytes]]:
-        """The key and ``{ext: bytes}`` of sample ``index`` (must be > the previous index asked for)."""
-        try:
-            while True:
-                if self._next is None:
-                    raise ShardError(f"ends after {self._index + 1} samples, sample {index} was expected")
-                key = _member_key(self._next)
-                members = []
-                while self._next is not None and _member_key(self._next) == key:
-                    members.append(self._next)
-                    self._next = self._tar.next()
-                self._index += 1
-                if self._index == index:
-                    return key, {m.name.split(".", 1)[1]: self._read(m) for m in members if "." in m.name}
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            raise ShardError(f"{type(exc).__name__}: {exc}") from exc
-
-    def _read(self, member: tarfile.TarInfo) -> bytes:
-        fh = self._tar.extractfile(member)
-        data = fh.read() if fh is not None else b""
-        if len(data) != member.size:
-            raise ShardError(f"member {member.name} is cut short")
-        return data
-
-    def close(self) -> None:
-        """Close the file."""
-        self._tar.close()
-        self._fh.close()
-
-
-def _member_key(member: tarfile.TarInfo) -> str:
-    return member.name.split(".", 1)[0]
-
-
-Locate = Callable[[int], tuple[Any, ShardInfo, int]]  # position -> (reader group id, shard, sample index)
+    """A shard could not be read to the count the manifest gives (truncated, corrupt, missing, connection cut)."""
 
 
 @dataclass
@@ -251,40 +227,126 @@ class _Item:
     error: str | None = None
 
 
-def _read_positions(positions: Iterable[int], locate: Locate, root: Path, bad_shard: str) -> Iterator[_Item]:
-    """Stream the samples at ascending ``positions``, opening each shard once per consecutive run of positions."""
-    group, reader, broken = None, None, None
+@dataclass(frozen=True)
+class _Segment:
+    """Samples ``[first, stop)`` of one shard, read by one stream (``first > 0``: the prefix is read and dropped)."""
+
+    shard: ShardInfo
+    first: int
+    stop: int
+
+
+def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one tar, in order: ``webdataset.gopen`` -> ``tar_file_expander`` -> ``group_by_keys``."""
+    stream = urls.open_stream(url)
     try:
-        for pos in positions:
-            gid, shard, index = locate(pos)
-            if gid != group:
-                if reader is not None:
-                    reader.close()
-                group, reader, broken = gid, None, None
-                try:
-                    reader = _ShardReader(root / shard.path)
-                except ShardError as exc:
-                    broken = _shard_failure(shard, str(exc), bad_shard)
-            if reader is not None and broken is None:
-                try:
-                    key, files = reader.get(index)
-                    yield _Item(pos, shard.path, key, files)
-                    continue
-                except ShardError as exc:
-                    broken = _shard_failure(shard, str(exc), bad_shard)
-            yield _Item(pos, shard.path, f"#{index}", None, f"bad shard: {broken}")
+        files = wds_tar.tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
+        yield from wds_tar.group_by_keys(files)
     finally:
-        if reader is not None:
-            reader.close()
+        try:
+            stream.close()
+        except OSError:  # a pipe stopped early exits on SIGPIPE; read errors already surfaced in read()
+            pass
 
 
-def _shard_failure(shard: ShardInfo, reason: str, bad_shard: str) -> str:
-    if bad_shard == "error":
-        raise UserError(
-            f"shard {shard.path} is unreadable ({reason}); re-create it with 'sdlora data prepare' or pass "
-            "bad_shard='skip' (data.bad_shard: skip) to leave it out"
-        )
-    return reason
+class _ShardSource:
+    """Where the shards are read from: the location, the optional local cache, the bad-shard policy."""
+
+    def __init__(self, location: str | Path, cache_dir: str | Path | None, bad_shard: str) -> None:
+        self.location, self.bad_shard = str(location), bad_shard
+        self.cache_dir = None if cache_dir is None or urls.is_local(location) else Path(cache_dir)
+
+    def url(self, shard: ShardInfo) -> str:
+        """The URL (or path) the shard is streamed from: the cached copy when the cache is on."""
+        remote = urls.join(self.location, shard.path)
+        return remote if self.cache_dir is None else str(self._cached(remote, shard))
+
+    def _cached(self, remote: str, shard: ShardInfo) -> Path:
+        """``cache_dir/<sha256>.tar``, downloaded once (streamed, hashed, atomically renamed) and checked."""
+        path = self.cache_dir / f"{shard.sha256}.tar"
+        if path.is_file() and path.stat().st_size == shard.bytes:
+            return path  # written only after its sha256 matched (below); a size change means it was altered
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{shard.sha256[:16]}.", suffix=".part")
+        os.close(fd)
+        try:
+            digest = urls.with_retries(remote, lambda: _download(remote, Path(tmp)), "download")
+            if digest != shard.sha256:
+                raise UserError(
+                    f"shard {remote} does not match the manifest's sha256 (got {digest[:12]}..., expected "
+                    f"{shard.sha256[:12]}...); re-upload the shard set or fix its manifest.json"
+                )
+            umask = os.umask(0o022)  # mkstemp files are 0600: give the cache the permissions of a normal file
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    def segment_items(self, seg: _Segment, position: int) -> Iterator[_Item]:
+        """The samples of ``seg`` in order; a failed remote read is re-opened (bounded, with backoff) and resumes
+        after the last sample it yielded; then the shard is named (``bad_shard='error'``) or its missing samples
+        come back as error items (``'skip'``), so the stream keeps its length."""
+        url = self.url(seg.shard)
+        done, failures = 0, 0
+        while True:
+            try:
+                yield from self._read(url, seg, done, position)
+                return
+            except _Progress as progress:
+                done, reason = progress.done, progress.reason
+            failures += 1
+            if urls.is_local(url) or failures > urls.RETRIES:
+                break
+            time.sleep(urls.BACKOFF_S * 2 ** (failures - 1))
+        tries = "" if urls.is_local(url) else f" after {failures} attempt(s)"
+        if self.bad_shard == "error":
+            raise UserError(
+                f"shard {seg.shard.path} is unreadable{tries} ({reason}) at {url}; re-create it with 'sdlora data "
+                "prepare' or pass bad_shard='skip' (data.bad_shard: skip) to leave it out"
+            )
+        for index in range(seg.first + done, seg.stop):
+            yield _Item(position + done, seg.shard.path, f"#{index}", None, f"bad shard: {reason}")
+            done += 1
+
+    @staticmethod
+    def _read(url: str, seg: _Segment, done: int, position: int) -> Iterator[_Item]:
+        index = -1
+        try:
+            for index, sample in enumerate(_tar_samples(url)):
+                if index >= seg.stop:
+                    return
+                if index >= seg.first + done:
+                    files = {k: v for k, v in sample.items() if not k.startswith("__")}
+                    yield _Item(position + done, seg.shard.path, sample["__key__"], files)
+                    done += 1
+            if index + 1 < seg.stop:
+                raise ShardError(f"ends after {index + 1} samples, the manifest says {seg.shard.count}")
+        except (ShardError, tarfile.TarError, *urls.REMOTE_ERRORS) as exc:
+            raise _Progress(done, f"{type(exc).__name__}: {urls.first_line(exc)}") from exc
+
+
+class _Progress(Exception):
+    """A read stopped after ``done`` samples of a segment, for ``reason``."""
+
+    def __init__(self, done: int, reason: str) -> None:
+        super().__init__(reason)
+        self.done, self.reason = done, reason
+
+
+def _download(url: str, dest: Path) -> str:
+    """Stream ``url`` into ``dest``; returns its sha256."""
+    digest = hashlib.sha256()
+    stream = urls.open_stream(url)
+    try:
+        with open(dest, "wb") as out:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+                out.write(block)
+    finally:
+        stream.close()
+    return digest.hexdigest()
 
 
 def _decode(item: _Item, delta: dict[str, Any], corrupt: str) -> tuple[Image.Image, int] | None:
@@ -315,18 +377,77 @@ def _check_policy(name: str, value: str) -> None:
         raise UserError(f"{name} must be one of {', '.join(POLICIES)} (got {value!r})")
 
 
-def _usable_shards(root: Path, shards: list[ShardInfo], bad_shard: str, bad: list[str]) -> list[ShardInfo]:
-    """Existence and size of every shard (no hashing); bad ones raise or are listed in ``bad`` and left out."""
+def _usable_shards(location: str, shards: list[ShardInfo], bad_shard: str, bad: list[str]) -> list[ShardInfo]:
+    """Existence and size of every local shard (no hashing); bad ones raise or are listed in ``bad`` and left out."""
     usable = []
     for shard in shards:
-        problem = shard_problem(root, shard)
+        problem = shard_problem(location, shard)
         if problem is None:
             usable.append(shard)
             continue
-        _shard_failure(shard, problem, bad_shard)
+        if bad_shard == "error":
+            raise UserError(
+                f"shard {shard.path} is unreadable ({problem}) at {urls.join(location, shard.path)}; re-create it "
+                "with 'sdlora data prepare' or pass bad_shard='skip' (data.bad_shard: skip) to leave it out"
+            )
         bad.append(shard.path)
         log_rank_zero(f"warning: skipping shard {shard.path} ({problem}) under bad_shard='skip'")
     return usable
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Planning from the manifest's counts
+
+
+def cut_pieces(counts: list[int], pieces: int, cap: int | None = None) -> list[list[tuple[int, int, int]]]:
+    """Cut shards (in order, with ``counts``) into ``pieces`` contiguous runs of near-equal length.
+
+    Returns per piece its ``(shard index, first, stop)`` runs. Cut k aims at ``k * N / pieces`` and snaps to the
+    nearest shard boundary within half a piece, so most pieces are whole shards (read once). ``cap`` bounds every
+    piece (train: the samples a stream emits per epoch); a cut that cannot snap inside the bounds falls inside a
+    shard, whose prefix the later piece reads and drops.
+    """
+    total = sum(counts)
+    bounds = np.cumsum([0] + list(counts))
+    cuts, prev = [0], 0
+    for k in range(1, pieces):
+        target = round(k * total / pieces)
+        lo = prev if cap is None else max(prev, total - cap * (pieces - k))
+        hi = total if cap is None else min(total, prev + cap)
+        near = bounds[(bounds >= lo) & (bounds <= hi)]
+        best = int(near[np.argmin(np.abs(near - target))]) if len(near) else None
+        prev = best if best is not None and abs(best - target) <= total / pieces / 2 else min(max(target, lo), hi)
+        cuts.append(prev)
+    cuts.append(total)
+    out = []
+    for begin, end in zip(cuts[:-1], cuts[1:], strict=True):
+        runs = [(i, max(begin - int(bounds[i]), 0), min(end - int(bounds[i]), c)) for i, c in enumerate(counts)]
+        out.append([run for run in runs if run[1] < run[2]])
+    return out
+
+
+def _plan(shards: list[ShardInfo], pieces: int, cap: int | None) -> list[list[_Segment]]:
+    """``cut_pieces`` as segments of ``shards``."""
+    return [
+        [_Segment(shards[i], a, b) for i, a, b in piece]
+        for piece in cut_pieces([s.count for s in shards], pieces, cap)
+    ]
+
+
+def stream_count(streams: int, world_size: int, batch_size: int) -> int:
+    """The number of train streams: ``streams`` when it is a multiple of ``world_size`` and divides the global
+    batch, else ``world_size * gcd(batch_size, streams // world_size)`` (then the global batches depend on the
+    world size; a warning says so)."""
+    if streams <= 0:
+        raise UserError(f"data.streams must be > 0 (got {streams})")
+    if streams % world_size == 0 and (batch_size * world_size) % streams == 0:
+        return streams
+    fallback = world_size * math.gcd(batch_size, max(1, streams // world_size))
+    log_rank_zero(
+        f"warning: data.streams={streams} does not split over {world_size} ranks x per-rank batch {batch_size}; "
+        f"using {fallback} streams, so these batches differ from runs on another number of ranks"
+    )
+    return fallback
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -334,84 +455,81 @@ def _usable_shards(root: Path, shards: list[ShardInfo], bad_shard: str, bad: lis
 
 
 class _TrainShards(IterableDataset):
-    """One rank's epoch of one task: exactly ``steps`` full batches (see the module docstring)."""
+    """One rank's epoch of one task: its streams' chunks of every global step (see the module docstring)."""
 
-    def __init__(self, root: Path, shards: list[ShardInfo], *, task: int, epoch: int, seed: int, rank: int,
-                 world_size: int, batch_size: int, steps: int, spec: TransformSpec, corrupt: str, bad_shard: str,
-                 shuffle_buffer: int) -> None:  # fmt: skip
+    def __init__(self, source: _ShardSource, shards: list[ShardInfo], *, task: int, epoch: int, seed: int,
+                 rank: int, world_size: int, batch_size: int, steps: int, streams: int, spec: TransformSpec,
+                 corrupt: str, shuffle_buffer: int) -> None:  # fmt: skip
         super().__init__()
-        self.root, self.shards, self.spec = root, [s for s in shards if s.count > 0], spec
-        self.task, self.epoch, self.seed, self.rank, self.world_size = task, epoch, seed, rank, world_size
-        self.batch_size, self.steps, self.corrupt, self.bad_shard = batch_size, steps, corrupt, bad_shard
-        self.window_batches = max(1, shuffle_buffer // batch_size)
-        self.total = sum(s.count for s in self.shards)
-
-    def _pass_layout(self, pass_index: int) -> tuple[list[int], np.ndarray]:
-        order = np.random.default_rng([self.seed, self.task, self.epoch, pass_index]).permutation(len(self.shards))
-        return order.tolist(), np.cumsum([0] + [self.shards[i].count for i in order.tolist()])
-
-    def _locator(self) -> Locate:
-        layouts: dict[int, tuple[list[int], np.ndarray]] = {}
-
-        def locate(pos: int) -> tuple[Any, ShardInfo, int]:
-            pass_index, offset = divmod(pos, self.total)
-            if pass_index not in layouts:
-                layouts[pass_index] = self._pass_layout(pass_index)
-            order, starts = layouts[pass_index]
-            slot = int(np.searchsorted(starts, offset, side="right")) - 1
-            return (pass_index, slot), self.shards[order[slot]], offset - int(starts[slot])
-
-        return locate
-
-    def _window_batches(self, window: int) -> list[np.ndarray]:
-        """Stream positions of each batch of one window (a seeded permutation of the window's positions)."""
-        first = window * self.window_batches
-        n_batches = min(self.steps, first + self.window_batches) - first
-        start = self.rank * self.steps * self.batch_size + first * self.batch_size
-        n = n_batches * self.batch_size
-        perm = np.random.default_rng([self.seed, self.task, self.epoch, start]).permutation(n)
-        return [start + perm[b * self.batch_size : (b + 1) * self.batch_size] for b in range(n_batches)]
+        self.source, self.spec, self.corrupt = source, spec, corrupt
+        self.task, self.epoch, self.seed, self.rank, self.steps = task, epoch, seed, rank, steps
+        self.chunk = batch_size * world_size // streams  # samples per stream per global step
+        self.buffer = max(1, shuffle_buffer // streams)
+        per_rank = streams // world_size
+        self.rank_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
+        shards = [s for s in shards if s.count > 0]
+        order = np.random.default_rng([seed, task, epoch]).permutation(len(shards)).tolist()
+        self.pieces = _plan([shards[i] for i in order], streams, steps * self.chunk)
 
     def __iter__(self) -> Iterator[tuple]:
         worker, num_workers = _worker()
-        locate = self._locator()
-        n_windows = math.ceil(self.steps / self.window_batches)
-        for window in range(n_windows):
-            batches = self._window_batches(window)
-            first = window * self.window_batches
-            mine = [(first + b, pos) for b, pos in enumerate(batches) if (first + b) % num_workers == worker]
-            if not mine:
-                continue
-            wanted = np.sort(np.concatenate([pos for _, pos in mine]))
-            items = {it.position: it for it in _read_positions(wanted.tolist(), locate, self.root, self.bad_shard)}
-            for batch_index, positions in mine:
-                yield self._batch(batch_index, [items[int(p)] for p in positions])
-
-    def _batch(self, batch_index: int, items: list[_Item]) -> tuple:
+        mine = self.rank_streams[worker::num_workers]
         delta = _new_delta()
-        images: list[torch.Tensor | None] = []
-        labels: list[int | None] = []
-        keys: list[str | None] = []
-        for item in items:
+        gens = {s: self._stream(s, delta) for s in mine}
+        for _ in range(self.steps):
+            images, labels, keys, owners = [], [], [], []
+            for s in mine:
+                for _ in range(self.chunk):
+                    image, label, key = next(gens[s])
+                    images.append(image), labels.append(label), keys.append(key), owners.append(s)
+            delta["samples"] += len(images)
+            batch = normalize_batch(torch.stack(images), self.spec)
+            yield batch, torch.tensor(labels, dtype=torch.int64), keys, torch.tensor(owners), dict(delta)
+            delta.update(_new_delta())
+
+    def _stream(self, s: int, delta: dict[str, Any]) -> Iterator[tuple[torch.Tensor, int, str]]:
+        """Stream ``s``: its piece read in order through a seeded shuffle buffer, then refills drawn from the last
+        samples it emitted, ``steps * chunk`` samples in all; corrupt samples are skipped (counted) and replaced."""
+        rng = random.Random(int.from_bytes(hashlib.blake2b(f"{self.seed}/{self.task}/{self.epoch}/{s}".encode(),
+                                                           digest_size=8).digest(), "little"))  # fmt: skip
+        recent: list[_Item] = []
+        emitted = 0
+        for item in self._shuffled(s, rng):
             decoded = _decode(item, delta, self.corrupt)
             if decoded is None:
-                images.append(None), labels.append(None), keys.append(None)
+                delta["refilled"] += 1
                 continue
-            img, label = decoded
-            rng = sample_rng(self.seed, self.task, self.epoch, item.position, item.key)
-            images.append(to_uint8_chw(train_crop(img, self.spec, rng))), labels.append(label), keys.append(item.key)
-        good = [i for i, x in enumerate(images) if x is not None]
-        if not good:
+            recent = (recent + [item])[-self.buffer :]
+            yield self._transform(s, emitted, item, decoded)
+            emitted += 1
+            if emitted == self.steps * self.chunk:
+                return
+        if not recent:
             raise UserError(
-                f"task {self.task} epoch {self.epoch}: every sample of batch {batch_index} on rank {self.rank} is "
-                "unreadable; check the shards with 'sdlora data inspect --verify'"
+                f"task {self.task} epoch {self.epoch}: stream {s} on rank {self.rank} has no readable sample; "
+                "check the shards with 'sdlora data inspect --verify'"
             )
-        delta["samples"] += len(good)
-        for n, i in enumerate(x for x in range(len(images)) if images[x] is None):  # keep the batch full
-            src = good[n % len(good)]
-            images[i], labels[i], keys[i] = images[src], labels[src], keys[src]
-            delta["refilled"] += 1
-        return normalize_batch(torch.stack(images), self.spec), torch.tensor(labels, dtype=torch.int64), keys, delta
+        while emitted < self.steps * self.chunk:  # the piece is shorter than the stream: refill from the buffer
+            item = recent[rng.randrange(len(recent))]
+            yield self._transform(s, emitted, item, _decode(item, delta, self.corrupt))
+            emitted += 1
+
+    def _shuffled(self, s: int, rng: random.Random) -> Iterator[_Item]:
+        """The piece's samples through a shuffle buffer of ``self.buffer`` items (webdataset's algorithm, seeded)."""
+        pool: list[_Item] = []
+        position = 0
+        for seg in self.pieces[s]:
+            for item in self.source.segment_items(seg, position):
+                position += 1
+                pool.append(item)
+                if len(pool) >= self.buffer:
+                    yield pool.pop(rng.randrange(len(pool)))
+        while pool:
+            yield pool.pop(rng.randrange(len(pool)))
+
+    def _transform(self, s: int, index: int, item: _Item, decoded: tuple[Image.Image, int]) -> tuple:
+        rng = sample_rng(self.seed, self.task, self.epoch, s, index, item.key)
+        return to_uint8_chw(train_crop(decoded[0], self.spec, rng)), decoded[1], item.key
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -419,41 +537,34 @@ class _TrainShards(IterableDataset):
 
 
 class _EvalShards(IterableDataset):
-    """One rank's contiguous share of the requested tasks' test samples, each read exactly once."""
+    """One (rank, worker)'s contiguous piece of the requested tasks' test samples, each read exactly once."""
 
-    def __init__(self, root: Path, shards: list[ShardInfo], *, rank: int, world_size: int, batch_size: int,
-                 spec: TransformSpec, corrupt: str, bad_shard: str) -> None:  # fmt: skip
+    def __init__(self, source: _ShardSource, shards: list[ShardInfo], *, rank: int, world_size: int, batch_size: int,
+                 workers: int, spec: TransformSpec, corrupt: str) -> None:  # fmt: skip
         super().__init__()
-        self.root, self.shards, self.spec = root, [s for s in shards if s.count > 0], spec
-        self.batch_size, self.corrupt, self.bad_shard = batch_size, corrupt, bad_shard
-        self.starts = np.cumsum([0] + [s.count for s in self.shards])
-        total = int(self.starts[-1])
-        self.begin, self.end = rank * total // world_size, (rank + 1) * total // world_size
-
-    def _locate(self, pos: int) -> tuple[Any, ShardInfo, int]:
-        slot = int(np.searchsorted(self.starts, pos, side="right")) - 1
-        return slot, self.shards[slot], pos - int(self.starts[slot])
+        self.source, self.spec, self.corrupt, self.batch_size = source, spec, corrupt, batch_size
+        self.rank, self.workers = rank, max(1, workers)
+        self.pieces = _plan([s for s in shards if s.count > 0], world_size * self.workers, None)
 
     def __iter__(self) -> Iterator[tuple]:
-        worker, num_workers = _worker()
-        starts = range(self.begin, self.end, self.batch_size)
-        bounds = [(b, min(b + self.batch_size, self.end)) for b in starts][worker::num_workers]
-        positions = (p for lo, hi in bounds for p in range(lo, hi))
-        stream = _read_positions(positions, self._locate, self.root, self.bad_shard)
-        for lo, hi in bounds:
+        worker, _ = _worker()
+        items = (
+            it for seg in self.pieces[self.rank * self.workers + worker] for it in self.source.segment_items(seg, 0)
+        )
+        while True:
+            chunk = list(itertools.islice(items, self.batch_size))
+            if not chunk:
+                return
             delta = _new_delta()
             images, labels, keys = [], [], []
-            for item in (next(stream) for _ in range(hi - lo)):
+            for item in chunk:
                 decoded = _decode(item, delta, self.corrupt)
                 if decoded is not None:
                     images.append(to_uint8_chw(eval_crop(decoded[0], self.spec))), labels.append(decoded[1])
                     keys.append(item.key)
             delta["samples"] += len(images)
-            if images:
-                batch = normalize_batch(torch.stack(images), self.spec)
-                yield batch, torch.tensor(labels, dtype=torch.int64), keys, delta
-            else:
-                yield None, None, [], delta
+            batch = normalize_batch(torch.stack(images), self.spec) if images else None
+            yield batch, torch.tensor(labels, dtype=torch.int64), keys, None, delta
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -467,13 +578,12 @@ def _identity(item: Any) -> Any:
 class ShardLoader:
     """An iterable of ``(images, labels)`` batches (``(images, labels, keys)`` with ``with_keys``) with ``stats``.
 
-    ``stats`` (LoaderStats) sums what every worker skipped; read it after the loop.
+    ``stats`` (LoaderStats) sums what every worker skipped; read it after the loop. A train batch is assembled
+    here from one part per worker (the DataLoader hands parts back round-robin), ordered by stream.
     """
 
     def __init__(self, dataset: IterableDataset, *, num_workers: int, length: int | None, with_keys: bool,
                  stats: LoaderStats) -> None:  # fmt: skip
-        if num_workers < 0:
-            raise UserError(f"num_workers must be >= 0 (got {num_workers})")
         self.dataset, self.num_workers, self.length, self.with_keys, self.stats = (
             dataset, num_workers, length, with_keys, stats,
         )  # fmt: skip
@@ -485,17 +595,34 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[tuple]:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        parts_per_batch = max(1, self.num_workers) if self.length is not None else 1
         try:
-            for images, labels, keys, delta in loader:
-                self.stats.add(delta)
-                if images is not None:
-                    yield (images, labels, keys) if self.with_keys else (images, labels)
+            parts = []
+            for part in loader:
+                self.stats.add(part[4])
+                parts.append(part)
+                if len(parts) == parts_per_batch:
+                    batch = _join_parts(parts)
+                    parts = []
+                    if batch[0] is not None:
+                        yield batch if self.with_keys else batch[:2]
         except UserError as exc:  # re-raised from a worker with its traceback in the text: keep the message line
             text = str(exc)
             if "Original Traceback" in text:
                 last = [ln for ln in text.splitlines() if ln.strip()][-1]
                 raise UserError(last.split("UserError: ", 1)[-1]) from None
             raise
+
+
+def _join_parts(parts: list[tuple]) -> tuple:
+    """One batch from the workers' parts of a step, in stream order (eval: the single part as it is)."""
+    if len(parts) == 1:
+        return parts[0][0], parts[0][1], parts[0][2]
+    owners = torch.cat([p[3] for p in parts])
+    order = torch.argsort(owners, stable=True)
+    keys = [k for p in parts for k in p[2]]
+    images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return images[order], labels[order], [keys[i] for i in order.tolist()]
 
 
 def train_steps_per_epoch(manifest: Manifest, task: int, global_batch: int) -> int:
@@ -508,11 +635,13 @@ def train_steps_per_epoch(manifest: Manifest, task: int, global_batch: int) -> i
     return math.ceil(n / global_batch)
 
 
-def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+def _check_args(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
     if world_size <= 0 or not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
     if batch_size <= 0:
         raise UserError(f"batch_size must be > 0 (got {batch_size})")
+    if num_workers < 0:
+        raise UserError(f"num_workers must be >= 0 (got {num_workers})")
 
 
 def make_train_loader(
@@ -530,27 +659,32 @@ def make_train_loader(
     corrupt: str = "skip",
     bad_shard: str = "error",
     shuffle_buffer: int = 2048,
+    streams: int = 8,
+    cache_dir: str | Path | None = None,
     with_keys: bool = False,
 ) -> ShardLoader:
     """One epoch of ``task`` for this rank: exactly ``steps_per_epoch`` batches of ``batch_size`` (per rank).
 
-    Reads only the task's train shards. Deterministic in (seed, task, epoch, rank, world_size), whatever
-    ``num_workers``. Labels are global (int64); images NCHW float, normalised with ``spec``.
+    ``shards_dir`` is a folder or URL (``urls``). Reads only the task's train shards. Global step i holds the same
+    samples on any number of ranks that divides ``streams`` (rank r holds its slice), deterministic in (seed, task,
+    epoch) whatever ``num_workers``. Labels are global (int64); images NCHW float, normalised with ``spec``.
     """
     _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample()
-    _check_rank(rank, world_size, batch_size)
-    root = Path(shards_dir)
-    manifest = load_manifest(root)
+    _check_args(rank, world_size, batch_size, num_workers)
+    manifest = load_manifest(shards_dir)
     steps = steps_per_epoch or train_steps_per_epoch(manifest, task, batch_size * world_size)
     stats = LoaderStats()
-    shards = _usable_shards(root, manifest.task_shards("train", task), bad_shard, stats.bad_shards)
+    shards = _usable_shards(str(shards_dir), manifest.task_shards("train", task), bad_shard, stats.bad_shards)
     if not any(s.count for s in shards):
-        raise UserError(f"task {task}: no readable train shard left in {root}")
+        raise UserError(f"task {task}: no readable train shard left in {shards_dir}")
+    n_streams = stream_count(streams, world_size, batch_size)
     dataset = _TrainShards(
-        root, shards, task=task, epoch=epoch, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
-        steps=steps, spec=spec, corrupt=corrupt, bad_shard=bad_shard, shuffle_buffer=shuffle_buffer,
+        _ShardSource(shards_dir, cache_dir, bad_shard), shards, task=task, epoch=epoch, seed=seed, rank=rank,
+        world_size=world_size, batch_size=batch_size, steps=steps, streams=n_streams, spec=spec, corrupt=corrupt,
+        shuffle_buffer=shuffle_buffer,
     )  # fmt: skip
-    return ShardLoader(dataset, num_workers=num_workers, length=steps, with_keys=with_keys, stats=stats)
+    workers = min(num_workers, len(dataset.rank_streams))
+    return ShardLoader(dataset, num_workers=workers, length=steps, with_keys=with_keys, stats=stats)
 
 
 def make_eval_loader(
@@ -564,6 +698,7 @@ def make_eval_loader(
     num_workers: int = 0,
     corrupt: str = "skip",
     bad_shard: str = "error",
+    cache_dir: str | Path | None = None,
     with_keys: bool = False,
 ) -> ShardLoader:
     """The test samples of ``tasks``, each exactly once across all ranks and workers (no padding).
@@ -571,14 +706,13 @@ def make_eval_loader(
     Ranks may get different batch counts (sum the counts with an all-reduce); the last batch may be short.
     """
     _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample()
-    _check_rank(rank, world_size, batch_size)
-    root = Path(shards_dir)
-    manifest = load_manifest(root)
+    _check_args(rank, world_size, batch_size, num_workers)
+    manifest = load_manifest(shards_dir)
     stats = LoaderStats()
     shards = [s for t in tasks for s in manifest.task_shards("test", t)]
-    shards = _usable_shards(root, shards, bad_shard, stats.bad_shards)
+    shards = _usable_shards(str(shards_dir), shards, bad_shard, stats.bad_shards)
     dataset = _EvalShards(
-        root, shards, rank=rank, world_size=world_size, batch_size=batch_size, spec=spec, corrupt=corrupt,
-        bad_shard=bad_shard,
+        _ShardSource(shards_dir, cache_dir, bad_shard), shards, rank=rank, world_size=world_size,
+        batch_size=batch_size, workers=num_workers, spec=spec, corrupt=corrupt,
     )  # fmt: skip
     return ShardLoader(dataset, num_workers=num_workers, length=None, with_keys=with_keys, stats=stats)
