@@ -10,6 +10,7 @@
         adapters.safetensors      every non-frozen-base tensor: factors, magnitudes, head (ADAPTERS_FILE)
         layout.json               model.layout(): tasks, ranks, frozen/current keys, KD/RR decisions
         progress.json             recipe progress: accuracy row, timings, magnitudes (kept apart from weights)
+        head_stats.safetensors    train.head_align=gaussian only: this task's class statistics (HEAD_STATS_FILE)
       engine/                     mid-task DeepSpeed checkpoints (recipe-owned)
       metrics.json, metrics.csv   the accuracy matrix and summary metrics
 
@@ -43,6 +44,7 @@ ADAPTERS_FILE = "adapters.safetensors"
 LAYOUT_FILE = "layout.json"
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.json"
+HEAD_STATS_FILE = "head_stats.safetensors"  # issue 13 (head_align.py)
 
 
 def task_dir_name(task: int) -> str:
@@ -105,8 +107,18 @@ def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise
 
 
-def save_task_checkpoint(run_dir: Path, task: int, model: Any, progress: dict[str, Any]) -> Path:
-    """Write ``tasks/task_XXX`` atomically: adapter tensors, layout, recipe progress. Returns the folder."""
+def save_task_checkpoint(
+    run_dir: Path,
+    task: int,
+    model: Any,
+    progress: dict[str, Any],
+    *,
+    head_stats: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``tasks/task_XXX`` atomically: adapter tensors, layout, recipe progress (+ head statistics).
+
+    Returns the folder.
+    """
     rest = adapter_state(model)
     layout = model.layout()
 
@@ -114,14 +126,32 @@ def save_task_checkpoint(run_dir: Path, task: int, model: Any, progress: dict[st
         save_file(rest, str(tmp / ADAPTERS_FILE))
         (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))
         (tmp / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+        if head_stats is not None:  # issue 13: inside the folder's atomic rename, so resume never misses them
+            save_head_stats(tmp, head_stats)
 
     final = run_dir / TASKS_DIR / task_dir_name(task)
     atomic_dir(final, fill)
     return final
 
 
+def save_head_stats(folder: Path, stats: dict[str, torch.Tensor]) -> None:
+    """Write head_align's statistics of one task into (the temporary copy of) its task folder (issue 13)."""
+    save_file(_contiguous_cpu(stats), str(folder / HEAD_STATS_FILE))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
+
+
+def load_head_stats(run_dir: str | Path, task: int) -> dict[str, torch.Tensor] | None:
+    """head_align's statistics of ``task`` (None when the task was trained without them; issue 13)."""
+    path = Path(run_dir) / TASKS_DIR / task_dir_name(task) / HEAD_STATS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (OSError, RuntimeError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); the run directory is damaged") from exc
 
 
 def completed_tasks(run_dir: str | Path) -> list[int]:

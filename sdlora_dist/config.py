@@ -29,6 +29,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NORMALIZE = ("model", "none", "imagenet", "half")
 CORRUPT_POLICIES = ("error", "skip")
+HEAD_ALIGN = ("none", "gaussian")  # issue 13: opt-in classifier alignment (sdlora_dist/head_align.py)
+HEAD_ALIGN_COV = ("shared", "diag", "full")
 
 
 class ConfigError(UserError):
@@ -129,6 +131,25 @@ class TrainConfig:
     max_steps_per_epoch: int | None = field(default=None, metadata=_help("Cap steps per epoch (smoke runs)."))
     timeout_s: int = field(default=600, metadata=_help("Process-group timeout: a dead rank ends the job after this."))
     tasks: int | None = field(default=None, metadata=_help("Train only the first N tasks of the shards (null = all)."))
+    # issue 13 (head_align.py): not in the paper; 'none' keeps the paper's method exactly
+    head_align: str = field(
+        default="none",
+        metadata=_help(
+            "'none' (the paper) or 'gaussian': after each task, retrain the head of all seen classes on features "
+            "sampled from stored per-class Gaussians (SLCA-style classifier alignment, no images kept)."
+        ),
+    )
+    head_align_cov: str = field(
+        default="shared",
+        metadata=_help(
+            "Covariance kept per class: 'shared' (one pooled within-class covariance, d^2 in all; well estimated "
+            "when classes have fewer samples than d), 'diag' (d per class) or 'full' (d^2 per class)."
+        ),
+    )
+    head_align_epochs: int = field(default=5, metadata=_help("head_align: epochs over freshly sampled features."))
+    head_align_samples: int = field(default=256, metadata=_help("head_align: features sampled per class per epoch."))
+    head_align_lr: float = field(default=0.01, metadata=_help("head_align: SGD (momentum 0.9) learning rate."))
+    head_align_batch_size: int = field(default=128, metadata=_help("head_align: batch size of sampled features."))
 
 
 @dataclass
@@ -337,6 +358,8 @@ def validate(cfg: Config) -> list[str]:
     errors += _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     errors += _choice("train.precision", t.precision, PRECISIONS)
     errors += _choice("data.normalize", d.normalize, NORMALIZE)
+    errors += _choice("train.head_align", t.head_align, HEAD_ALIGN)  # issue 13
+    errors += _choice("train.head_align_cov", t.head_align_cov, HEAD_ALIGN_COV)  # issue 13
     errors += _choice("data.corrupt", d.corrupt, CORRUPT_POLICIES)
     errors += _choice("data.bad_shard", d.bad_shard, CORRUPT_POLICIES)
     if a.rank <= 0:
@@ -377,6 +400,9 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"train.tasks: must be > 0 (got {t.tasks})")
     if t.max_steps_per_epoch is not None and t.max_steps_per_epoch <= 0:
         errors.append(f"train.max_steps_per_epoch: must be > 0 (got {t.max_steps_per_epoch})")
+    for key in ("head_align_epochs", "head_align_samples", "head_align_batch_size", "head_align_lr"):  # issue 13
+        if not getattr(t, key) > 0:
+            errors.append(f"train.{key}: must be > 0 (got {getattr(t, key)})")
     return errors
 
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import distributed as dist
+from sdlora_dist import head_align  # issue 13
 from sdlora_dist.config import Config, DataConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader
@@ -351,6 +352,7 @@ def run_task(
     model.to(env.device)
     with timed(times, "train"):
         train_stats = train_task(cfg, model, task, manifest, env, spec)
+    aligned = head_align.run(cfg, model, task, env, spec, evaluate, times)  # issue 13: 'none' does nothing
     with timed(times, "eval"):
         correct, totals = evaluate(cfg, model, task, env, spec)
     dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
@@ -363,12 +365,13 @@ def run_task(
         "magnitudes": {k: p.detach().float().cpu().tolist() for k, p in model.magnitudes.values.items()},
         "train": train_stats,
         "world_size": env.world_size,
+        "head_align": aligned.record(correct, totals),  # issue 13
         "time_s": times,
     }
     progress.tasks.append(record)
     with timed(times, "checkpoint"):
         if env.is_main:
-            ckpt.save_task_checkpoint(Path(cfg.run_dir), task, model, progress.to_dict())
+            ckpt.save_task_checkpoint(Path(cfg.run_dir), task, model, progress.to_dict(), head_stats=aligned.stats)
             write_metrics(Path(cfg.run_dir), progress)
             shutil.rmtree(Path(cfg.run_dir) / ENGINE_DIR / ckpt.task_dir_name(task), ignore_errors=True)
         dist.barrier()

@@ -565,8 +565,9 @@ def make_eval_loader(
     corrupt: str = "skip",
     bad_shard: str = "error",
     with_keys: bool = False,
+    split: str = "test",
 ) -> ShardLoader:
-    """The test samples of ``tasks``, each exactly once across all ranks and workers (no padding).
+    """The ``split`` samples of ``tasks``, each exactly once across all ranks and workers (no padding).
 
     Ranks may get different batch counts (sum the counts with an all-reduce); the last batch may be short.
     """
@@ -575,7 +576,7 @@ def make_eval_loader(
     root = Path(shards_dir)
     manifest = load_manifest(root)
     stats = LoaderStats()
-    shards = [s for t in tasks for s in manifest.task_shards("test", t)]
+    shards = [s for t in tasks for s in manifest.task_shards(split, t)]  # split="train": head_align's stats pass
     shards = _usable_shards(root, shards, bad_shard, stats.bad_shards)
     dataset = _EvalShards(
         root, shards, rank=rank, world_size=world_size, batch_size=batch_size, spec=spec, corrupt=corrupt,
