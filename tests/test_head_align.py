@@ -274,3 +274,13 @@ def test_none_trains_exactly_what_gaussian_trains_apart_from_the_head(digits_sha
     assert [t["head_align"] for t in m_none["tasks"]] == [{"mode": "none"}] * 3
     assert all(set(t["time_s"]) == {"consolidate", "train", "eval", "checkpoint"} for t in m_none["tasks"])
     assert m_gauss["tasks"][0]["head_align"]["before"]["correct"] == m_none["accuracy"]["correct"][0]
+
+
+def test_missing_statistics_of_an_earlier_task_is_one_readable_error(tmp_path):
+    from sdlora_dist.checkpoint import HEAD_STATS_FILE
+    from sdlora_dist.errors import UserError
+
+    (tmp_path / "tasks" / "task_000").mkdir(parents=True)
+    with pytest.raises(UserError, match=f"task 0 of .* has no 'shared' head statistics \\({HEAD_STATS_FILE}\\)"):
+        ha.load_previous_stats(tmp_path, 1, "shared")
+    assert ha.load_previous_stats(tmp_path, 0, "shared") == []
