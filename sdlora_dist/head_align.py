@@ -285,7 +285,7 @@ def _head_checksum(model: torch.nn.Module) -> str:
                           ).hexdigest()  # fmt: skip
 
 
-def _set_head(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def set_head(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """Write [C, d] / [C] back into the per-task rows (requires_grad flags stay as they are)."""
     rows = 0
     with torch.no_grad():
@@ -313,7 +313,7 @@ def _gaussian(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv,
         weight, bias = align_head(weight, bias, seen, epochs=t.head_align_epochs, per_class=t.head_align_samples,
                                   lr=t.head_align_lr, batch_size=t.head_align_batch_size, generator=generator,
                                   device=env.device)  # fmt: skip
-        _set_head(model, weight, bias)
+        set_head(model, weight, bias)
     dist.broadcast_tensors([p.data for p in [*model.head.weight.values(), *model.head.bias.values()]], src=0)
     times["head_align"] = time.perf_counter() - mark
     log_all_ranks(f"task {task}: aligned head checksum {_head_checksum(model)[:16]}")
