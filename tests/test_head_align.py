@@ -284,3 +284,15 @@ def test_missing_statistics_of_an_earlier_task_is_one_readable_error(tmp_path):
     with pytest.raises(UserError, match=f"task 0 of .* has no 'shared' head statistics \\({HEAD_STATS_FILE}\\)"):
         ha.load_previous_stats(tmp_path, 1, "shared")
     assert ha.load_previous_stats(tmp_path, 0, "shared") == []
+
+
+def test_rank_agreement_checksum_covers_the_aligned_head(tiny_cfg):
+    from sdlora_dist.model import build_model
+    from sdlora_dist.recipe import adapter_checksum
+
+    model = build_model(tiny_cfg())
+    model.add_task(2)
+    before = adapter_checksum(model)
+    weight, bias = model.head.full()
+    ha.set_head(model, weight, bias + 1e-3)  # what alignment writes; the checksum must see it
+    assert adapter_checksum(model) != before
