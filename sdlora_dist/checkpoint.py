@@ -15,6 +15,8 @@
                                   and a task's head rows, "head.task_03") and "sha256" (file name -> sha256 of this
                                   folder's files, checked on load)
         progress.json             this task's own recipe record and accuracy row (kept apart from weights)
+        head_stats.safetensors    train.head_align=gaussian only: this task's class statistics (HEAD_STATS_FILE),
+                                  its sha256 in layout.json like the adapters'
       engine/task_03/             mid-task DeepSpeed checkpoints (recipe-owned)
       metrics.json, metrics.csv   the whole accuracy matrix, summary metrics and every task's record
 
@@ -62,6 +64,7 @@ LAYOUT_FILE = "layout.json"
 PROGRESS_FILE = "progress.json"
 METRICS_FILE = "metrics.json"
 METRICS_CSV = "metrics.csv"
+HEAD_STATS_FILE = "head_stats.safetensors"  # written by head_align.py
 
 
 CHECKPOINT_KEY = "checkpoint"  # layout.json block: format, sources, sha256
@@ -178,14 +181,19 @@ def _previous_sources(run_dir: Path, task: int) -> dict[str, str]:
     return {key: folder.name for key in keys}  # format 1: the folder holds every tensor itself
 
 
-def tensor_sources(run_dir: Path, task: int, model: Any) -> dict[str, str]:
+def tensor_sources(run_dir: Path, task: int, model: Any, *, heads_rewritten: bool = False) -> dict[str, str]:
     """Where each task's factors and head rows are stored once task ``task`` is saved: those already on disk stay
     where they are (a frozen pair never changes, nor do a closed task's head rows); the open pair (trained by every
-    task under lora-seq) and anything not yet on disk go here."""
+    task under lora-seq), anything not yet on disk and, when ``heads_rewritten`` (head alignment retrained every
+    seen class's row), every head row go here."""
     own = task_dir_name(task)
     previous = _previous_sources(run_dir, task)
     keys = [*model.adapters[0].lora_A, *(f"head.{k}" for k in model.head.weight)]
-    return {key: previous[key] if key != model.current_key and key in previous else own for key in keys}
+
+    def moved(key: str) -> bool:
+        return key == model.current_key or key not in previous or (heads_rewritten and key.startswith("head."))
+
+    return {key: own if moved(key) else previous[key] for key in keys}
 
 
 def save_task_checkpoint(
@@ -198,9 +206,12 @@ def save_task_checkpoint(
     metrics: dict[str, Any] | None = None,
     metrics_csv: str | None = None,
     discard: Path | None = None,
+    head_stats: dict[str, torch.Tensor] | None = None,
 ) -> Path | None:
     """On rank 0, write ``tasks/task_XX`` atomically (this task's tensors, layout, ``progress``), then the run's
     metrics files, then remove ``discard`` (the task's engine checkpoints). Other ranks return None at once.
+    ``head_stats`` (head_align's class statistics) go inside the folder, so a resumed run never misses them; their
+    presence means alignment rewrote every seen class's head row, so all head rows are stored here.
 
     ``times`` (the caller's per-phase timings, also referenced by ``progress`` and ``metrics``) gets
     ``times["checkpoint"]``: the seconds spent up to writing the JSON, so every file is written once.
@@ -209,7 +220,7 @@ def save_task_checkpoint(
         return None
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    sources = tensor_sources(run_dir, task, model)
+    sources = tensor_sources(run_dir, task, model, heads_rewritten=head_stats is not None)
     own = task_dir_name(task)
     tensors = {k: v for k, v in adapter_state(model).items() if sources.get(_group_of(k) or "", own) == own}
     layout = model.layout()
@@ -217,6 +228,9 @@ def save_task_checkpoint(
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / ADAPTERS_FILE))
         checks = {ADAPTERS_FILE: file_sha256(tmp / ADAPTERS_FILE)}
+        if head_stats is not None:
+            save_head_stats(tmp, head_stats)
+            checks[HEAD_STATS_FILE] = file_sha256(tmp / HEAD_STATS_FILE)
         block = {"format": FORMAT, "sources": sources, "sha256": checks}
         (tmp / LAYOUT_FILE).write_text(json.dumps({**layout, CHECKPOINT_KEY: block}, indent=2))
         if times is not None:
@@ -237,8 +251,27 @@ def save_task_checkpoint(
     return final
 
 
+def save_head_stats(folder: Path, stats: dict[str, torch.Tensor]) -> None:
+    """Write head_align's statistics of one task into (the temporary copy of) its task folder."""
+    save_file(_contiguous_cpu(stats), str(folder / HEAD_STATS_FILE))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading
+
+
+def load_head_stats(run_dir: str | Path, task: int) -> dict[str, torch.Tensor] | None:
+    """head_align's statistics of ``task`` (None when the task was trained without them), checked against the
+    sha256 its layout recorded."""
+    folder = task_folder(Path(run_dir) / TASKS_DIR, task)
+    path = folder / HEAD_STATS_FILE
+    if not path.is_file():
+        return None
+    _check_recorded_sha256(folder, read_json(folder / LAYOUT_FILE), HEAD_STATS_FILE)
+    try:
+        return load_file(str(path))
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); the run directory is damaged") from exc
 
 
 def completed_tasks(run_dir: str | Path) -> list[int]:
@@ -273,17 +306,22 @@ def load_run_config(run_dir: str | Path) -> Config:
     return cfg
 
 
+def _check_recorded_sha256(folder: Path, layout: dict[str, Any], name: str) -> None:
+    """UserError when ``folder/name`` differs from the sha256 its layout recorded (format 1 recorded none)."""
+    expected = layout.get(CHECKPOINT_KEY, {}).get("sha256", {}).get(name)
+    if expected is not None and (got := file_sha256(folder / name)) != expected:
+        raise UserError(
+            f"{folder / name}: sha256 {got[:16]}... does not match {expected[:16]}... recorded in "
+            f"{folder / LAYOUT_FILE}; the run directory is damaged (restore the file or retrain from an earlier task)"
+        )
+
+
 def _verified_tensors(folder: Path, layout: dict[str, Any], groups: set[str] | None) -> dict[str, torch.Tensor]:
     """Tensors of ``folder``'s adapters file (only the tensors of ``groups`` when given), checked against the sha256
     its layout recorded (format 2; format-1 folders recorded none)."""
     path = folder / ADAPTERS_FILE
-    expected = layout.get(CHECKPOINT_KEY, {}).get("sha256", {}).get(ADAPTERS_FILE)
     try:
-        if expected is not None and (got := file_sha256(path)) != expected:
-            raise UserError(
-                f"{path}: sha256 {got[:16]}... does not match {expected[:16]}... recorded in {folder / LAYOUT_FILE}; "
-                "the run directory is damaged (restore the file or retrain from an earlier task)"
-            )
+        _check_recorded_sha256(folder, layout, ADAPTERS_FILE)
         with safe_open(str(path), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys() if groups is None or _group_of(k) in groups}
     except (OSError, RuntimeError, SafetensorError) as exc:

@@ -37,6 +37,8 @@ _Finite = typing.Annotated[float, Field(allow_inf_nan=False)]
 _Positive = typing.Annotated[float, Field(gt=0, allow_inf_nan=False)]
 RGB = typing.Annotated[list[_Finite], Field(min_length=3, max_length=3)]  # one number per colour channel
 PositiveRGB = typing.Annotated[list[_Positive], Field(min_length=3, max_length=3)]
+HeadAlign = Literal["none", "gaussian"]
+HeadAlignCov = Literal["shared", "diag", "full"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -192,6 +194,27 @@ class TrainConfig(_Section):
     max_steps_per_epoch: int | None = Field(None, gt=0, description="Cap steps per epoch (smoke runs).")
     timeout_s: int = Field(600, gt=0, description="Process-group timeout: a dead rank ends the job after this.")
     tasks: int | None = Field(None, gt=0, description="Train only the first N tasks of the shards (null = all).")
+    # not in the paper: 'none' keeps the paper's method exactly (head_align.py)
+    head_align: HeadAlign = Field(
+        "none",
+        description=(
+            "'none' (the paper) or 'gaussian': after each task, retrain the head of all seen classes on features "
+            "sampled from stored per-class Gaussians (SLCA-style classifier alignment, no images kept)."
+        ),
+    )
+    head_align_cov: HeadAlignCov = Field(
+        "shared",
+        description=(
+            "Covariance kept per class: 'shared' (one pooled within-class covariance, d^2 in all; well estimated "
+            "when classes have fewer samples than d), 'diag' (d per class) or 'full' (d^2 per class)."
+        ),
+    )
+    head_align_epochs: int = Field(5, gt=0, description="head_align: epochs over freshly sampled features.")
+    head_align_samples: int = Field(256, gt=0, description="head_align: features sampled per class per epoch.")
+    head_align_lr: float = Field(
+        0.01, gt=0, allow_inf_nan=False, description="head_align: SGD (momentum 0.9) learning rate."
+    )
+    head_align_batch_size: int = Field(128, gt=0, description="head_align: batch size of sampled features.")
 
     @field_validator("milestones")
     @classmethod

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import distributed as dist
+from sdlora_dist import head_align
 from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
@@ -380,6 +381,7 @@ def run_task(
     model.to(env.device)
     with timed(times, "train"):
         train_stats = train_task(TaskContext(cfg, model, env, spec, manifest, task))
+    aligned = head_align.run(cfg, model, task, env, spec, evaluate, times)  # 'none' does nothing
     with timed(times, "eval"):
         correct, totals = evaluate(cfg, model, task, env, spec)
     dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
@@ -392,6 +394,7 @@ def run_task(
         "magnitudes": {k: p.detach().float().cpu().tolist() for k, p in model.magnitudes.values.items()},
         "train": train_stats,
         "world_size": env.world_size,
+        "head_align": aligned.record(correct, totals),
         "time_s": times,
     }
     progress.tasks.append(record)
@@ -399,7 +402,7 @@ def run_task(
     ckpt.save_task_checkpoint(  # rank 0 only; sets times["checkpoint"] (shared by record) before serialising
         run_dir, task, model, {"record": record, "correct": correct, "totals": totals}, times=times,
         metrics=progress.to_dict(), metrics_csv=matrix_csv(progress.log),
-        discard=ckpt.task_folder(run_dir / ENGINE_DIR, task),
+        discard=ckpt.task_folder(run_dir / ENGINE_DIR, task), head_stats=aligned.stats,
     )  # fmt: skip
     dist.barrier()
     if env.is_main:

@@ -700,8 +700,9 @@ def make_eval_loader(
     bad_shard: str = "error",
     cache_dir: str | Path | None = None,
     with_keys: bool = False,
+    split: str = "test",
 ) -> ShardLoader:
-    """The test samples of ``tasks``, each exactly once across all ranks and workers (no padding).
+    """The ``split`` samples of ``tasks``, each exactly once across all ranks and workers (no padding).
 
     Ranks may get different batch counts (sum the counts with an all-reduce); the last batch may be short.
     """
@@ -709,7 +710,7 @@ def make_eval_loader(
     _check_args(rank, world_size, batch_size, num_workers)
     manifest = load_manifest(shards_dir)
     stats = LoaderStats()
-    shards = [s for t in tasks for s in manifest.task_shards("test", t)]
+    shards = [s for t in tasks for s in manifest.task_shards(split, t)]  # split="train": head_align's stats pass
     shards = _usable_shards(str(shards_dir), shards, bad_shard, stats.bad_shards)
     dataset = _EvalShards(
         _ShardSource(shards_dir, cache_dir, bad_shard), shards, rank=rank, world_size=world_size,
