@@ -65,7 +65,7 @@ def _wait_training(run_dir: Path, job: subprocess.Popen, timeout: float = 300) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and job.poll() is None:
         recs = _records(run_dir)
-        engine = run_dir / "engine" / "task_000"
+        engine = run_dir / "engine" / "task_00"
         if recs and all(r["status"] == "running" for r in recs) and engine.is_dir() and any(engine.glob("step_*")):
             return [r["pid"] for r in recs]
         time.sleep(0.05)

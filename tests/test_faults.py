@@ -92,7 +92,7 @@ def test_second_job_is_refused_kill_9_of_launcher_leaves_no_rank_and_resume_on_o
             lines = second.stderr.strip().splitlines()
             assert len(lines) == 1 and f"is in use by another job (host {host}, pid {job.pid}, " in lines[0], lines
         # Let task 0 finish and task 1 write an engine checkpoint, then kill -9 the front door.
-        engine_dir = run_dir / "engine" / "task_001"
+        engine_dir = run_dir / "engine" / "task_01"
         deadline = time.monotonic() + 240
         while not (engine_dir.is_dir() and any(engine_dir.glob("step_*"))):
             assert time.monotonic() < deadline and job.poll() is None, job.communicate()[1][-3000:]

@@ -232,10 +232,10 @@ def test_own_images_and_weights_without_yaml(tmp_path):
     # a killed run resumed from another working directory (shards were given relative to `home`)
     import shutil
 
-    shutil.rmtree(run_dir / "tasks" / "task_001")
+    shutil.rmtree(run_dir / "tasks" / "task_01")
     resumed = sdlora("train", "--resume", str(run_dir), cwd=elsewhere)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (run_dir / "tasks" / "task_001").is_dir() and not (elsewhere / "runs").exists()
+    assert (run_dir / "tasks" / "task_01").is_dir() and not (elsewhere / "runs").exists()
 
     report = sdlora("report", "runs/mine", cwd=home)
     assert report.returncode == 0 and (run_dir / "report" / "report.md").is_file(), report.stderr
@@ -338,7 +338,7 @@ def test_rerun_after_failed_start_trains(digits, tmp_path):
                   *with_sets("model.weights=random", "train.tasks=1", "train.epochs=1",
                              "train.max_steps_per_epoch=2", "data.num_workers=0"))  # fmt: skip
     assert good.returncode == 0, good.stderr[-3000:]
-    assert (run_dir / "tasks" / "task_000").is_dir()
+    assert (run_dir / "tasks" / "task_00").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
