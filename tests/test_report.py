@@ -221,8 +221,8 @@ def test_report_aggregates_three_seeds(tmp_path):
 
     runs = [tmp_path / "runs" / f"digits-seed{s}" for s in (1, 2, 3)]
     datas = [make_seed_run(r, seed=s, shift=2.0 * s) for r, s in zip(runs, (1, 2, 3), strict=True)]
-    # a run resumed on another machine with other workers / timeout still belongs to the setting
-    make_seed_run(runs[2], seed=3, shift=6.0, sets=("data.num_workers=7", "train.timeout_s=99"))
+    # a run resumed on another machine (other workers, timeout, shard path) still belongs to the setting
+    make_seed_run(runs[2], seed=3, shift=6.0, sets=("data.num_workers=7", "train.timeout_s=99", "data.shards=s3"))
     code, out, err = cli("report", *map(str, runs), "--out", str(tmp_path / "agg"))
     assert code == 0, err
     numbers = json.loads((tmp_path / "agg" / "aggregate.json").read_text())
