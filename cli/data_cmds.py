@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import typer
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a command ended by Ctrl-C
+
 data_app = typer.Typer(name="data", help="Benchmark layouts -> per-task WebDataset shards.", no_args_is_help=True)
+
+
+@contextmanager
+def _interrupt_exits_130(what: str) -> Iterator[None]:
+    """Ctrl-C -> one ``interrupted: ...`` line on stderr and exit code 130, no traceback (click would print
+    ``Aborted!`` and exit 1)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted: {what}", file=sys.stderr, flush=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @data_app.command("prepare")
@@ -19,13 +36,25 @@ def prepare_cmd(
     resize: int = typer.Option(256, "--resize", help="Downscale short sides above this once (0 = keep size)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
     workers: int = typer.Option(None, "--workers", help="Encoding processes (default: all cores)."),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: when a terminal)."),
+    max_missing: int = typer.Option(
+        0, "--max-missing", help="Listed images allowed to be absent (skipped, counted in the manifest)."
+    ),
+    subset: bool = typer.Option(False, "--subset", help="Allow fewer classes than the benchmark defines."),
+    split_seed: int = typer.Option(0, "--split-seed", help="Seed of the 80/20 split where there is no official one."),
 ) -> None:
-    """Write a benchmark as per-task train/test shards plus manifest.json (resumes an interrupted run)."""
+    """Write a benchmark as per-task train/test shards plus manifest.json (resumes an interrupted run).
+
+    On an existing shard set of the same input it verifies every checksum and rewrites damaged or missing shards.
+    """
     from sdlora_dist.data.prepare import prepare
 
-    manifest = prepare(
-        benchmark, root, out, tasks=tasks, seed=seed, resize=resize, shard_size=shard_size, workers=workers
-    )
+    with _interrupt_exits_130(f"data prepare stopped; run the same command again to resume into {out}"):
+        manifest = prepare(
+            benchmark, root, out, tasks=tasks, seed=seed, resize=resize, shard_size=shard_size, workers=workers,
+            progress=sys.stderr.isatty() if progress is None else progress, max_missing=max_missing, subset=subset,
+            split_seed=split_seed,
+        )  # fmt: skip
     n_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
     n_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
     typer.echo(
@@ -43,7 +72,8 @@ def add_task_cmd(
     """Append one task made of new classes to an existing shard set."""
     from sdlora_dist.data.prepare import add_task
 
-    task = add_task(out, root, workers=workers)
+    with _interrupt_exits_130(f"data add-task stopped; {out} is as it was, run the same command again to resume"):
+        task = add_task(out, root, workers=workers, progress=sys.stderr.isatty())
     typer.echo(f"{out}: added task {task}")
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
+from sdlora_dist.data.images import ImageDecodeError, open_rgb
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.metadata import ModelMetadata
 
@@ -42,11 +43,9 @@ def load_rgb(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        return open_rgb(path)
+    except (ImageDecodeError, OSError) as exc:
+        raise UserError(f"{path}: not a readable image ({exc})") from exc
 
 
 def resize_center_crop(img: Image.Image, size_hw: tuple[int, int], crop_pct: float, interpolation: str) -> np.ndarray:

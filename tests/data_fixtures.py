@@ -167,3 +167,12 @@ def rewrite_shard(shards_dir: Path, rel: str, corrupt_keys: set[str]) -> None:
 def dir_listing(path: Path) -> list[str]:
     """Every file and folder under ``path`` (relative), sorted; [] when it does not exist."""
     return sorted(str(p.relative_to(path)) for p in path.rglob("*")) if path.exists() else []
+
+
+def make_imagenet_r(root: Path, n_classes: int = 200, per_class: int = 5) -> list[str]:
+    """``root/<wnid>/<i>.png`` for ``n_classes`` wnid-named class folders of tiny images; returns the wnids."""
+    wnids = [f"n{1440000 + c:08d}" for c in range(n_classes)]
+    for label, wnid in enumerate(wnids):
+        for i in range(per_class):
+            save_image(root / wnid / f"art_{i}.png", label % 10, i, size=(6, 6))
+    return wnids

@@ -73,7 +73,7 @@ def test_corrupt_source_image_skipped_and_reported(capsys: pytest.CaptureFixture
     make_class_folders(tmp_path / "src", {"n1": 5, "n2": 5})
     (tmp_path / "src" / "n2" / "img_002.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     rc, out, err = _run(capsys, "data", "prepare", "--benchmark", "imagenet-a", "--root", str(tmp_path / "src"),
-                        "--out", str(tmp_path / "out"), "--tasks", "2", "--workers", "2")  # fmt: skip
+                        "--out", str(tmp_path / "out"), "--tasks", "2", "--workers", "2", "--subset")  # fmt: skip
     assert rc == 0, err
     assert "skipped 1 unreadable source image(s)" in err and "n2/img_002.jpg (corrupt image" in err
     assert "1 unreadable source images skipped" in out

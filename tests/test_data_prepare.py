@@ -49,13 +49,14 @@ def _check_round_trip(out: Path, root: Path | None, n_train: int, n_test: int, c
 def test_class_folders_seeded_split(tmp_path: Path, bench_name: str) -> None:
     counts = {"n01": 5, "n02": 5, "n03": 5, "n04": 10}
     make_class_folders(tmp_path / "src", counts)
-    prepare(bench_name, tmp_path / "src", tmp_path / "out", tasks=2, progress=False, workers=2, shard_size=3)
+    prepare(bench_name, tmp_path / "src", tmp_path / "out", tasks=2, progress=False, workers=2, shard_size=3,
+            subset=True)  # fmt: skip
     class_of = {f"{c}/img_{i:03d}.jpg": c for c, n in counts.items() for i in range(n)}
     samples = _check_round_trip(tmp_path / "out", tmp_path / "src", 20, 5, class_of)
     per_class_test = {c: sum(1 for s in samples["test"] if s["meta"]["class"] == c) for c in counts}
     assert per_class_test == {"n01": 1, "n02": 1, "n03": 1, "n04": 2}  # 80/20 within every class
-    again = read_source(bench_name, tmp_path / "src", 0)
-    other = read_source(bench_name, tmp_path / "src", 1)
+    again = read_source(bench_name, tmp_path / "src", 0, subset=True)
+    other = read_source(bench_name, tmp_path / "src", 1, subset=True)
     assert [i.path for i in again.test] == sorted(s["meta"]["path"] for s in samples["test"])
     assert [i.path for i in other.test] != [i.path for i in again.test]  # the split is seeded
 
@@ -72,7 +73,7 @@ def test_image_folder(tmp_path: Path) -> None:
 
 def test_cifar100_pickles_kept_at_32(tmp_path: Path) -> None:
     folder = make_cifar(tmp_path / "src")
-    prepare("cifar100", tmp_path / "src", tmp_path / "out", tasks=3, progress=False, workers=1)
+    prepare("cifar100", tmp_path / "src", tmp_path / "out", tasks=3, progress=False, workers=1, subset=True)
     manifest = load_manifest(tmp_path / "out")
     samples = read_shard_set(tmp_path / "out")
     for split, n in (("train", 18), ("test", 12)):
@@ -88,7 +89,7 @@ def test_cifar100_pickles_kept_at_32(tmp_path: Path) -> None:
 
 def test_domainnet_lists(tmp_path: Path) -> None:
     counts = make_domainnet(tmp_path / "src")
-    prepare("domainnet", tmp_path / "src", tmp_path / "out", tasks=2, progress=False, workers=1)
+    prepare("domainnet", tmp_path / "src", tmp_path / "out", tasks=2, progress=False, workers=1, subset=True)
     class_of = {}
     for split in ("train", "test"):
         for list_file in (tmp_path / "src").glob(f"*_{split}.txt"):
@@ -100,7 +101,7 @@ def test_domainnet_lists(tmp_path: Path) -> None:
 
 def test_cub200_tree(tmp_path: Path) -> None:
     base, n_train, n_test = make_cub(tmp_path / "src")
-    prepare("cub200", tmp_path / "src", tmp_path / "out", tasks=2, progress=False, workers=1)
+    prepare("cub200", tmp_path / "src", tmp_path / "out", tasks=2, progress=False, workers=1, subset=True)
     class_of = {str(p.relative_to(base)): p.parent.name for p in (base / "images").rglob("*.jpg")}
     _check_round_trip(tmp_path / "out", base, n_train, n_test, class_of)
 
@@ -148,10 +149,12 @@ def test_large_images_downscaled_small_kept(tmp_path: Path) -> None:
     save_image(tmp_path / "src/train/a/big.jpg", 0, 0, size=(600, 400))
     save_image(tmp_path / "src/train/b/small.png", 1, 0, size=(30, 20))
     save_image(tmp_path / "src/test/a/t.jpg", 0, 1, size=(40, 300))
+    save_image(tmp_path / "src/test/b/t.png", 1, 1, size=(64, 64))  # every class needs a test image
     prepare("imagefolder", tmp_path / "src", tmp_path / "out", tasks=1, resize=64, progress=False, workers=1)
     samples = read_shard_set(tmp_path / "out")
     sizes = {s["meta"]["path"]: Image.open(io.BytesIO(s["image"])).size for v in samples.values() for s in v}
-    assert sizes == {"train/a/big.jpg": (96, 64), "train/b/small.png": (30, 20), "test/a/t.jpg": (40, 300)}
+    assert sizes == {"train/a/big.jpg": (96, 64), "train/b/small.png": (30, 20), "test/a/t.jpg": (40, 300),
+                     "test/b/t.png": (64, 64)}  # fmt: skip
 
 
 def test_webdataset_reads_the_shards(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ def served(tmp_path_factory):
 def test_preprocessing_equals_timm_eval_transform_and_the_data_pipeline(served):
     from timm.data import create_transform
 
+    from sdlora_dist.data.images import open_rgb
     from sdlora_dist.data.pipeline import TransformSpec, eval_transform
     from sdlora_dist.export.metadata import ModelMetadata
 
@@ -62,7 +63,7 @@ def test_preprocessing_equals_timm_eval_transform_and_the_data_pipeline(served):
     spec = TransformSpec(32, meta.mean, meta.std, interpolation=meta.interpolation, crop_pct=meta.crop_pct)
     for name in ("tall.png", "wide.jpg", "gray.png", "rgba.png"):
         ours = normalize(image_to_uint8(files / name, meta)[None], meta.mean, meta.std)[0]
-        img = Image.open(files / name).convert("RGB")
+        img = open_rgb(files / name)  # the shared loader: rgba.png is composited on white, not stripped of alpha
         pipeline = eval_transform(img, spec).numpy()
         assert np.abs(ours - pipeline).max() <= 1e-5, name
         timm_x = timm_tf(img).numpy()

@@ -9,7 +9,9 @@ Schema (``format`` 1)::
      "classes_per_task": [2, 2, ...],
      "shards": {"train": [[{"path": "train/task_000/shard-000000.tar", "count": 7, "bytes": 1, "sha256": "..."}]],
                 "test": [[...]]},    # shards[split][task] = list of shards
-     "skipped": [{"path": "...", "reason": "..."}],   # source images that could not be read at prepare time
+     "skipped": [{"path": "...", "reason": "..."}],   # source files that could not be read at prepare time
+     "missing": 0,                    # listed source images absent at prepare time (allowed by --max-missing)
+     "prepare_args": {"benchmark": "digits", "root": null, "tasks": 5, ...},  # rebuilds the prepare command
      "added_tasks": [{"task": 5, "root": "...", "fingerprint": "..."}]}
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,8 @@ class Manifest:
     split_seed: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
     added_tasks: list[dict[str, Any]] = field(default_factory=list)
+    missing: int = 0
+    prepare_args: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
 
     def num_tasks(self) -> int:
@@ -138,12 +143,33 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def verify_shards(manifest: Manifest, shards_dir: str | Path) -> int:
-    """Check every shard's existence, size and sha256 against the manifest; returns the number checked.
+def prepare_command(manifest: Manifest, shards_dir: str | Path) -> str:
+    """The ``sdlora data prepare`` command that re-creates (or repairs) this shard set, ready to paste in a shell."""
+    args = manifest.prepare_args
+    argv = ["sdlora", "data", "prepare", "--benchmark", manifest.benchmark]
+    if args.get("root"):
+        argv += ["--root", str(args["root"])]
+    elif "root" not in args and manifest.benchmark != "digits":  # written before the arguments were recorded
+        argv += ["--root", "DATASET_FOLDER"]
+    argv += [
+        "--out",
+        str(shards_dir),
+        "--tasks",
+        str(args.get("tasks", manifest.num_tasks() - len(manifest.added_tasks))),
+    ]
+    argv += ["--seed", str(manifest.seed), "--resize", str(manifest.resize), "--shard-size", str(manifest.shard_size)]
+    if args.get("split_seed"):
+        argv += ["--split-seed", str(args["split_seed"])]
+    if args.get("max_missing"):
+        argv += ["--max-missing", str(args["max_missing"])]
+    if args.get("subset"):
+        argv += ["--subset"]
+    return shlex.join(argv)
 
-    Raises UserError naming every shard that is missing, truncated or whose checksum differs.
-    """
-    problems: list[str] = []
+
+def damaged_shards(manifest: Manifest, shards_dir: str | Path) -> tuple[int, list[tuple[ShardInfo, str]]]:
+    """Check every shard's existence, size and sha256; returns (shards checked, [(shard, problem)])."""
+    damaged = []
     checked = 0
     for split in SPLITS:
         for task_shards in manifest.shards[split]:
@@ -151,12 +177,23 @@ def verify_shards(manifest: Manifest, shards_dir: str | Path) -> int:
                 problem = _shard_problem(Path(shards_dir) / shard.path, shard, check_sha=True)
                 checked += 1
                 if problem:
-                    problems.append(f"{shard.path} ({problem})")
-    if problems:
+                    damaged.append((shard, problem))
+    return checked, damaged
+
+
+def verify_shards(manifest: Manifest, shards_dir: str | Path) -> int:
+    """Check every shard's existence, size and sha256 against the manifest; returns the number checked.
+
+    Raises UserError naming every shard that is missing, truncated or whose checksum differs, and the exact
+    ``sdlora data prepare`` command that rewrites them.
+    """
+    checked, damaged = damaged_shards(manifest, shards_dir)
+    if damaged:
+        problems = [f"{shard.path} ({problem})" for shard, problem in damaged]
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise UserError(
-            f"{len(problems)} shard(s) in {shards_dir} fail verification: {shown}; "
-            "re-create the shard set with 'sdlora data prepare' (or restore the files)"
+            f"{len(problems)} shard(s) in {shards_dir} fail verification: {shown}; rewrite them with: "
+            f"{prepare_command(manifest, shards_dir)}"
         )
     return checked
 

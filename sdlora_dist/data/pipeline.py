@@ -25,7 +25,6 @@ and worker -> read tar members -> decode with a counting error handler -> shuffl
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import random
 import tarfile
@@ -39,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from sdlora_dist.data.images import open_rgb
 from sdlora_dist.data.manifest import Manifest, ShardInfo, load_manifest, shard_problem
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_rank_zero
@@ -293,8 +293,7 @@ def _decode(item: _Item, delta: dict[str, Any], corrupt: str) -> tuple[Image.Ima
         try:
             ext = next(e for e in IMAGE_EXTS if e in item.files)
             label = int(item.files["cls"])
-            img = Image.open(io.BytesIO(item.files[ext]))
-            return img.convert("RGB"), label
+            return open_rgb(item.files[ext]), label
         except (StopIteration, KeyError, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
     if corrupt == "error":

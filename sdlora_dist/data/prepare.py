@@ -7,7 +7,12 @@ fixed (mtime 0, root owner), so the same input gives byte-identical shards and c
 Atomicity: ``prepare`` writes into ``<out>.partial/`` and renames it to ``<out>`` only after the manifest is in
 place. Every finished shard is renamed from a temp file and gets a ``.done`` record, so an interrupted prepare resumes
 where it stopped (same inputs -> same fingerprint) and ``<out>`` never holds a manifest pointing at missing or
-partial shards. ``add_task`` stages the new task the same way and rewrites the manifest last.
+partial shards. ``add_task`` stages the new task the same way and rewrites the manifest last. Run again on a
+finished shard set of the same input, ``prepare`` verifies every sha256 and rewrites the damaged or missing shards in
+place (each through a temp file and a rename, the manifest last).
+
+Ctrl-C: pool workers ignore SIGINT, so only the main process sees it; the pool is terminated on the way out and the
+staging folder stays resumable.
 """
 
 from __future__ import annotations
@@ -18,33 +23,48 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tarfile
+import threading
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sdlora_dist.data.images import ImageDecodeError, image_error_reason, is_plain, open_rgb
 from sdlora_dist.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
     Manifest,
     ShardInfo,
     atomic_write_text,
+    damaged_shards,
     file_sha256,
     load_manifest,
     verify_shards,
     write_manifest,
 )
-from sdlora_dist.data.sources import DEFAULTS, READERS, Source, SourceItem, read_image_folder, read_source
+from sdlora_dist.data.sources import (
+    DEFAULTS,
+    Source,
+    SourceItem,
+    check_classes_complete,
+    drop_missing,
+    read_image_folder,
+    read_source,
+)
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_rank_zero
 
 JPEG_QUALITY = 95
 STATE_NAME = "prepare-state.json"
+MISSING_REASON = "missing: listed but not on disk (--max-missing)"
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -86,44 +106,50 @@ def split_classes(num_classes: int, tasks: int) -> list[int]:
 # Encoding (runs in pool workers)
 
 
-def _downscale(img: Image.Image, short: int) -> Image.Image:
-    w, h = img.size
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _downscaled_size(size: tuple[int, int], short: int) -> tuple[int, int]:
+    w, h = size
     scale = short / min(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    img.draft("RGB", size)  # JPEG: let the decoder skip detail we throw away (DCT scaling, stays >= size)
-    return img.convert("RGB").resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def encode_item(item: SourceItem, resize: int) -> Encoded:
     """Read one source image, downscale it once if its short side exceeds ``resize`` (never upscale), encode it.
 
-    Files kept at their size keep their original JPEG/PNG bytes (verified to decode); resized images become JPEG;
-    array sources (CIFAR, digits) become PNG at native size.
+    Every image goes through the shared loader (:func:`sdlora_dist.data.images.open_rgb`: 16-bit, alpha, CMYK,
+    EXIF orientation). A JPEG/PNG that needs no conversion and no resize keeps its original bytes (verified to
+    decode); a resized image becomes JPEG; any other image becomes a PNG of its RGB conversion, so a shard holds
+    only RGB or greyscale JPEG/PNG. Array sources (CIFAR, digits) become PNG at native size.
     """
     if item.pixels is not None:
-        buf = io.BytesIO()
-        Image.fromarray(item.pixels).save(buf, format="PNG")
-        return Encoded(buf.getvalue(), "png")
+        return Encoded(_encode(Image.fromarray(item.pixels), "PNG"), "png")
     try:
         raw = Path(item.file).read_bytes()
     except OSError as exc:
         return Encoded(None, "", f"unreadable file: {exc.strerror or exc}")
     try:
-        with Image.open(io.BytesIO(raw)) as img:
-            fmt = img.format
-            if resize and min(img.size) > resize:
-                out = _downscale(img, resize)
-                buf = io.BytesIO()
-                out.save(buf, format="JPEG", quality=JPEG_QUALITY)
-                return Encoded(buf.getvalue(), "jpg")
-            img.load()  # full decode: a truncated file fails here, not in the training loop
-            if fmt in ("JPEG", "PNG"):
-                return Encoded(raw, "jpg" if fmt == "JPEG" else "png")
-            buf = io.BytesIO()
-            img.convert("RGB").save(buf, format="PNG")
-            return Encoded(buf.getvalue(), "png")
+        with Image.open(io.BytesIO(raw)) as header:  # header only: format, mode, size, EXIF
+            fmt, plain, size = header.format, is_plain(header), header.size
+        if resize and min(size) > resize:
+            img = open_rgb(raw, draft=_downscaled_size(size, resize))
+            img = img.resize(_downscaled_size(img.size, resize), Image.BICUBIC, reducing_gap=3.0)
+            return Encoded(_encode(img, "JPEG"), "jpg")
+        img = open_rgb(raw)
+        if plain:
+            return Encoded(raw, "jpg" if fmt == "JPEG" else "png")
+        return Encoded(_encode(img, "PNG"), "png")
+    except ImageDecodeError as exc:
+        return Encoded(None, "", f"corrupt image: {exc}")
     except _DECODE_ERRORS as exc:
-        return Encoded(None, "", f"corrupt image: {type(exc).__name__}: {exc}")
+        return Encoded(None, "", f"corrupt image: {image_error_reason(exc)}")
 
 
 def _encode_star(args: tuple[SourceItem, int]) -> Encoded:
@@ -200,45 +226,69 @@ def _encoded_stream(plans: list[ShardPlan], resize: int, workers: int) -> Iterat
         yield from map(_encode_star, jobs)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers) as pool:
+    # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and a worker killed by it mid-task leaves the
+    # pool waiting forever for its result. Only the main process handles it, and terminate() ends the workers.
+    # Ignored while forking too, so a Ctrl-C during start-up cannot reach a worker before its initializer runs.
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        pool = ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+    try:
         yield from pool.imap(_encode_star, jobs, chunksize=8)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _finished(plans: list[ShardPlan], stage: Path) -> dict[str, tuple[ShardInfo, list[dict[str, str]]]]:
+    """Record and skips of each shard an earlier, interrupted run finished (file and ``.done`` record present)."""
+    finished = {}
+    for plan in plans:
+        done = _done_record(stage, plan)
+        if done.is_file() and (stage / plan.path).is_file():
+            state = json.loads(done.read_text())
+            finished[plan.path] = (ShardInfo(**state["shard"]), state["skipped"])
+    return finished
+
+
+def _write_planned(
+    plan: ShardPlan, stage: Path, encoded: Iterator[Encoded], bar: tqdm, label_offset: int
+) -> tuple[ShardInfo, list[dict[str, str]]]:
+    """Write one shard from the next ``len(plan.samples)`` encoded items, then its ``.done`` record."""
+    samples, skips = [], []
+    for key, item, label, name in plan.samples:
+        enc = next(encoded)
+        bar.update(1)
+        if enc.data is None:
+            skips.append({"path": item.path, "reason": enc.reason or "unreadable"})
+            continue
+        meta = {"label": label + label_offset, "class": name, "path": item.path}
+        samples.append((key, enc.data, enc.ext, label + label_offset, meta))
+    (stage / plan.path).parent.mkdir(parents=True, exist_ok=True)
+    info = write_shard(stage / plan.path, samples)
+    info.path = plan.path
+    atomic_write_text(_done_record(stage, plan), json.dumps({"shard": vars(info), "skipped": skips}))
+    return info, skips
 
 
 def write_shards(
     plans: list[ShardPlan], stage: Path, *, label_offset: int, resize: int, workers: int, progress: bool, desc: str
 ) -> tuple[dict[str, ShardInfo], list[dict[str, str]]]:
     """Encode and write every planned shard under ``stage`` (resuming finished ones); returns records and skips."""
-    records: dict[str, ShardInfo] = {}
-    skipped: list[dict[str, str]] = []
-    todo = []
-    for plan in plans:
-        done = _done_record(stage, plan)
-        if done.is_file() and (stage / plan.path).is_file():  # finished by an earlier, interrupted run
-            state = json.loads(done.read_text())
-            records[plan.path] = ShardInfo(**state["shard"])
-            skipped += state["skipped"]
-        else:
-            todo.append(plan)
+    written = _finished(plans, stage)
+    todo = [plan for plan in plans if plan.path not in written]
     total = sum(len(p.samples) for p in todo)
     encoded = _encoded_stream(todo, resize, workers)
-    with tqdm(total=total, unit="img", desc=desc, file=sys.stderr, disable=not progress or total == 0) as bar:
+    disable = not progress or total == 0
+    with closing(encoded), tqdm(total=total, unit="img", desc=desc, file=sys.stderr, disable=disable) as bar:
         for plan in todo:
-            samples, shard_skips = [], []
-            for key, item, label, name in plan.samples:
-                enc = next(encoded)
-                bar.update(1)
-                if enc.data is None:
-                    shard_skips.append({"path": item.path, "reason": enc.reason or "unreadable"})
-                    continue
-                meta = {"label": label + label_offset, "class": name, "path": item.path}
-                samples.append((key, enc.data, enc.ext, label + label_offset, meta))
-            (stage / plan.path).parent.mkdir(parents=True, exist_ok=True)
-            info = write_shard(stage / plan.path, samples)
-            info.path = plan.path
-            atomic_write_text(_done_record(stage, plan), json.dumps({"shard": vars(info), "skipped": shard_skips}))
-            records[plan.path] = info
-            skipped += shard_skips
-    return records, skipped
+            written[plan.path] = _write_planned(plan, stage, encoded, bar, label_offset)
+    records = {plan.path: written[plan.path][0] for plan in plans}
+    return records, [skip for plan in plans for skip in written[plan.path][1]]  # plan order, resumed or not
 
 
 def _shard_lists(
@@ -293,6 +343,28 @@ def _check_out(out: Path, fingerprint: str, benchmark: str) -> bool:
     return False
 
 
+@dataclass
+class _Job:
+    """What one ``prepare`` decided before writing: the checked source, its shard plan, the recorded arguments."""
+
+    source: Source
+    args: dict[str, Any]  # recorded in the manifest: rebuilds the exact prepare command
+    order: list[int]
+    per_task: list[int]
+    plans: list[ShardPlan]
+    fingerprint: str
+    missing: list[SourceItem]
+    workers: int
+    progress: bool
+
+    def write(self, plans: list[ShardPlan], folder: Path) -> tuple[dict[str, ShardInfo], list[dict[str, str]]]:
+        """Encode and write ``plans`` under ``folder`` with this job's options."""
+        return write_shards(
+            plans, folder, label_offset=0, resize=self.args["resize"], workers=self.workers, progress=self.progress,
+            desc=f"prepare {self.source.benchmark}",
+        )  # fmt: skip
+
+
 def prepare(
     benchmark: str,
     root: str | Path | None,
@@ -305,55 +377,74 @@ def prepare(
     split_seed: int = 0,
     workers: int | None = None,
     progress: bool = True,
+    max_missing: int = 0,
+    subset: bool = False,
 ) -> Manifest:
     """Write ``benchmark`` read from ``root`` as per-task shards under ``out``; returns the manifest.
 
     ``tasks``/``seed`` default to the paper's setting for the benchmark. Refuses an ``out`` that holds a different
-    shard set; returns at once when it holds this one; resumes an interrupted run from ``<out>.partial``.
+    shard set; on one that holds this shard set, verifies every checksum and rewrites damaged or missing shards;
+    resumes an interrupted run from ``<out>.partial``. Listed images that are missing are an error beyond
+    ``max_missing``; fewer classes than the benchmark defines are an error unless ``subset``.
     """
-    if benchmark not in READERS:
-        raise UserError(f"unknown benchmark {benchmark!r}: valid benchmarks are {', '.join(READERS)}")
     if resize < 0:
         raise UserError(f"--resize must be >= 0 (0 keeps the original size; got {resize})")
-    source = read_source(benchmark, root, split_seed)
-    default_tasks, default_seed = DEFAULTS[benchmark]
-    tasks = tasks if tasks is not None else default_tasks
-    if tasks is None:
-        raise UserError(f"benchmark {benchmark!r} has no default task count: pass --tasks")
-    seed = default_seed if seed is None else seed
+    if max_missing < 0:
+        raise UserError(f"--max-missing must be >= 0 (got {max_missing})")
+    args = {"benchmark": benchmark, "root": str(Path(root).absolute()) if root is not None else None, "tasks": tasks,
+            "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed,
+            "max_missing": max_missing, "subset": subset}  # fmt: skip
+    job = _plan_job(args, workers or os.cpu_count() or 1, progress)
     out = Path(out)
-    per_task = split_classes(len(source.class_names), tasks)
-    options = {"tasks": tasks, "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed}
-    fingerprint = dataset_fingerprint(source, options)
-    if _check_out(out, fingerprint, benchmark):
-        log_rank_zero(f"{out} already holds this shard set (fingerprint {fingerprint[:12]}): nothing to do")
-        return load_manifest(out)
+    if _check_out(out, job.fingerprint, benchmark):
+        return _repair(out, job)
+    return _write_new(out, job)
 
+
+def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
+    """Read and check the source, fill in the paper's defaults, fingerprint the input and plan every shard."""
+    benchmark = args["benchmark"]
+    source = read_source(benchmark, args["root"], args["split_seed"], subset=args["subset"])
+    default_tasks, default_seed = DEFAULTS[benchmark]
+    args["tasks"] = args["tasks"] if args["tasks"] is not None else default_tasks
+    if args["tasks"] is None:
+        raise UserError(f"benchmark {benchmark!r} has no default task count: pass --tasks")
+    args["seed"] = default_seed if args["seed"] is None else args["seed"]
+    per_task = split_classes(len(source.class_names), args["tasks"])
+    options = {k: args[k] for k in ("tasks", "seed", "resize", "shard_size", "split_seed")}
+    fingerprint = dataset_fingerprint(source, options)  # the listing as the metadata gives it, missing files too
+    missing = drop_missing(source, args["max_missing"])
+    check_classes_complete(source)
+    order = class_order(len(source.class_names), args["seed"])
+    plans = plan_shards(source, order, per_task, args["seed"], args["shard_size"])
+    return _Job(source, args, order, per_task, plans, fingerprint, missing, workers, progress)
+
+
+def _write_new(out: Path, job: _Job) -> Manifest:
+    """Write the whole shard set into ``<out>.partial`` (resuming finished shards), then rename it to ``out``."""
     stage = out.with_name(out.name + ".partial")
-    _open_stage(stage, fingerprint)
-    order = class_order(len(source.class_names), seed)
-    plans = plan_shards(source, order, per_task, seed, shard_size)
-    records, skipped = write_shards(
-        plans,
-        stage,
-        label_offset=0,
-        resize=resize,
-        workers=workers or os.cpu_count() or 1,
-        progress=progress,
-        desc=f"prepare {benchmark}",
-    )
+    _open_stage(stage, job.fingerprint)
+    records, skipped = job.write(job.plans, stage)
+    try:
+        _check_decoded_classes(job.source, skipped)
+    except UserError:
+        shutil.rmtree(stage)  # the same input fails the same way: nothing worth resuming
+        raise
+    skipped = job.source.ignored + [{"path": it.path, "reason": MISSING_REASON} for it in job.missing] + skipped
     manifest = Manifest(
-        benchmark=benchmark,
-        class_names=[source.class_names[n] for n in order],
-        classes_per_task=per_task,
-        seed=seed,
-        class_order=order,
-        shards=_shard_lists(plans, records, range(tasks)),
-        fingerprint=fingerprint,
-        resize=resize,
-        shard_size=shard_size,
-        split_seed=split_seed,
+        benchmark=job.source.benchmark,
+        class_names=[job.source.class_names[n] for n in job.order],
+        classes_per_task=job.per_task,
+        seed=job.args["seed"],
+        class_order=job.order,
+        shards=_shard_lists(job.plans, records, range(len(job.per_task))),
+        fingerprint=job.fingerprint,
+        resize=job.args["resize"],
+        shard_size=job.args["shard_size"],
+        split_seed=job.args["split_seed"],
         skipped=skipped,
+        missing=len(job.missing),
+        prepare_args=job.args,
     )
     _clear_done_records(stage)
     (stage / STATE_NAME).unlink()
@@ -362,6 +453,50 @@ def prepare(
         out.rmdir()  # empty (checked above); rename cannot replace it on every platform
     os.replace(stage, out)
     _report_skipped(skipped)
+    return manifest
+
+
+def _check_decoded_classes(source: Source, skipped: list[dict[str, str]]) -> None:
+    """The class check again after decoding: images that failed to decode may have emptied a class's split."""
+    gone = {s["path"] for s in skipped}
+    decoded = Source(
+        source.benchmark,
+        source.class_names,
+        [it for it in source.train if it.path not in gone],
+        [it for it in source.test if it.path not in gone],
+    )
+    check_classes_complete(decoded)
+
+
+def _repair(out: Path, job: _Job) -> Manifest:
+    """Verify every shard of an existing shard set of this input; rewrite the damaged or missing ones in place.
+
+    Each shard is rewritten through a temp file and a rename, the manifest last: an interrupted repair leaves
+    every shard either old or new, and running it again finishes the job.
+    """
+    manifest = load_manifest(out)
+    checked, damaged = damaged_shards(manifest, out)
+    if not damaged:
+        log_rank_zero(f"{out} already holds this shard set (fingerprint {job.fingerprint[:12]}) and its {checked} "
+                      "shards verify: nothing to do")  # fmt: skip
+        return manifest
+    planned = {plan.path: plan for plan in job.plans}
+    foreign = [shard.path for shard, _ in damaged if shard.path not in planned]
+    if foreign:
+        raise UserError(
+            f"{len(foreign)} damaged shard(s) belong to tasks added with 'sdlora data add-task' "
+            f"({', '.join(foreign[:3])}): restore them from a copy, or re-run add-task on a fresh prepare"
+        )
+    plans = [planned[shard.path] for shard, _ in damaged]
+    records, _ = job.write(plans, out)
+    for plan in plans:
+        _done_record(out, plan).unlink()
+    manifest.prepare_args = manifest.prepare_args or job.args  # a shard set from before they were recorded
+    for split_shards in manifest.shards.values():
+        for task_shards in split_shards:
+            task_shards[:] = [records.get(shard.path, shard) for shard in task_shards]
+    write_manifest(manifest, out)
+    log_rank_zero(f"rewrote {len(plans)} damaged or missing shard(s) in {out}: {', '.join(records)}")
     return manifest
 
 
@@ -396,6 +531,7 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
     out = Path(out_dir)
     manifest = load_manifest(out)
     source = read_image_folder(Path(root), manifest.split_seed, benchmark="add-task")
+    check_classes_complete(source)
     clash = sorted(set(source.class_names) & set(manifest.class_names))
     if clash:
         raise UserError(
@@ -418,6 +554,7 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
         desc=f"add task {task}",
     )
     _clear_done_records(stage)
+    skipped = source.ignored + skipped
     for split in SPLITS:
         final = out / split / f"task_{task:03d}"
         if final.exists():  # left by an add-task interrupted after its move: not in the manifest, replace it
@@ -466,5 +603,7 @@ def inspect_table(shards_dir: str | Path, *, verify: bool = False) -> str:
     total_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
     lines.append(f"{'all':>4}  {'':>11}  {len(manifest.class_names):>7}  {total_train:>8}  {total_test:>8}")
     if manifest.skipped:
-        lines.append(f"{len(manifest.skipped)} source image(s) were unreadable at prepare time and skipped")
+        lines.append(f"{len(manifest.skipped)} source file(s) were unreadable at prepare time and skipped")
+    if manifest.missing:
+        lines.append(f"{manifest.missing} listed source image(s) were missing at prepare time (--max-missing)")
     return "\n".join(lines)

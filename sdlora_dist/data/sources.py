@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ class Source:
     class_names: list[str]
     train: list[SourceItem]
     test: list[SourceItem]
+    ignored: list[dict[str, str]] = field(default_factory=list)  # files in class folders that are not images
 
     def fingerprint_payload(self) -> bytes:
         """Bytes that identify the dataset: class names, every item's path, label and size (or pixel hash)."""
@@ -71,25 +73,50 @@ def _require_dir(root: Path | None, benchmark: str) -> Path:
     return root
 
 
-def _class_folders(root: Path) -> dict[str, list[Path]]:
-    """``root/<class>/<image>`` -> {class: sorted image paths} over the sub-folders holding at least one image."""
+def _class_folders(
+    root: Path, ignored: list[dict[str, str]] | None = None, rel_to: Path | None = None
+) -> dict[str, list[Path]]:
+    """``root/<class>/<image>`` -> {class: sorted image paths} over the sub-folders holding at least one image.
+
+    Other files in a class folder (notes, ``.txt`` lists) are appended to ``ignored`` (path relative to ``rel_to``,
+    default ``root``) with the reason, so they are counted as skipped instead of vanishing.
+    """
     classes = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = sorted(p for p in sub.rglob("*") if _is_image(p))
+        files = sorted(p for p in sub.rglob("*") if p.is_file())
+        images = [p for p in files if _is_image(p)]
         if images:
             classes[sub.name] = images
+            if ignored is not None:
+                ignored += [_not_an_image(p, rel_to or root) for p in files if not _is_image(p)]
     return classes
+
+
+def _not_an_image(path: Path, rel_to: Path) -> dict[str, str]:
+    return {"path": str(path.relative_to(rel_to)), "reason": f"not an image file ({path.suffix or 'no extension'})"}
+
+
+def _nested_root(root: Path, classes: dict[str, list[Path]]) -> Path | None:
+    """The class folder that itself holds class folders (``--root`` one level too high), or None."""
+    for name, images in classes.items():
+        if len({p.parent for p in images}) > 1 and not any(p.parent == root / name for p in images):
+            return root / name
+    return None
 
 
 def _items(root: Path, files: list[Path], label: int) -> list[SourceItem]:
     return [SourceItem(path=str(f.relative_to(root)), label=label, file=str(f)) for f in files]
 
 
-def _split_folders(root: Path, benchmark: str) -> tuple[dict[str, list[Path]], dict[str, list[Path]]] | None:
-    """A ``train/<class>/*`` + ``test/<class>/*`` tree, or None when ``root`` has no train/ and test/ folders."""
+Folders = dict[str, list[Path]]
+
+
+def _split_folders(root: Path, benchmark: str) -> tuple[Folders, Folders, list[dict[str, str]]] | None:
+    """A ``train/<class>/*`` + ``test/<class>/*`` tree (and its non-image files), or None without train/ and test/."""
     if not ((root / "train").is_dir() and (root / "test").is_dir()):
         return None
-    train, test = _class_folders(root / "train"), _class_folders(root / "test")
+    ignored: list[dict[str, str]] = []
+    train, test = _class_folders(root / "train", ignored, root), _class_folders(root / "test", ignored, root)
     if not train:
         raise UserError(f"{root / 'train'} holds no class folders with images: expected train/<class>/<image>")
     unknown = sorted(set(test) - set(train))
@@ -98,7 +125,7 @@ def _split_folders(root: Path, benchmark: str) -> tuple[dict[str, list[Path]], d
             f"{benchmark}: test classes without training images under {root}: {', '.join(unknown[:5])}; "
             "every test class needs a train/<class> folder"
         )
-    return train, test
+    return train, test, ignored
 
 
 def read_image_folder(root: Path | None, split_seed: int = 0, benchmark: str = "imagefolder") -> Source:
@@ -110,7 +137,7 @@ def read_image_folder(root: Path | None, split_seed: int = 0, benchmark: str = "
             f"{benchmark}: {root} does not hold train/ and test/ folders; expected train/<class>/<image> and "
             "test/<class>/<image>"
         )
-    train, test = folders
+    train, test, ignored = folders
     names = sorted(train)
     index = {n: i for i, n in enumerate(names)}
     return Source(
@@ -118,6 +145,7 @@ def read_image_folder(root: Path | None, split_seed: int = 0, benchmark: str = "
         names,
         [it for n in names for it in _items(root, train[n], index[n])],
         [it for n in sorted(test) for it in _items(root, test[n], index[n])],
+        ignored,
     )
 
 
@@ -127,9 +155,18 @@ def _read_seeded_split(root: Path | None, split_seed: int, benchmark: str) -> So
     A root that already holds ``train/`` and ``test/`` class folders (the reference code's layout) is used as is.
     """
     root = _require_dir(root, benchmark)
+    if (root / benchmark).is_dir():  # the folder holding imagenet-r/, as CUB_200_2011/ and cifar-100-python/
+        root = root / benchmark
     if _split_folders(root, benchmark) is not None:
         return read_image_folder(root, split_seed, benchmark)
-    classes = _class_folders(root)
+    ignored: list[dict[str, str]] = []
+    classes = _class_folders(root, ignored)
+    nested = _nested_root(root, classes)
+    if nested is not None:
+        raise UserError(
+            f"{benchmark}: {nested} holds class folders itself, so --root {root} is one level too high; "
+            f"pass --root {nested}"
+        )
     if not classes:
         raise UserError(
             f"{benchmark}: {root} holds no class folders with images; expected <root>/<class>/<image> "
@@ -145,7 +182,7 @@ def _read_seeded_split(root: Path | None, split_seed: int, benchmark: str) -> So
         test_idx = set(perm[:n_test].tolist())
         train += _items(root, [f for i, f in enumerate(files) if i not in test_idx], label)
         test += _items(root, [f for i, f in enumerate(files) if i in test_idx], label)
-    return Source(benchmark, names, train, test)
+    return Source(benchmark, names, train, test, ignored)
 
 
 def read_imagenet_r(root: Path | None, split_seed: int = 0) -> Source:
@@ -201,7 +238,7 @@ def read_domainnet(root: Path | None, split_seed: int = 0) -> Source:
     if sorted(names) != list(range(len(names))):
         raise UserError(f"domainnet: labels in the lists under {root} are not 0..{len(names) - 1}")
     first = splits["train"][0]
-    if not Path(first.file).is_file():
+    if not any(Path(it.file).is_file() for it in splits["train"]):  # none at all: a wrong root, not lost files
         raise UserError(
             f"domainnet: the lists name {first.path} but {first.file} does not exist; --root must hold the "
             "domain folders (clipart/, real/, ...) next to the lists"
@@ -290,7 +327,7 @@ def read_cub200(root: Path | None, split_seed: int = 0) -> Source:
         splits[is_train[image_id]].append(
             SourceItem(path=f"images/{rel}", label=labels[image_id] - 1, file=str(base / "images" / rel))
         )
-    if splits[True] and not Path(splits[True][0].file).is_file():
+    if splits[True] and not any(Path(it.file).is_file() for it in splits[True]):  # a wrong root, not lost files
         raise UserError(f"cub200: images.txt names {splits[True][0].path} but {splits[True][0].file} does not exist")
     return Source("cub200", [class_rows[i] for i in ids], splits[True], splits[False])
 
@@ -344,11 +381,72 @@ DEFAULTS: dict[str, tuple[int | None, int]] = {
 }
 
 
-def read_source(benchmark: str, root: str | Path | None, split_seed: int = 0) -> Source:
-    """Look the benchmark up in READERS and read its source; UserError for unknown names and wrong layouts."""
+# classes each benchmark defines; a shard set with fewer is refused unless it is a declared subset (--subset)
+BENCHMARK_CLASSES: dict[str, int] = {
+    "imagenet-r": 200,
+    "imagenet-a": 200,
+    "domainnet": 345,
+    "cifar100": 100,
+    "cub200": 200,
+    "digits": 10,
+}
+
+
+def read_source(benchmark: str, root: str | Path | None, split_seed: int = 0, *, subset: bool = False) -> Source:
+    """Look the benchmark up in READERS and read its source; UserError for unknown names and wrong layouts.
+
+    A source with fewer classes than :data:`BENCHMARK_CLASSES` defines is refused (a wrong ``--root`` or a lost
+    folder) unless ``subset`` declares it deliberate.
+    """
     if benchmark not in READERS:
         raise UserError(f"unknown benchmark {benchmark!r}: valid benchmarks are {', '.join(READERS)}")
     source = READERS[benchmark](Path(root) if root is not None else None, split_seed)
     if not source.train:
         raise UserError(f"{benchmark}: no training images found under {root}")
+    expected = BENCHMARK_CLASSES.get(benchmark)
+    if expected is not None and len(source.class_names) < expected and not subset:
+        raise UserError(
+            f"{benchmark}: found {len(source.class_names)} classes under {root} but the benchmark has {expected} "
+            f"(first found: {', '.join(source.class_names[:3])}); point --root at the folder holding all {expected}, "
+            "or pass --subset to prepare a deliberate subset"
+        )
     return source
+
+
+def _group(benchmark: str, source: Source, item: SourceItem) -> str:
+    """What a missing file is counted under: its domain for DomainNet, its class otherwise."""
+    return item.path.split("/", 1)[0] if benchmark == "domainnet" else source.class_names[item.label]
+
+
+def drop_missing(source: Source, max_missing: int) -> list[SourceItem]:
+    """Remove listed images whose file does not exist; returns them.
+
+    More than ``max_missing`` is a UserError giving the count per domain (DomainNet) or class, and the flag that
+    accepts them.
+    """
+    missing = [it for it in source.train + source.test if it.file is not None and not Path(it.file).is_file()]
+    if len(missing) > max_missing:
+        counts = Counter(_group(source.benchmark, source, it) for it in missing).most_common()
+        shown = ", ".join(f"{name}: {n}" for name, n in counts[:8]) + (", ..." if len(counts) > 8 else "")
+        raise UserError(
+            f"{source.benchmark}: {len(missing)} listed image(s) are missing ({shown}), more than --max-missing "
+            f"{max_missing}; restore them, or pass --max-missing {len(missing)} to prepare without them "
+            "(the count is recorded in the manifest)"
+        )
+    gone = {id(it) for it in missing}
+    source.train = [it for it in source.train if id(it) not in gone]
+    source.test = [it for it in source.test if id(it) not in gone]
+    return missing
+
+
+def check_classes_complete(source: Source) -> None:
+    """UserError naming every class left with no train or no test image (it could be neither learnt nor scored)."""
+    n_train = Counter(it.label for it in source.train)
+    n_test = Counter(it.label for it in source.test)
+    empty = [i for i in range(len(source.class_names)) if not n_train[i] or not n_test[i]]
+    if empty:
+        shown = ", ".join(f"{source.class_names[i]} ({n_train[i]} train, {n_test[i]} test)" for i in empty[:5])
+        raise UserError(
+            f"{source.benchmark}: {len(empty)} class(es) have no train or no test image: {shown}"
+            f"{', ...' if len(empty) > 5 else ''}; restore their images or remove the classes from the source"
+        )
