@@ -86,6 +86,24 @@ class DataConfig:
 
     benchmark: str = field(default="digits", metadata=_help("Benchmark name (must match the shards' manifest)."))
     shards: str | None = field(default=None, metadata=_help("Shard directory written by 'sdlora data prepare'."))
+    class_order_seed: int | None = field(
+        default=None,
+        metadata=_help(
+            "Class order: np.random.seed(s); np.random.permutation(n) over the prepared classes (the authors' rule); "
+            "null = the shard set's order (its prepare --seed)."
+        ),
+    )
+    class_order: list[int] | None = field(
+        default=None,
+        metadata=_help("Explicit class order: every prepared class index (as 'sdlora data inspect' lists them) once."),
+    )
+    tasks: int | None = field(
+        default=None,
+        metadata=_help("Task split: the prepared classes in N near-equal tasks; null = the shard set's split."),
+    )
+    classes_per_task: list[int] | None = field(
+        default=None, metadata=_help("Task split as classes per task, e.g. [40, 40, 40, 40, 40] (instead of tasks).")
+    )
     batch_size: int = field(default=128, metadata=_help("Global training batch size (split evenly over ranks)."))
     eval_batch_size: int = field(default=256, metadata=_help("Per-rank evaluation batch size."))
     num_workers: int = field(default=4, metadata=_help("DataLoader worker processes per rank."))
@@ -353,6 +371,7 @@ def validate(cfg: Config) -> list[str]:
             errors.append(f"{key}: must be > 0 (got {value})")
     if d.num_workers < 0:
         errors.append(f"data.num_workers: must be >= 0 (got {d.num_workers})")
+    errors += _validate_split(d)
     if len(d.train_crop_scale) != 2 or not (0 < d.train_crop_scale[0] <= d.train_crop_scale[1] <= 1):
         errors.append(f"data.train_crop_scale: must be [lo, hi] with 0 < lo <= hi <= 1 (got {d.train_crop_scale})")
     if not (0.0 <= d.hflip <= 1.0):
@@ -377,6 +396,26 @@ def validate(cfg: Config) -> list[str]:
         errors.append(f"train.tasks: must be > 0 (got {t.tasks})")
     if t.max_steps_per_epoch is not None and t.max_steps_per_epoch <= 0:
         errors.append(f"train.max_steps_per_epoch: must be > 0 (got {t.max_steps_per_epoch})")
+    return errors
+
+
+def _validate_split(d: DataConfig) -> list[str]:
+    """Class order and task split: one way each, positive counts (the shard set checks the rest at train time)."""
+    errors = []
+    if d.class_order_seed is not None and d.class_order is not None:
+        errors.append(
+            f"data.class_order: give data.class_order_seed or data.class_order, not both (got {d.class_order})"
+        )
+    if d.tasks is not None and d.classes_per_task is not None:
+        errors.append(
+            f"data.classes_per_task: give data.tasks or data.classes_per_task, not both (got {d.classes_per_task})"
+        )
+    if d.tasks is not None and d.tasks <= 0:
+        errors.append(f"data.tasks: must be > 0 (got {d.tasks})")
+    if d.classes_per_task is not None and (not d.classes_per_task or min(d.classes_per_task) <= 0):
+        errors.append(f"data.classes_per_task: must be a non-empty list of counts > 0 (got {d.classes_per_task})")
+    if d.class_order_seed is not None and not 0 <= d.class_order_seed < 2**32:
+        errors.append(f"data.class_order_seed: must be in 0..2**32-1, numpy's seed range (got {d.class_order_seed})")
     return errors
 
 

@@ -470,12 +470,14 @@ class ShardLoader:
     """
 
     def __init__(self, dataset: IterableDataset, *, num_workers: int, length: int | None, with_keys: bool,
-                 stats: LoaderStats) -> None:  # fmt: skip
+                 stats: LoaderStats, label_map: list[int] | None = None) -> None:  # fmt: skip
         if num_workers < 0:
             raise UserError(f"num_workers must be >= 0 (got {num_workers})")
         self.dataset, self.num_workers, self.length, self.with_keys, self.stats = (
             dataset, num_workers, length, with_keys, stats,
         )  # fmt: skip
+        # stored label -> global label of the run's class order (class-grouped shards store the class index)
+        self.label_map = None if label_map is None else torch.tensor(label_map, dtype=torch.int64)
 
     def __len__(self) -> int:
         if self.length is None:
@@ -488,6 +490,7 @@ class ShardLoader:
             for images, labels, keys, delta in loader:
                 self.stats.add(delta)
                 if images is not None:
+                    labels = labels if self.label_map is None else self.label_map[labels]
                     yield (images, labels, keys) if self.with_keys else (images, labels)
         except UserError as exc:  # re-raised from a worker with its traceback in the text: keep the message line
             text = str(exc)
@@ -530,16 +533,18 @@ def make_train_loader(
     bad_shard: str = "error",
     shuffle_buffer: int = 2048,
     with_keys: bool = False,
+    manifest: Manifest | None = None,
 ) -> ShardLoader:
     """One epoch of ``task`` for this rank: exactly ``steps_per_epoch`` batches of ``batch_size`` (per rank).
 
     Reads only the task's train shards. Deterministic in (seed, task, epoch, rank, world_size), whatever
-    ``num_workers``. Labels are global (int64); images NCHW float, normalised with ``spec``.
+    ``num_workers``. Labels are global (int64); images NCHW float, normalised with ``spec``. ``manifest``: the run's
+    view (``data.classes.task_view``: its class order and split); default the shard set's own.
     """
     _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample()
     _check_rank(rank, world_size, batch_size)
     root = Path(shards_dir)
-    manifest = load_manifest(root)
+    manifest = manifest or load_manifest(root)
     steps = steps_per_epoch or train_steps_per_epoch(manifest, task, batch_size * world_size)
     stats = LoaderStats()
     shards = _usable_shards(root, manifest.task_shards("train", task), bad_shard, stats.bad_shards)
@@ -549,7 +554,8 @@ def make_train_loader(
         root, shards, task=task, epoch=epoch, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
         steps=steps, spec=spec, corrupt=corrupt, bad_shard=bad_shard, shuffle_buffer=shuffle_buffer,
     )  # fmt: skip
-    return ShardLoader(dataset, num_workers=num_workers, length=steps, with_keys=with_keys, stats=stats)
+    return ShardLoader(dataset, num_workers=num_workers, length=steps, with_keys=with_keys, stats=stats,
+                       label_map=manifest.label_map)  # fmt: skip
 
 
 def make_eval_loader(
@@ -564,15 +570,17 @@ def make_eval_loader(
     corrupt: str = "skip",
     bad_shard: str = "error",
     with_keys: bool = False,
+    manifest: Manifest | None = None,
 ) -> ShardLoader:
     """The test samples of ``tasks``, each exactly once across all ranks and workers (no padding).
 
     Ranks may get different batch counts (sum the counts with an all-reduce); the last batch may be short.
+    ``manifest``: the run's view (class order and split), default the shard set's own.
     """
     _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample()
     _check_rank(rank, world_size, batch_size)
     root = Path(shards_dir)
-    manifest = load_manifest(root)
+    manifest = manifest or load_manifest(root)
     stats = LoaderStats()
     shards = [s for t in tasks for s in manifest.task_shards("test", t)]
     shards = _usable_shards(root, shards, bad_shard, stats.bad_shards)
@@ -580,4 +588,5 @@ def make_eval_loader(
         root, shards, rank=rank, world_size=world_size, batch_size=batch_size, spec=spec, corrupt=corrupt,
         bad_shard=bad_shard,
     )  # fmt: skip
-    return ShardLoader(dataset, num_workers=num_workers, length=None, with_keys=with_keys, stats=stats)
+    return ShardLoader(dataset, num_workers=num_workers, length=None, with_keys=with_keys, stats=stats,
+                       label_map=manifest.label_map)  # fmt: skip
