@@ -320,6 +320,11 @@ def _run_lines(m: RunMetrics) -> list[str]:
     lines = [f"- tasks evaluated: {m.num_tasks}"]
     if info:
         lines.append(f"- benchmark: {info.get('benchmark', '?')}, shards: `{info.get('shards', '?')}`")
+        if split := info.get("task_split"):
+            per_task = split["classes_per_task"]
+            shown = f"{per_task[0]} classes each" if len(set(per_task)) == 1 else f"classes per task {per_task}"
+            lines.append(f"- task split: {len(per_task)} tasks, {shown}; class order: {split['class_order_from']}, "
+                         f"split fingerprint `{split['fingerprint']}`")  # fmt: skip
         lines.append(f"- config hash: `{info.get('config_hash', '?')}`, sdlora-dist {info.get('version', '?')}")
     if cfg:
         a, t = cfg["adapter"], cfg["train"]

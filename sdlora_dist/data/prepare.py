@@ -679,8 +679,20 @@ def inspect_table(shards_dir: str | Path, *, verify: bool = False) -> str:
     total_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
     total_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
     lines.append(f"{'all':>4}  {'':>11}  {len(manifest.class_names):>7}  {total_train:>8}  {total_test:>8}")
+    if manifest.stored_names is not None:
+        lines.append(_class_index_line(manifest.stored_names))
     if manifest.skipped:
         lines.append(f"{len(manifest.skipped)} source file(s) were unreadable at prepare time and skipped")
     if manifest.missing:
         lines.append(f"{manifest.missing} listed source image(s) were missing at prepare time (--max-missing)")
     return "\n".join(lines)
+
+
+def _class_index_line(names: list[str], shown: int = 40) -> str:
+    """The stored class indices a run's ``data.class_order`` lists (the order and split above are the defaults)."""
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names[:shown]))
+    more = f", ... ({len(names)} in all: manifest.json 'classes')" if len(names) > shown else ""
+    return (
+        "classes are grouped in shards: the order and split above are the defaults, a run chooses its own "
+        f"(data.class_order_seed / class_order / tasks). Class indices: {listed}{more}"
+    )
