@@ -210,3 +210,20 @@ def test_changed_class_order_is_refused_before_anything_is_written(tmp_path, lay
         assert f"{flag} {run}: the shards at {shards} no longer give the class order" in res.stderr
         assert "task 0 classes changed" in res.stderr
         assert tree_hashes(run) == before  # byte-identical: nothing was written
+
+
+# correct counts per task group of the TINY digits run (train.max_steps_per_epoch=6), recorded with main's code before
+# class-grouped shards (commit f80f219, shards prepared with the defaults, one folder per task)
+MAIN_DIGITS_CORRECT = [[41], [0, 38], [0, 34, 0], [0, 0, 0, 34], [0, 0, 0, 0, 35]]
+MAIN_DIGITS_TOTALS = [71, 72, 73, 71, 72]
+
+
+@pytest.mark.slow
+def test_format1_shards_train_exactly_as_before(digits_both, tmp_path):
+    """A shard set written before this change trains to the very accuracy matrix main's code gave."""
+    run = tmp_path / "run"
+    res = sdlora("train", "-b", "digits", "--data", str(digits_both[1]), "--run-dir", str(run), *sets())
+    assert res.returncode == 0, res.stderr[-3000:]
+    accuracy = metrics(run)["accuracy"]
+    assert accuracy["correct"] == MAIN_DIGITS_CORRECT and accuracy["totals"] == MAIN_DIGITS_TOTALS
+    assert json.loads((run / "run.json").read_text())["task_split"]["class_order_from"] == "fixed (format 1)"
