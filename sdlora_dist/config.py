@@ -28,6 +28,7 @@ METHODS = ("sdlora", "lora-seq")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 NORMALIZE = ("model", "none", "imagenet", "half")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 CORRUPT_POLICIES = ("error", "skip")
 
 
@@ -117,6 +118,13 @@ class DataConfig:
         default_factory=lambda: [0.05, 1.0], metadata=_help("RandomResizedCrop scale range for training.")
     )
     hflip: float = field(default=0.5, metadata=_help("Horizontal flip probability for training."))
+    train_interpolation: str | None = field(
+        default=None,
+        metadata=_help(
+            "Resize filter of the train crop: null = the backbone's (bicubic for ViTs), 'bilinear' = torchvision's "
+            "RandomResizedCrop default, which the authors' code uses."
+        ),
+    )
     eval_crop_pct: float = field(default=0.875, metadata=_help("Eval: resize to img_size/crop_pct, center crop."))
     corrupt: str = field(
         default="skip", metadata=_help("Corrupt sample policy: 'skip' (counted, reported) or 'error'.")
@@ -355,6 +363,8 @@ def validate(cfg: Config) -> list[str]:
     errors += _choice("train.optimizer", t.optimizer, OPTIMIZERS)
     errors += _choice("train.precision", t.precision, PRECISIONS)
     errors += _choice("data.normalize", d.normalize, NORMALIZE)
+    if d.train_interpolation is not None:
+        errors += _choice("data.train_interpolation", d.train_interpolation, INTERPOLATIONS)
     errors += _choice("data.corrupt", d.corrupt, CORRUPT_POLICIES)
     errors += _choice("data.bad_shard", d.bad_shard, CORRUPT_POLICIES)
     if a.rank <= 0:

@@ -113,6 +113,7 @@ def transform_spec(model: SDLoRAViT, data: DataConfig) -> TransformSpec:
         crop_pct=data.eval_crop_pct,
         train_scale=(data.train_crop_scale[0], data.train_crop_scale[1]),
         hflip=data.hflip,
+        train_interpolation=data.train_interpolation,
     )
 
 

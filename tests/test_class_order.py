@@ -227,3 +227,26 @@ def test_format1_shards_train_exactly_as_before(digits_both, tmp_path):
     accuracy = metrics(run)["accuracy"]
     assert accuracy["correct"] == MAIN_DIGITS_CORRECT and accuracy["totals"] == MAIN_DIGITS_TOTALS
     assert json.loads((run / "run.json").read_text())["task_split"]["class_order_from"] == "fixed (format 1)"
+
+
+def test_authors_train_crop_is_bilinear_when_asked():
+    """data.train_interpolation=bilinear resizes the train crop as torchvision's RandomResizedCrop default does."""
+    import random
+
+    from PIL import Image
+
+    from sdlora_dist.config import load_config
+    from sdlora_dist.data.pipeline import _crop_box, train_crop
+    from sdlora_dist.recipe import transform_spec
+
+    cfg = load_config(overrides=["data.train_interpolation=bilinear", "data.normalize=none", "data.hflip=0"])
+    model = SimpleNamespace(pretrained_cfg={"input_size": (3, 16, 16), "interpolation": "bicubic"})
+    spec = transform_spec(model, cfg.data)
+    assert spec.train_interpolation == "bilinear" and spec.interpolation == "bicubic" and spec.mean == (0.0,) * 3
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 52, 3), dtype=np.uint8))
+    box = _crop_box(52, 40, spec.train_scale, random.Random(5))
+    got = np.asarray(train_crop(img, spec, random.Random(5)))
+    assert np.array_equal(got, np.asarray(img.resize((16, 16), Image.BILINEAR, box=box)))
+    assert not np.array_equal(got, np.asarray(img.resize((16, 16), Image.BICUBIC, box=box)))
+    with pytest.raises(UserError, match="data.train_interpolation: must be one of"):
+        load_config(overrides=["data.train_interpolation=cubic"])

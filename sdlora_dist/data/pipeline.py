@@ -67,12 +67,14 @@ class TransformSpec:
     crop_pct: float = 0.875
     train_scale: tuple[float, float] = (0.05, 1.0)
     hflip: float = 0.5
+    train_interpolation: str | None = None  # the train crop's resize; None = ``interpolation``
 
-    def resample(self) -> int:
-        """PIL resampling filter for ``interpolation``."""
-        if self.interpolation not in INTERPOLATIONS:
-            raise UserError(f"unknown interpolation {self.interpolation!r}: valid are {', '.join(INTERPOLATIONS)}")
-        return INTERPOLATIONS[self.interpolation]
+    def resample(self, train: bool = False) -> int:
+        """PIL resampling filter for ``interpolation`` (``train_interpolation`` for the train crop when set)."""
+        name = self.train_interpolation if train and self.train_interpolation else self.interpolation
+        if name not in INTERPOLATIONS:
+            raise UserError(f"unknown interpolation {name!r}: valid are {', '.join(INTERPOLATIONS)}")
+        return INTERPOLATIONS[name]
 
 
 @dataclass
@@ -156,7 +158,7 @@ def normalize_batch(x: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
 def train_crop(img: Image.Image, spec: TransformSpec, rng: random.Random) -> Image.Image:
     """RandomResizedCrop(img_size, scale) + horizontal flip, as one PIL resize of the crop box."""
     box = _crop_box(img.width, img.height, spec.train_scale, rng)
-    out = img.resize((spec.img_size, spec.img_size), spec.resample(), box=box)
+    out = img.resize((spec.img_size, spec.img_size), spec.resample(train=True), box=box)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < spec.hflip else out
 
 
@@ -541,7 +543,7 @@ def make_train_loader(
     ``num_workers``. Labels are global (int64); images NCHW float, normalised with ``spec``. ``manifest``: the run's
     view (``data.classes.task_view``: its class order and split); default the shard set's own.
     """
-    _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample()
+    _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample(train=True)
     _check_rank(rank, world_size, batch_size)
     root = Path(shards_dir)
     manifest = manifest or load_manifest(root)
