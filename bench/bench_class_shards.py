@@ -9,7 +9,8 @@ Source: a synthetic ImageNet-R-style tree (``<class>/*.jpg``, 500x375 photo-like
 * Bytes read per task: one full train epoch (1 rank, ``num_workers=0``) and one evaluation of each task of a
   5-task split with ``data.class_order_seed=1`` (an order the shards were not written in), read through the
   loaders; bytes read = this process's ``rchar`` (``/proc/self/io``) over the loop, against the bytes of the task's
-  classes' shards. Goal: 1.0x (a task reads its own classes' shards once and nothing else).
+  classes' shards. Goal: 1.0x (a task reads its own classes' shards once and nothing else). The same loop over the
+  per-task layout (its own 10-task split) gives the reader's own overhead for comparison.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def time_prepare(src: Path, tmp: Path, reps: int) -> dict:
     return rows
 
 
-def bytes_per_task(shards: Path, tasks: int, seed: int) -> list[dict]:
+def bytes_per_task(shards: Path, tasks: int, seed: int | None) -> list[dict]:
     """Per task of a train-time split: bytes read by one train epoch and one evaluation against its shards' bytes."""
     manifest = load_manifest(shards)
     split = resolve_split(manifest, SimpleNamespace(class_order_seed=seed, class_order=None, tasks=tasks,
@@ -125,7 +126,9 @@ def main() -> None:
         src = make_source(Path(tmp) / "src", args.classes, args.per_class)
         prep = time_prepare(src, Path(tmp), args.reps)
         per_task = bytes_per_task(Path(tmp) / "class", tasks=5, seed=1)
+        old = bytes_per_task(Path(tmp) / "task", tasks=10, seed=None)  # the same reader on per-task shards
     ratios = {k: [r[k]["ratio"] for r in per_task] for k in ("train", "eval")}
+    old_ratios = {k: [r[k]["ratio"] for r in old] for k in ("train", "eval")}
     result = {
         "benchmark": "class-grouped shards vs per-task shards: prepare time and bytes; bytes read per task",
         "source": f"synthetic imagenet-r tree: {args.classes} classes x {args.per_class} JPEGs 500x375, 80/20 split",
@@ -134,14 +137,17 @@ def main() -> None:
             "split": "5 tasks, data.class_order_seed=1, 1 rank, num_workers=0",
             "tasks": per_task,
             "ratio_min_max": {k: [min(v), max(v)] for k, v in ratios.items()},
+            "per_task_layout_ratio_min_max": {k: [min(v), max(v)] for k, v in old_ratios.items()},
+            "per_task_layout_tasks": old,
         },
         "command": "python " + " ".join(sys.argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"prepare": prep, "bytes_read_ratio_min_max": result["bytes_read_per_task"]["ratio_min_max"]},
-                     indent=1))  # fmt: skip
+    read = result["bytes_read_per_task"]
+    print(json.dumps({"prepare": prep, "bytes_read_ratio_min_max": read["ratio_min_max"],
+                      "per_task_layout": read["per_task_layout_ratio_min_max"]}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
