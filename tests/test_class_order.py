@@ -250,3 +250,25 @@ def test_authors_train_crop_is_bilinear_when_asked():
     assert not np.array_equal(got, np.asarray(img.resize((16, 16), Image.BICUBIC, box=box)))
     with pytest.raises(UserError, match="data.train_interpolation: must be one of"):
         load_config(overrides=["data.train_interpolation=cubic"])
+
+
+def test_an_older_shard_set_is_repaired_in_its_own_layout(tmp_path):
+    """The advice `data inspect --verify` prints for a damaged per-task set works as printed; no silent relayout."""
+    import shlex
+
+    from test_report import cli
+
+    old = tmp_path / "old"
+    prepare("digits", None, old, progress=False, workers=1, layout="task")
+    shard = old / load_manifest(old).task_shards("train", 1)[0].path
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])
+    code, _, err = cli("data", "inspect", str(old), "--verify")
+    assert code == 2 and "--layout task" in err
+    advice = shlex.split(err.split("rewrite them with: ", 1)[1].strip())
+    assert advice[:3] == ["sdlora", "data", "prepare"]
+    code, _, err = cli(*advice[1:], "--workers", "1", "--no-progress")
+    assert code == 0, err
+    assert shard.read_bytes() == good and load_manifest(old).format == 1
+    code, _, err = cli("data", "prepare", "--benchmark", "digits", "--out", str(old), "--workers", "1")
+    assert code == 2 and "earlier version" in err and err.count("\n") == 1

@@ -220,6 +220,8 @@ def prepare_command(manifest: Manifest, shards_dir: str | Path) -> str:
         argv += ["--max-missing", str(args["max_missing"])]
     if args.get("subset"):
         argv += ["--subset"]
+    if manifest.stored_names is None:  # a shard set of an earlier version: rewrite it in its own layout
+        argv += ["--layout", "task"]
     return shlex.join(argv)
 
 

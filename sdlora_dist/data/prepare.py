@@ -352,7 +352,7 @@ def dataset_fingerprint(source: Source, options: dict) -> str:
     return digest.hexdigest()
 
 
-def _check_out(out: Path, fingerprint: str, benchmark: str) -> bool:
+def _check_out(out: Path, fingerprint: str, benchmark: str, layout: str = "class") -> bool:
     """True when ``out`` already holds this exact shard set; UserError when it holds anything else."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder path for the shard set")
@@ -360,6 +360,12 @@ def _check_out(out: Path, fingerprint: str, benchmark: str) -> bool:
         existing = load_manifest(out)
         if existing.fingerprint == fingerprint:
             return True
+        if existing.stored_names is None and layout == "class":
+            raise UserError(
+                f"--out {out} holds a shard set of an earlier version (one folder per task, fixed class order); "
+                "this version writes class-grouped shards: pass another --out (add --layout task to repair the old "
+                "set in place)"
+            )
         raise UserError(
             f"--out {out} already holds a different shard set (benchmark {existing.benchmark!r}, fingerprint "
             f"{existing.fingerprint[:12]}; this {benchmark!r} input has {fingerprint[:12]}): pass another --out "
@@ -428,7 +434,7 @@ def prepare(
         raise UserError(f"unknown shard layout {layout!r}: valid are {', '.join(LAYOUTS)}")
     job = _plan_job(args, workers or os.cpu_count() or 1, progress, layout)
     out = Path(out)
-    if _check_out(out, job.fingerprint, benchmark):
+    if _check_out(out, job.fingerprint, benchmark, layout):
         return _repair(out, job)
     return _write_new(out, job)
 
