@@ -210,6 +210,15 @@ def test_changed_class_order_is_refused_before_anything_is_written(tmp_path, lay
         assert f"{flag} {run}: the shards at {shards} no longer give the class order" in res.stderr
         assert "task 0 classes changed" in res.stderr
         assert tree_hashes(run) == before  # byte-identical: nothing was written
+    older = tmp_path / "older"  # a run from before the split was recorded: compared by its class names
+    shutil.copytree(run, older)
+    info = json.loads((older / "run.json").read_text())
+    del info["task_split"]
+    (older / "run.json").write_text(json.dumps(info))
+    (older / "config.yaml").write_text((older / "config.yaml").read_text().replace(str(run), str(older)))
+    before = tree_hashes(older)
+    res = sdlora("train", "--continue", str(older))
+    assert res.returncode == 2 and "class names by label" in res.stderr and tree_hashes(older) == before
 
 
 # correct counts per task group of the TINY digits run (train.max_steps_per_epoch=6), recorded with main's code before
