@@ -31,8 +31,12 @@ def prepare_cmd(
     ),
     out: str = typer.Option(..., "--out", help="Shard directory to create (refused if it holds another dataset)."),
     root: str = typer.Option(None, "--root", help="Dataset folder in the benchmark's own layout (not for digits)."),
-    tasks: int = typer.Option(None, "--tasks", help="Number of tasks (default: the paper's for the benchmark)."),
-    seed: int = typer.Option(None, "--seed", help="Class-order seed (default: the paper's for the benchmark)."),
+    tasks: int = typer.Option(
+        None, "--tasks", help="Default number of tasks (runs choose with data.tasks; default: the paper's)."
+    ),
+    seed: int = typer.Option(
+        None, "--seed", help="Default class-order seed (runs choose with data.class_order_seed; default: the paper's)."
+    ),
     resize: int = typer.Option(256, "--resize", help="Downscale short sides above this once (0 = keep size)."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
     workers: int = typer.Option(None, "--workers", help="Encoding processes (default: all cores)."),
@@ -42,8 +46,11 @@ def prepare_cmd(
     ),
     subset: bool = typer.Option(False, "--subset", help="Allow fewer classes than the benchmark defines."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the 80/20 split where there is no official one."),
+    layout: str = typer.Option(
+        "class", "--layout", help="'class' (grouped by class) or 'task' (one folder per task: repairs older sets)."
+    ),
 ) -> None:
-    """Write a benchmark as per-task train/test shards plus manifest.json (resumes an interrupted run).
+    """Write a benchmark as class-grouped train/test shards plus manifest.json (resumes an interrupted run).
 
     On an existing shard set of the same input it verifies every checksum and rewrites damaged or missing shards.
     """
@@ -53,7 +60,7 @@ def prepare_cmd(
         manifest = prepare(
             benchmark, root, out, tasks=tasks, seed=seed, resize=resize, shard_size=shard_size, workers=workers,
             progress=sys.stderr.isatty() if progress is None else progress, max_missing=max_missing, subset=subset,
-            split_seed=split_seed,
+            split_seed=split_seed, layout=layout,
         )  # fmt: skip
     n_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
     n_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 
 from sdlora_dist.errors import UserError
@@ -143,6 +143,27 @@ class DataConfig(_Section):
             "pipe:CMD)."
         ),
     )
+    class_order_seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**32,
+        description=(
+            "Class order: np.random.seed(s); np.random.permutation(n) over the prepared classes (the authors' rule); "
+            "null = the shard set's order (its prepare --seed)."
+        ),
+    )
+    class_order: list[typing.Annotated[int, Field(ge=0)]] | None = Field(
+        None,
+        description="Explicit class order: every prepared class index (as 'sdlora data inspect' lists them) once.",
+    )
+    tasks: int | None = Field(
+        None, gt=0, description="Task split: the prepared classes in N near-equal tasks; null = the shard set's split."
+    )
+    classes_per_task: list[typing.Annotated[int, Field(gt=0)]] | None = Field(
+        None,
+        min_length=1,
+        description="Task split as classes per task, e.g. [40, 40, 40, 40, 40] (instead of tasks).",
+    )
     cache_dir: str | None = Field(
         None, description="Local cache of remote shards, checked against the manifest sha256 (null = off)."
     )
@@ -160,9 +181,30 @@ class DataConfig(_Section):
         default_factory=lambda: [0.05, 1.0], description="RandomResizedCrop scale range for training."
     )
     hflip: float = Field(0.5, ge=0, le=1, description="Horizontal flip probability for training.")
+    train_interpolation: Interpolation | None = Field(
+        None,
+        description=(
+            "Resize filter of the train crop: null = the backbone's (bicubic for ViTs), 'bilinear' = torchvision's "
+            "RandomResizedCrop default, which the authors' code uses."
+        ),
+    )
     eval_crop_pct: float = Field(0.875, gt=0, le=1, description="Eval: resize to img_size/crop_pct, center crop.")
     corrupt: ShardPolicy = Field("skip", description="Corrupt sample policy: 'skip' (counted, reported) or 'error'.")
     bad_shard: ShardPolicy = Field("error", description="Truncated/missing shard policy: 'error' or 'skip'.")
+
+    @field_validator("class_order")
+    @classmethod
+    def _one_order(cls, order: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if order is not None and info.data.get("class_order_seed") is not None:
+            raise ValueError("give data.class_order_seed or data.class_order, not both")
+        return order
+
+    @field_validator("classes_per_task")
+    @classmethod
+    def _one_split(cls, counts: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if counts is not None and info.data.get("tasks") is not None:
+            raise ValueError("give data.tasks or data.classes_per_task, not both")
+        return counts
 
     @field_validator("train_crop_scale")
     @classmethod
@@ -456,6 +498,26 @@ def _type_text(tp: Any) -> str:
 
 def _is_section(info: FieldInfo) -> bool:
     return isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
+
+
+def _validate_split(d: DataConfig) -> list[str]:
+    """Class order and task split: one way each, positive counts (the shard set checks the rest at train time)."""
+    errors = []
+    if d.class_order_seed is not None and d.class_order is not None:
+        errors.append(
+            f"data.class_order: give data.class_order_seed or data.class_order, not both (got {d.class_order})"
+        )
+    if d.tasks is not None and d.classes_per_task is not None:
+        errors.append(
+            f"data.classes_per_task: give data.tasks or data.classes_per_task, not both (got {d.classes_per_task})"
+        )
+    if d.tasks is not None and d.tasks <= 0:
+        errors.append(f"data.tasks: must be > 0 (got {d.tasks})")
+    if d.classes_per_task is not None and (not d.classes_per_task or min(d.classes_per_task) <= 0):
+        errors.append(f"data.classes_per_task: must be a non-empty list of counts > 0 (got {d.classes_per_task})")
+    if d.class_order_seed is not None and not 0 <= d.class_order_seed < 2**32:
+        errors.append(f"data.class_order_seed: must be in 0..2**32-1, numpy's seed range (got {d.class_order_seed})")
+    return errors
 
 
 def config_reference() -> str:

@@ -139,7 +139,7 @@ def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
 
 def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = False) -> int:
     """Check inputs, then run the worker on every rank through the launcher (in-process for one local rank)."""
-    from sdlora_dist.recipe import check_shards
+    from sdlora_dist.recipe import check_run_split, run_shards
 
     launcher = resolve_launcher(spec)
     world = spec.nodes * spec.procs_per_node
@@ -148,7 +148,8 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
             f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly over the {world} "
             f"ranks (--nodes {spec.nodes} x --gpus-per-node {spec.procs_per_node}); pass --set data.batch_size=N"
         )
-    check_shards(cfg)
+    _, split = run_shards(cfg)  # the shards, their class order and task split as this run resolves them
+    check_run_split(cfg, mode, split)  # --resume/--continue: refused before anything is written
     worker = [sys.executable, "-m", "sdlora_dist.worker", "--run-dir", str(cfg.run_dir), "--mode", mode]
     if dry_run:
         argv, env = build_command(spec, worker)

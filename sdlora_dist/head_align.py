@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import distributed as dist
 from sdlora_dist.config import Config
-from sdlora_dist.data import TransformSpec, make_eval_loader
+from sdlora_dist.data import Manifest, TransformSpec, make_eval_loader
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
 
@@ -236,16 +236,23 @@ class AlignResult:
 
 @torch.no_grad()
 def collect_task_sums(
-    cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv, spec: TransformSpec
+    cfg: Config,
+    model: torch.nn.Module,
+    task: int,
+    env: dist.DistEnv,
+    spec: TransformSpec,
+    manifest: Manifest | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-class float64 sums over all of ``task``'s train samples (eval transform), all-reduced over ranks."""
+    """Per-class float64 sums over all of ``task``'s train samples (eval transform), all-reduced over ranks.
+
+    ``manifest``: the run's view of the shards (its class order and split; default the shard set's own)."""
     model.eval()
     offset, n_cls = model.class_offset(task), model.task_classes[task]
     dtype = next(model.parameters()).dtype
     loader = make_eval_loader(
         cfg.data.shards, [task], spec=spec, batch_size=cfg.data.eval_batch_size, rank=env.rank,
         world_size=env.world_size, num_workers=cfg.data.num_workers, corrupt=cfg.data.corrupt,
-        bad_shard=cfg.data.bad_shard, split="train",
+        bad_shard=cfg.data.bad_shard, cache_dir=cfg.data.cache_dir, split="train", manifest=manifest,
     )  # fmt: skip
     d = model.head.in_features
     second = {"full": (n_cls, d, d), "diag": (n_cls, d), "shared": (d, d)}[cfg.train.head_align_cov]
@@ -297,13 +304,14 @@ def set_head(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
 
 
 def _gaussian(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv, spec: TransformSpec,
-              evaluate: Callable[..., tuple[list, list]], times: dict[str, float]) -> AlignResult:  # fmt: skip
+              manifest: Manifest | None, evaluate: Callable[..., tuple[list, list]],
+              times: dict[str, float]) -> AlignResult:  # fmt: skip
     t = cfg.train
     mark = time.perf_counter()
-    before, _ = evaluate(cfg, model, task, env, spec)
+    before, _ = evaluate(cfg, model, task, env, spec, manifest)
     times["eval_before_align"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    stats = finalize(collect_task_sums(cfg, model, task, env, spec), t.head_align_cov)
+    stats = finalize(collect_task_sums(cfg, model, task, env, spec, manifest), t.head_align_cov)
     times["head_stats"] = time.perf_counter() - mark
     mark = time.perf_counter()
     if env.is_main:
@@ -336,12 +344,14 @@ def run(
     task: int,
     env: dist.DistEnv,
     spec: TransformSpec,
+    manifest: Manifest | None,
     evaluate: Callable[..., tuple[list, list]],
     times: dict[str, float],
 ) -> AlignResult:
     """``train.head_align`` for ``task`` on every rank: nothing (``none``) or evaluate, collect, align (``gaussian``).
 
-    ``evaluate`` is the recipe's evaluation (counts per task group), called once more to record the accuracy
-    before alignment; ``times`` gets ``eval_before_align``, ``head_stats`` and ``head_align`` (seconds).
+    ``manifest`` is the run's view of the shards (class order and split). ``evaluate`` is the recipe's evaluation
+    (counts per task group), called once more to record the accuracy before alignment; ``times`` gets
+    ``eval_before_align``, ``head_stats`` and ``head_align`` (seconds).
     """
-    return ALIGNERS[cfg.train.head_align](cfg, model, task, env, spec, evaluate, times)
+    return ALIGNERS[cfg.train.head_align](cfg, model, task, env, spec, manifest, evaluate, times)

@@ -42,6 +42,7 @@ def transform_spec(model: Any, data: DataConfig) -> TransformSpec:
         crop_pct=float(overrides.get("crop_pct", data.eval_crop_pct)),
         train_scale=(data.train_crop_scale[0], data.train_crop_scale[1]),
         hflip=data.hflip,
+        train_interpolation=data.train_interpolation,
     )
 
 

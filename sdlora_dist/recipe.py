@@ -32,6 +32,7 @@ from sdlora_dist import head_align
 from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
+from sdlora_dist.data.classes import resolve_split, split_changes, task_view
 from sdlora_dist.data.pipeline import train_steps_per_epoch
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
@@ -58,6 +59,41 @@ def check_shards(cfg: Config) -> Manifest:
             f"{cfg.data.benchmark!r}; pass the matching --benchmark or --data"
         )
     return manifest
+
+
+def run_shards(cfg: Config) -> tuple[Manifest, dict[str, Any]]:
+    """The shards as this run sees them (its class order and task split) and the split's record for run.json."""
+    manifest = check_shards(cfg)
+    split = resolve_split(manifest, cfg.data)
+    view = task_view(manifest, split)
+    return view, split.record(view.class_names if manifest.stored_names is None else manifest.stored_names)
+
+
+def check_run_split(cfg: Config, mode: str, record: dict[str, Any]) -> None:
+    """--resume / --continue: the shards must still give the class order and split the run was trained with.
+
+    Compared before anything is written, so a refused run directory stays byte-identical. Runs written before the
+    split was recorded are compared by their class names.
+    """
+    path = Path(cfg.run_dir) / ckpt.RUN_FILE
+    if mode == "fresh" or not path.is_file():
+        return
+    info = ckpt.read_json(path)
+    recorded = info.get("task_split")
+    if recorded is None:  # a run from before the split was recorded: its class names, in global-label order
+        names = list(info.get("class_names", []))
+        current = [n for task in record["task_classes"] for n in task]
+        changes = [] if current[: len(names)] == names else ["the class order (class names by label) differs"]
+        fingerprint = "not recorded"
+    else:
+        changes, fingerprint = split_changes(recorded, record), recorded["fingerprint"]
+    if changes:
+        flag = "--resume" if mode == "resume" else "--continue"
+        raise UserError(
+            f"{flag} {cfg.run_dir}: the shards at {cfg.data.shards} no longer give the class order and task split "
+            f"this run was trained with ({'; '.join(changes)}; split fingerprint: run {fingerprint}, shards now "
+            f"{record['fingerprint']}); restore the shard set the run used, or start a new run with --run-dir"
+        )
 
 
 def task_lr(cfg: Config, task: int, epoch: int) -> float:
@@ -294,7 +330,7 @@ def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> dict[st
                 cfg.data.shards, task, spec=ctx.spec, batch_size=ctx.per_rank, epoch=epoch, seed=cfg.train.seed,
                 rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
                 steps_per_epoch=monitor.steps, corrupt=cfg.data.corrupt, bad_shard=cfg.data.bad_shard,
-                streams=cfg.data.streams, cache_dir=cfg.data.cache_dir,
+                streams=cfg.data.streams, cache_dir=cfg.data.cache_dir, manifest=ctx.manifest,
             )  # fmt: skip
             skip = start["step"] if epoch == start["epoch"] else 0
             for step, (x, y) in enumerate(loader):
@@ -310,7 +346,8 @@ def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> dict[st
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: TransformSpec) -> tuple[list, list]:
+def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: TransformSpec,
+             manifest: Manifest | None = None) -> tuple[list, list]:  # fmt: skip
     """Correct counts and sizes per task group 0..task over all ranks (each test sample read exactly once)."""
     model.eval()
     offsets = torch.tensor([model.class_offset(j + 1) for j in range(task + 1)])
@@ -319,7 +356,7 @@ def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: 
     loader = make_eval_loader(
         cfg.data.shards, list(range(task + 1)), spec=spec, batch_size=cfg.data.eval_batch_size, rank=env.rank,
         world_size=env.world_size, num_workers=cfg.data.num_workers, corrupt=cfg.data.corrupt,
-        bad_shard=cfg.data.bad_shard, cache_dir=cfg.data.cache_dir,
+        bad_shard=cfg.data.bad_shard, cache_dir=cfg.data.cache_dir, manifest=manifest,
     )  # fmt: skip
     for x, y in progress_bar(loader, desc=f"eval {task}", unit="batch", disable=not env.is_main):
         pred = model(x.to(env.device, dtype)).argmax(dim=1).cpu()
@@ -341,13 +378,15 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
     env = dist.init_distributed(cfg.train.timeout_s)
     torch.manual_seed(cfg.train.seed)
-    manifest = check_shards(cfg)
+    manifest, split = run_shards(cfg)
+    check_run_split(cfg, mode, split)  # before anything is written (also checked by the front door)
     run_dir = Path(cfg.run_dir)
     model, progress, first = restore_state(cfg, mode, manifest)
     model.to(env.device)
     if env.is_main:
         info = {"benchmark": manifest.benchmark, "shards": urls.display(cfg.data.shards)}
-        ckpt.write_run_header(run_dir, cfg, model, {**info, "class_names": manifest.class_names})
+        info |= {"class_names": manifest.class_names, "task_split": split}
+        ckpt.write_run_header(run_dir, cfg, model, info)
     spec = transform_spec(model, cfg.data)
     for task in range(first, last_task(cfg, manifest, mode)):
         record = run_task(cfg, model, task, manifest, env, spec, progress)
@@ -381,9 +420,9 @@ def run_task(
     model.to(env.device)
     with timed(times, "train"):
         train_stats = train_task(TaskContext(cfg, model, env, spec, manifest, task))
-    aligned = head_align.run(cfg, model, task, env, spec, evaluate, times)  # 'none' does nothing
+    aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times)  # 'none' does nothing
     with timed(times, "eval"):
-        correct, totals = evaluate(cfg, model, task, env, spec)
+        correct, totals = evaluate(cfg, model, task, env, spec, manifest)
     dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
     progress.log.add_row(correct, totals)
     record = {

@@ -113,8 +113,13 @@ def make_cub(root: Path, n_classes: int = 4, per_class: int = 3) -> tuple[Path, 
 
 
 def read_shard_set(shards_dir: Path) -> dict[str, list[dict]]:
-    """Every sample of a shard set, read with plain ``tarfile``: split -> [{task, key, image, label, meta}]."""
+    """Every sample of a shard set, read with plain ``tarfile``: split -> [{task, key, image, label, meta}].
+
+    ``label`` is the global label in the manifest's default order (a class-grouped shard stores the class index,
+    mapped through ``label_map``); ``stored`` is what the tar holds.
+    """
     manifest = load_manifest(shards_dir)
+    label_map = manifest.label_map or list(range(len(manifest.class_names)))
     out: dict[str, list[dict]] = {"train": [], "test": []}
     for split in out:
         for task in range(manifest.num_tasks()):
@@ -132,7 +137,8 @@ def read_shard_set(shards_dir: Path) -> dict[str, list[dict]]:
                             "key": key,
                             "ext": ext,
                             "image": files[ext],
-                            "label": int(files["cls"]),
+                            "label": label_map[int(files["cls"])],
+                            "stored": int(files["cls"]),
                             "meta": json.loads(files["json"]),
                         }
                     )

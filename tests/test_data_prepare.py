@@ -23,7 +23,7 @@ from data_fixtures import (
 from PIL import Image
 
 from sdlora_dist.data import add_task, inspect_table, load_manifest, prepare
-from sdlora_dist.data.prepare import _open_stage, class_order, plan_shards, write_shards
+from sdlora_dist.data.prepare import _open_stage, plan_class_shards, write_shards
 from sdlora_dist.data.sources import read_source
 
 
@@ -175,10 +175,11 @@ def test_resume_reuses_finished_shards(tmp_path: Path, digits_out: Path) -> None
     stage = tmp_path / "out.partial"
     fresh = load_manifest(digits_out)
     source = read_source("digits", None, 0)
-    plans = plan_shards(source, class_order(10, 1993), [2] * 5, 1993, 60)
+    plans = plan_class_shards(source, 60)
     _open_stage(stage, fresh.fingerprint)  # what the interrupted run had done: stage, 3 shards, one partial temp
     write_shards(plans[:3], stage, label_offset=0, resize=256, workers=1, progress=False, desc="")
     half = stage / (plans[3].path + ".tmp")
+    half.parent.mkdir(parents=True, exist_ok=True)
     half.write_bytes(b"half a tar")
     done_mtime = {p.path: os.stat(stage / p.path).st_mtime_ns for p in plans[:3]}
     assert not out.exists()  # nothing at --out while interrupted

@@ -148,7 +148,7 @@ def test_none_is_a_no_op(tiny_cfg):
         raise AssertionError("'none' must not evaluate")
 
     times: dict[str, float] = {}
-    result = ha.run(cfg, model, 0, DistEnv(0, 1, 0, 0, torch.device("cpu")), None, no_eval, times)
+    result = ha.run(cfg, model, 0, DistEnv(0, 1, 0, 0, torch.device("cpu")), None, None, no_eval, times)
     assert result.stats is None and result.record([1], [2]) == {"mode": "none"} and times == {}
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert np.array_equal(np.random.get_state()[1], rng[2])

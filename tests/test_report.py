@@ -195,3 +195,81 @@ def test_damaged_metrics_are_user_errors(tmp_path, problem):
                 "out_is_file": "is a file"}[problem]  # fmt: skip
     with pytest.raises(UserError, match=expected):
         rep.write_report(tmp_path / "run", out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several runs of one setting
+
+
+def make_seed_run(run_dir, seed: int, shift: float, tasks: int = 3, sets: tuple[str, ...] = ()) -> dict:
+    """A finished run of the digits recipe with ``train.seed=seed``; its accuracies are ``shift`` points higher."""
+    from sdlora_dist.config import load_config, save_config
+
+    data = make_run(run_dir, tasks=tasks)
+    log = AccuracyLog()
+    for t in range(tasks):  # correct counts of 100-sample groups, so every percentage is exact
+        log.add_row([int(60 + shift - 5 * (t - j)) for j in range(t + 1)], [100] * (t + 1))
+    data["accuracy"] = log.to_dict()
+    (run_dir / "metrics.json").write_text(json.dumps(data))
+    cfg = load_config(overrides=[f"train.seed={seed}", f"run_dir={run_dir}", *sets])
+    save_config(cfg, run_dir / "config.yaml")
+    return data
+
+
+def test_report_aggregates_three_seeds(tmp_path):
+    import numpy as np
+
+    runs = [tmp_path / "runs" / f"digits-seed{s}" for s in (1, 2, 3)]
+    datas = [make_seed_run(r, seed=s, shift=2.0 * s) for r, s in zip(runs, (1, 2, 3), strict=True)]
+    # a run resumed on another machine (other workers, timeout, shard path) still belongs to the setting
+    make_seed_run(runs[2], seed=3, shift=6.0, sets=("data.num_workers=7", "train.timeout_s=99", "data.shards=s3"))
+    code, out, err = cli("report", *map(str, runs), "--out", str(tmp_path / "agg"))
+    assert code == 0, err
+    numbers = json.loads((tmp_path / "agg" / "aggregate.json").read_text())
+    for key in ("acc", "aaa", "forgetting"):
+        values = [d["accuracy"][key] for d in datas]
+        assert numbers["summary"][key]["mean"] == pytest.approx(np.mean(values))
+        assert numbers["summary"][key]["std"] == pytest.approx(np.std(values, ddof=1))
+    acc = numbers["summary"]["acc"]
+    assert acc["mean"] == pytest.approx(59.0) and acc["std"] == pytest.approx(2.0)  # final rows 57, 59, 61
+    assert numbers["varying"] == {"train.seed": [1, 2, 3]}
+    assert numbers["top1_mean"] == pytest.approx(np.mean(numbers["top1_curves"], axis=0).tolist())
+    text = (tmp_path / "agg" / "report.md").read_text()
+    assert "| **mean ± std (3 runs)** | 59.00 ± 2.00 |" in text and "digits-seed2 (seed 2)" in text
+    assert "![accuracy curves](accuracy_curves.png)" in text
+    assert "59.00 ± 2.00" in out and out.split()[-3:] == [str(tmp_path / "agg" / n) for n in rep.AGGREGATE_FILES]
+    with Image.open(tmp_path / "agg" / "accuracy_curves.png") as img:
+        assert img.format == "PNG" and img.width >= 600
+    # a quoted glob, default output beside the runs; the next glob over the folder skips that report
+    assert cli("report", str(tmp_path / "runs" / "digits-seed*"))[0] == 0
+    default = tmp_path / "runs" / "report-digits"
+    assert json.loads((default / "aggregate.json").read_text())["summary"] == numbers["summary"]
+    code, _, err = cli("report", str(tmp_path / "runs" / "*"))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("problem", ["rank_and_lr", "unfinished", "split", "one_run", "no_config", "twice"])
+def test_report_refuses_runs_of_different_settings(tmp_path, problem):
+    runs = [tmp_path / f"r{s}" for s in (1, 2, 3)]
+    sets = {"rank_and_lr": ("adapter.rank=4", "train.lr=0.5")}.get(problem, ())
+    for i, r in enumerate(runs):
+        make_seed_run(r, seed=i, shift=i, tasks=2 if problem == "unfinished" and i == 1 else 3,
+                      sets=sets if i == 2 else ())  # fmt: skip
+    if problem == "split":  # the same number of tasks, another split of the classes
+        data = json.loads((runs[1] / "metrics.json").read_text())
+        data["tasks"][0]["classes"] = 4
+        (runs[1] / "metrics.json").write_text(json.dumps(data))
+    if problem == "no_config":
+        (runs[0] / "config.yaml").unlink()
+    args = {"one_run": [str(runs[0] / "*")], "twice": [str(runs[0]), str(runs[1]), str(runs[0])]}
+    code, out, err = cli("report", *args.get(problem, map(str, runs)), "--out", str(tmp_path / "agg"))
+    expected = {
+        "rank_and_lr": f"adapter.rank ({runs[0]}: 10, {runs[2]}: 4); train.lr ({runs[0]}: 0.01, {runs[2]}: 0.5)",
+        "unfinished": f"{runs[1]} is not finished",
+        "split": "differ in classes per task",
+        "one_run": "matches no run directory",
+        "no_config": "has no config.yaml",
+        "twice": "named twice",
+    }[problem]
+    assert code == 2 and expected in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "agg").exists()

@@ -148,6 +148,7 @@ def test_add_task_then_continue(digits_shards, tmp_path):
             folder.mkdir(parents=True)
             for i, img in enumerate(digits.images[digits.target == label][sl]):
                 Image.fromarray((img[:, ::-1] * 16).clip(0, 255).astype("uint8")).save(folder / f"{i}.png")
+    split_before = json.loads((tmp_path / "run" / "run.json").read_text())["task_split"]
     added = sdlora("data", "add-task", "--out", str(shards), "--root", str(root))
     assert added.returncode == 0, added.stderr[-3000:]
     cont = sdlora("train", "--continue", str(tmp_path / "run"))
@@ -157,6 +158,9 @@ def test_add_task_then_continue(digits_shards, tmp_path):
     assert after["accuracy"]["correct"][:5] == before["accuracy"]["correct"]
     assert [t["task"] for t in after["tasks"]] == [0, 1, 2, 3, 4, 5]
     assert after["tasks"][:5] == before["tasks"]  # earlier tasks were not retrained
+    split = json.loads((tmp_path / "run" / "run.json").read_text())["task_split"]  # the new classes: a new task
+    assert split["task_classes"][:5] == split_before["task_classes"]
+    assert sorted(split["task_classes"][5]) == ["mirror-0", "mirror-1"]
     again = sdlora("train", "--continue", str(tmp_path / "run"))
     assert again.returncode == 2 and "add-task" in again.stderr
 

@@ -13,6 +13,18 @@ Schema (``format`` 1)::
      "missing": 0,                    # listed source images absent at prepare time (allowed by --max-missing)
      "prepare_args": {"benchmark": "digits", "root": null, "tasks": 5, ...},  # rebuilds the prepare command
      "added_tasks": [{"task": 5, "root": "...", "fingerprint": "..."}]}
+
+Schema (``format`` 2, class-grouped: the class order and task split are chosen at train time)::
+
+    {"format": 2, "benchmark": "digits", "fingerprint": "...", "classes": [...],   # the stored class index = position
+     "class_shards": {"train": [[{"path": "train/class_0003/shard-000000.tar", ...}]], "test": [[...]]},
+                                      # class_shards[split][c] = the shards of stored class c; a sample's .cls is c
+     "seed": 1993, "class_order": [...], "classes_per_task": [...],   # the default order (stored indices) and split
+     "added_tasks": [{"task": 5, "classes": [10, 11], "root": "...", "fingerprint": "..."}], ...}
+
+Loaded, a format-2 manifest is shown through its default order and split (``class_names``, ``class_order``,
+``classes_per_task``, ``shards`` per task, ``label_map`` stored -> global label); ``data.classes.task_view`` gives the
+view of another order and split.
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ from sdlora_dist.errors import UserError
 from sdlora_dist.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+FORMATS = (1, 2)
 SPLITS = ("train", "test")
 
 
@@ -63,6 +76,12 @@ class Manifest:
     missing: int = 0
     prepare_args: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
+    # format 2 only (None for format 1): the stored classes and their shards, the default order and split
+    stored_names: list[str] | None = None
+    class_shards: dict[str, list[list[ShardInfo]]] | None = None
+    default_order: list[int] | None = None
+    default_split: list[int] | None = None
+    label_map: list[int] | None = None  # stored label -> global label of this view (None: stored labels are global)
 
     def num_tasks(self) -> int:
         """Number of tasks in the shard set."""
@@ -93,15 +112,52 @@ class Manifest:
         if not 0 <= task < self.num_tasks():
             raise UserError(f"task {task} does not exist: the shard set has tasks 0..{self.num_tasks() - 1}")
 
+    def all_shards(self) -> list[list[ShardInfo]]:
+        """Every stored shard exactly once, as the lists the file holds (per class for format 2, per task for 1)."""
+        lists = self.class_shards if self.stored_names is not None else self.shards
+        return [shards for split in SPLITS for shards in lists[split]]
+
     def to_json(self) -> str:
-        """Serialise (stable key order)."""
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+        """Serialise (stable key order); a format-2 view is written as its stored classes, never as the view."""
+        data = dataclasses.asdict(self)
+        view_only = ("stored_names", "class_shards", "default_order", "default_split", "label_map")
+        if self.stored_names is None:
+            data = {k: v for k, v in data.items() if k not in view_only}
+        else:
+            data = {k: v for k, v in data.items() if k not in (*view_only, "class_names", "shards")}
+            data.update(classes=self.stored_names, class_shards=dataclasses.asdict(self)["class_shards"],
+                        class_order=self.default_order, classes_per_task=self.default_split)  # fmt: skip
+        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+
+def _class_grouped(raw: dict[str, Any]) -> Manifest:
+    """A format-2 manifest, shown through its default order and split."""
+    names = list(raw["classes"])
+    class_shards = {split: [[ShardInfo(**s) for s in c] for c in raw["class_shards"][split]] for split in SPLITS}
+    if any(len(class_shards[split]) != len(names) for split in SPLITS):
+        raise ValueError("the class shard lists do not have one entry per class")
+    order, per_task = list(raw["class_order"]), list(raw["classes_per_task"])
+    if sorted(order) != list(range(len(names))) or sum(per_task) != len(names):
+        raise ValueError("classes, class_order and classes_per_task disagree")
+    skip = ("shards", "class_names", "class_order", "classes_per_task", "stored_names", "class_shards", "label_map")
+    kwargs = {f.name: raw[f.name] for f in dataclasses.fields(Manifest) if f.name in raw and f.name not in skip}
+    offsets = [sum(per_task[:t]) for t in range(len(per_task) + 1)]
+    shards = {split: [[s for c in order[offsets[t] : offsets[t + 1]] for s in class_shards[split][c]]
+                      for t in range(len(per_task))] for split in SPLITS}  # fmt: skip
+    label_map = [0] * len(names)
+    for g, c in enumerate(order):
+        label_map[c] = g
+    return Manifest(class_names=[names[c] for c in order], class_order=order, classes_per_task=per_task,
+                    shards=shards, stored_names=names, class_shards=class_shards, default_order=list(order),
+                    default_split=list(per_task), label_map=label_map, **kwargs)  # fmt: skip
 
 
 def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
     """Build a Manifest from parsed JSON; raises KeyError/TypeError/ValueError on a malformed one."""
-    if raw.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"unsupported manifest format {raw.get('format')!r} (expected {MANIFEST_FORMAT})")
+    if raw.get("format") not in FORMATS:
+        raise ValueError(f"unsupported manifest format {raw.get('format')!r} (this version reads {FORMATS})")
+    if raw["format"] == 2:
+        return _class_grouped(raw)
     shards = {split: [[ShardInfo(**s) for s in task] for task in raw["shards"][split]] for split in SPLITS}
     kwargs = {f.name: raw[f.name] for f in dataclasses.fields(Manifest) if f.name in raw and f.name != "shards"}
     manifest = Manifest(shards=shards, **kwargs)
@@ -174,6 +230,8 @@ def prepare_command(manifest: Manifest, shards_dir: str | Path) -> str:
         argv += ["--max-missing", str(args["max_missing"])]
     if args.get("subset"):
         argv += ["--subset"]
+    if manifest.stored_names is None:  # a shard set of an earlier version: rewrite it in its own layout
+        argv += ["--layout", "task"]
     return shlex.join(argv)
 
 
@@ -181,16 +239,15 @@ def damaged_shards(manifest: Manifest, shards_dir: str | Path) -> tuple[int, lis
     """Check every shard's existence, size and sha256; returns (shards checked, [(shard, problem)])."""
     damaged = []
     checked = 0
-    for split in SPLITS:
-        for task_shards in manifest.shards[split]:
-            for shard in task_shards:
-                if urls.is_local(shards_dir):
-                    problem = _shard_problem(urls.local_path(shards_dir) / shard.path, shard, check_sha=True)
-                else:
-                    problem = _remote_problem(urls.join(shards_dir, shard.path), shard)
-                checked += 1
-                if problem:
-                    damaged.append((shard, problem))
+    for shards in manifest.all_shards():
+        for shard in shards:
+            if urls.is_local(shards_dir):
+                problem = _shard_problem(urls.local_path(shards_dir) / shard.path, shard, check_sha=True)
+            else:
+                problem = _remote_problem(urls.join(shards_dir, shard.path), shard)
+            checked += 1
+            if problem:
+                damaged.append((shard, problem))
     return checked, damaged
 
 

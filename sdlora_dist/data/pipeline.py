@@ -94,12 +94,14 @@ class TransformSpec:
     crop_pct: float = 0.875
     train_scale: tuple[float, float] = (0.05, 1.0)
     hflip: float = 0.5
+    train_interpolation: str | None = None  # the train crop's resize; None = ``interpolation``
 
-    def resample(self) -> int:
-        """PIL resampling filter for ``interpolation``."""
-        if self.interpolation not in INTERPOLATIONS:
-            raise UserError(f"unknown interpolation {self.interpolation!r}: valid are {', '.join(INTERPOLATIONS)}")
-        return INTERPOLATIONS[self.interpolation]
+    def resample(self, train: bool = False) -> int:
+        """PIL resampling filter for ``interpolation`` (``train_interpolation`` for the train crop when set)."""
+        name = self.train_interpolation if train and self.train_interpolation else self.interpolation
+        if name not in INTERPOLATIONS:
+            raise UserError(f"unknown interpolation {name!r}: valid are {', '.join(INTERPOLATIONS)}")
+        return INTERPOLATIONS[name]
 
 
 @dataclass
@@ -183,7 +185,7 @@ def normalize_batch(x: torch.Tensor, spec: TransformSpec) -> torch.Tensor:
 def train_crop(img: Image.Image, spec: TransformSpec, rng: random.Random) -> Image.Image:
     """RandomResizedCrop(img_size, scale) + horizontal flip, as one PIL resize of the crop box."""
     box = _crop_box(img.width, img.height, spec.train_scale, rng)
-    out = img.resize((spec.img_size, spec.img_size), spec.resample(), box=box)
+    out = img.resize((spec.img_size, spec.img_size), spec.resample(train=True), box=box)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < spec.hflip else out
 
 
@@ -583,10 +585,12 @@ class ShardLoader:
     """
 
     def __init__(self, dataset: IterableDataset, *, num_workers: int, length: int | None, with_keys: bool,
-                 stats: LoaderStats) -> None:  # fmt: skip
+                 stats: LoaderStats, label_map: list[int] | None = None) -> None:  # fmt: skip
         self.dataset, self.num_workers, self.length, self.with_keys, self.stats = (
             dataset, num_workers, length, with_keys, stats,
         )  # fmt: skip
+        # stored label -> global label of the run's class order (class-grouped shards store the class index)
+        self.label_map = None if label_map is None else torch.tensor(label_map, dtype=torch.int64)
 
     def __len__(self) -> int:
         if self.length is None:
@@ -605,6 +609,8 @@ class ShardLoader:
                     batch = _join_parts(parts)
                     parts = []
                     if batch[0] is not None:
+                        if self.label_map is not None:
+                            batch = (batch[0], self.label_map[batch[1]], batch[2])
                         yield batch if self.with_keys else batch[:2]
         except UserError as exc:  # re-raised from a worker with its traceback in the text: keep the message line
             text = str(exc)
@@ -662,16 +668,18 @@ def make_train_loader(
     streams: int = 8,
     cache_dir: str | Path | None = None,
     with_keys: bool = False,
+    manifest: Manifest | None = None,
 ) -> ShardLoader:
     """One epoch of ``task`` for this rank: exactly ``steps_per_epoch`` batches of ``batch_size`` (per rank).
 
     ``shards_dir`` is a folder or URL (``urls``). Reads only the task's train shards. Global step i holds the same
     samples on any number of ranks that divides ``streams`` (rank r holds its slice), deterministic in (seed, task,
     epoch) whatever ``num_workers``. Labels are global (int64); images NCHW float, normalised with ``spec``.
+    ``manifest``: the run's view (``data.classes.task_view``: its class order and split); default the shard set's own.
     """
-    _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample()
+    _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample(train=True)
     _check_args(rank, world_size, batch_size, num_workers)
-    manifest = load_manifest(shards_dir)
+    manifest = manifest or load_manifest(shards_dir)
     steps = steps_per_epoch or train_steps_per_epoch(manifest, task, batch_size * world_size)
     stats = LoaderStats()
     shards = _usable_shards(str(shards_dir), manifest.task_shards("train", task), bad_shard, stats.bad_shards)
@@ -684,7 +692,8 @@ def make_train_loader(
         shuffle_buffer=shuffle_buffer,
     )  # fmt: skip
     workers = min(num_workers, len(dataset.rank_streams))
-    return ShardLoader(dataset, num_workers=workers, length=steps, with_keys=with_keys, stats=stats)
+    return ShardLoader(dataset, num_workers=workers, length=steps, with_keys=with_keys, stats=stats,
+                       label_map=manifest.label_map)  # fmt: skip
 
 
 def make_eval_loader(
@@ -701,14 +710,16 @@ def make_eval_loader(
     cache_dir: str | Path | None = None,
     with_keys: bool = False,
     split: str = "test",
+    manifest: Manifest | None = None,
 ) -> ShardLoader:
     """The ``split`` samples of ``tasks``, each exactly once across all ranks and workers (no padding).
 
     Ranks may get different batch counts (sum the counts with an all-reduce); the last batch may be short.
+    ``manifest``: the run's view (class order and split), default the shard set's own.
     """
     _check_policy("corrupt", corrupt), _check_policy("bad_shard", bad_shard), spec.resample()
     _check_args(rank, world_size, batch_size, num_workers)
-    manifest = load_manifest(shards_dir)
+    manifest = manifest or load_manifest(shards_dir)
     stats = LoaderStats()
     shards = [s for t in tasks for s in manifest.task_shards(split, t)]  # split="train": head_align's stats pass
     shards = _usable_shards(str(shards_dir), shards, bad_shard, stats.bad_shards)
@@ -716,4 +727,5 @@ def make_eval_loader(
         _ShardSource(shards_dir, cache_dir, bad_shard), shards, rank=rank, world_size=world_size,
         batch_size=batch_size, workers=num_workers, spec=spec, corrupt=corrupt,
     )  # fmt: skip
-    return ShardLoader(dataset, num_workers=num_workers, length=None, with_keys=with_keys, stats=stats)
+    return ShardLoader(dataset, num_workers=num_workers, length=None, with_keys=with_keys, stats=stats,
+                       label_map=manifest.label_map)  # fmt: skip

@@ -1,7 +1,13 @@
-"""Source layouts -> per-task WebDataset shards + ``manifest.json`` (``sdlora data prepare`` / ``add-task``).
+"""Source layouts -> class-grouped WebDataset shards + ``manifest.json`` (``sdlora data prepare`` / ``add-task``).
 
-Each sample is three tar members sharing a key: the image (``.jpg`` or ``.png``), ``.cls`` (the global label as
-text) and ``.json`` (label, class name, original path), the layout ``webdataset.WebDataset`` reads. Tar headers are
+Shards are grouped by class (``train/class_0007/shard-000000.tar``): the class order and the task split are chosen
+at train time (``data.classes``), so one shard set serves every order. ``--seed`` and ``--tasks`` only set the
+default order and split recorded in the manifest. Shard sets written before (one folder per task, format 1) still
+load and take ``add-task``.
+
+Each sample is three tar members sharing a key: the image (``.jpg`` or ``.png``), ``.cls`` (the stored class index
+as text; the global label in a format-1 set) and ``.json`` (label, class name, original path), the layout
+``webdataset.WebDataset`` reads. Tar headers are
 fixed (mtime 0, root owner), so the same input gives byte-identical shards and checksums.
 
 Atomicity: ``prepare`` writes into ``<out>.partial/`` and renames it to ``<out>`` only after the manifest is in
@@ -37,6 +43,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from sdlora_dist.data.classes import even_split, seeded_order
 from sdlora_dist.data.images import ImageDecodeError, image_error_reason, is_plain, open_rgb
 from sdlora_dist.data.manifest import (
     MANIFEST_NAME,
@@ -47,6 +54,7 @@ from sdlora_dist.data.manifest import (
     damaged_shards,
     file_sha256,
     load_manifest,
+    manifest_from_dict,
     verify_shards,
     write_manifest,
 )
@@ -65,6 +73,7 @@ from sdlora_dist.logs import log_rank_zero
 JPEG_QUALITY = 95
 STATE_NAME = "prepare-state.json"
 MISSING_REASON = "missing: listed but not on disk (--max-missing)"
+LAYOUTS = ("class", "task")  # class-grouped (format 2) or one folder per task (format 1, earlier versions)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -89,17 +98,12 @@ class Encoded:
 
 def class_order(num_classes: int, seed: int) -> list[int]:
     """The reference code's class order: ``np.random.seed(seed); np.random.permutation(n)``."""
-    return np.random.RandomState(seed).permutation(num_classes).tolist()
+    return seeded_order(num_classes, seed)
 
 
 def split_classes(num_classes: int, tasks: int) -> list[int]:
     """Classes per task: equal shares, the first ``num_classes % tasks`` tasks take one more."""
-    if tasks <= 0:
-        raise UserError(f"--tasks must be >= 1 (got {tasks})")
-    if tasks > num_classes:
-        raise UserError(f"--tasks {tasks} is more than the {num_classes} classes of the dataset: use at most that")
-    base, extra = divmod(num_classes, tasks)
-    return [base + (1 if t < extra else 0) for t in range(tasks)]
+    return even_split(num_classes, tasks, "--tasks")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -215,6 +219,29 @@ def plan_shards(
     return plans
 
 
+def plan_class_shards(source: Source, shard_size: int, first_class: int = 0) -> list[ShardPlan]:
+    """Assign every item to (split, class, shard): one folder per class, samples in source order.
+
+    ``ShardPlan.task`` holds the stored class index (``first_class`` + the source's native index): the label the
+    samples carry, whatever order a run later puts the classes in.
+    """
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
+    plans = []
+    for split, items in (("train", source.train), ("test", source.test)):
+        by_class: list[list[SourceItem]] = [[] for _ in source.class_names]
+        for item in items:
+            by_class[item.label].append(item)
+        for native, class_items in enumerate(by_class):
+            c = first_class + native
+            name = source.class_names[native]
+            samples = [(f"{split}-c{c:04d}-{i:07d}", item, c, name) for i, item in enumerate(class_items)]
+            for s, start in enumerate(range(0, max(len(samples), 1), shard_size)):
+                path = f"{split}/class_{c:04d}/shard-{s:06d}.tar"
+                plans.append(ShardPlan(path, split, c, samples[start : start + shard_size]))
+    return plans
+
+
 def _done_record(stage: Path, plan: ShardPlan) -> Path:
     p = stage / plan.path
     return p.with_name(f".{p.name}.done.json")
@@ -325,7 +352,7 @@ def dataset_fingerprint(source: Source, options: dict) -> str:
     return digest.hexdigest()
 
 
-def _check_out(out: Path, fingerprint: str, benchmark: str) -> bool:
+def _check_out(out: Path, fingerprint: str, benchmark: str, layout: str = "class") -> bool:
     """True when ``out`` already holds this exact shard set; UserError when it holds anything else."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder path for the shard set")
@@ -333,6 +360,12 @@ def _check_out(out: Path, fingerprint: str, benchmark: str) -> bool:
         existing = load_manifest(out)
         if existing.fingerprint == fingerprint:
             return True
+        if existing.stored_names is None and layout == "class":
+            raise UserError(
+                f"--out {out} holds a shard set of an earlier version (one folder per task, fixed class order); "
+                "this version writes class-grouped shards: pass another --out (add --layout task to repair the old "
+                "set in place)"
+            )
         raise UserError(
             f"--out {out} already holds a different shard set (benchmark {existing.benchmark!r}, fingerprint "
             f"{existing.fingerprint[:12]}; this {benchmark!r} input has {fingerprint[:12]}): pass another --out "
@@ -356,6 +389,7 @@ class _Job:
     missing: list[SourceItem]
     workers: int
     progress: bool
+    layout: str = "class"
 
     def write(self, plans: list[ShardPlan], folder: Path) -> tuple[dict[str, ShardInfo], list[dict[str, str]]]:
         """Encode and write ``plans`` under ``folder`` with this job's options."""
@@ -379,13 +413,15 @@ def prepare(
     progress: bool = True,
     max_missing: int = 0,
     subset: bool = False,
+    layout: str = "class",
 ) -> Manifest:
     """Write ``benchmark`` read from ``root`` as per-task shards under ``out``; returns the manifest.
 
     ``tasks``/``seed`` default to the paper's setting for the benchmark. Refuses an ``out`` that holds a different
     shard set; on one that holds this shard set, verifies every checksum and rewrites damaged or missing shards;
     resumes an interrupted run from ``<out>.partial``. Listed images that are missing are an error beyond
-    ``max_missing``; fewer classes than the benchmark defines are an error unless ``subset``.
+    ``max_missing``; fewer classes than the benchmark defines are an error unless ``subset``. ``layout="task"``
+    writes the format-1 layout of earlier versions (one folder per task; kept for comparisons and tests).
     """
     if resize < 0:
         raise UserError(f"--resize must be >= 0 (0 keeps the original size; got {resize})")
@@ -394,14 +430,16 @@ def prepare(
     args = {"benchmark": benchmark, "root": str(Path(root).absolute()) if root is not None else None, "tasks": tasks,
             "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed,
             "max_missing": max_missing, "subset": subset}  # fmt: skip
-    job = _plan_job(args, workers or os.cpu_count() or 1, progress)
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown shard layout {layout!r}: valid are {', '.join(LAYOUTS)}")
+    job = _plan_job(args, workers or os.cpu_count() or 1, progress, layout)
     out = Path(out)
-    if _check_out(out, job.fingerprint, benchmark):
+    if _check_out(out, job.fingerprint, benchmark, layout):
         return _repair(out, job)
     return _write_new(out, job)
 
 
-def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
+def _plan_job(args: dict[str, Any], workers: int, progress: bool, layout: str) -> _Job:
     """Read and check the source, fill in the paper's defaults, fingerprint the input and plan every shard."""
     benchmark = args["benchmark"]
     source = read_source(benchmark, args["root"], args["split_seed"], subset=args["subset"])
@@ -412,12 +450,17 @@ def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
     args["seed"] = default_seed if args["seed"] is None else args["seed"]
     per_task = split_classes(len(source.class_names), args["tasks"])
     options = {k: args[k] for k in ("tasks", "seed", "resize", "shard_size", "split_seed")}
+    if layout == "class":  # format-1 fingerprints stay as they were: an old shard set is still recognised
+        options["layout"] = layout
     fingerprint = dataset_fingerprint(source, options)  # the listing as the metadata gives it, missing files too
     missing = drop_missing(source, args["max_missing"])
     check_classes_complete(source)
     order = class_order(len(source.class_names), args["seed"])
-    plans = plan_shards(source, order, per_task, args["seed"], args["shard_size"])
-    return _Job(source, args, order, per_task, plans, fingerprint, missing, workers, progress)
+    if layout == "class":
+        plans = plan_class_shards(source, args["shard_size"])
+    else:
+        plans = plan_shards(source, order, per_task, args["seed"], args["shard_size"])
+    return _Job(source, args, order, per_task, plans, fingerprint, missing, workers, progress, layout)
 
 
 def _write_new(out: Path, job: _Job) -> Manifest:
@@ -431,7 +474,21 @@ def _write_new(out: Path, job: _Job) -> Manifest:
         shutil.rmtree(stage)  # the same input fails the same way: nothing worth resuming
         raise
     skipped = job.source.ignored + [{"path": it.path, "reason": MISSING_REASON} for it in job.missing] + skipped
-    manifest = Manifest(
+    write_layout = _class_manifest if job.layout == "class" else _task_manifest
+    manifest = write_layout(job, records, skipped)
+    _clear_done_records(stage)
+    (stage / STATE_NAME).unlink()
+    write_manifest(manifest, stage)
+    if out.is_dir():
+        out.rmdir()  # empty (checked above); rename cannot replace it on every platform
+    os.replace(stage, out)
+    _report_skipped(skipped)
+    return manifest
+
+
+def _task_manifest(job: _Job, records: dict[str, ShardInfo], skipped: list[dict[str, str]]) -> Manifest:
+    """The format-1 manifest of a shard set with one folder per task (the layout of earlier versions)."""
+    return Manifest(
         benchmark=job.source.benchmark,
         class_names=[job.source.class_names[n] for n in job.order],
         classes_per_task=job.per_task,
@@ -445,15 +502,22 @@ def _write_new(out: Path, job: _Job) -> Manifest:
         skipped=skipped,
         missing=len(job.missing),
         prepare_args=job.args,
+        format=1,
     )
-    _clear_done_records(stage)
-    (stage / STATE_NAME).unlink()
-    write_manifest(manifest, stage)
-    if out.is_dir():
-        out.rmdir()  # empty (checked above); rename cannot replace it on every platform
-    os.replace(stage, out)
-    _report_skipped(skipped)
-    return manifest
+
+
+def _class_manifest(job: _Job, records: dict[str, ShardInfo], skipped: list[dict[str, str]]) -> Manifest:
+    """The format-2 manifest of a class-grouped shard set (default order and split from --seed / --tasks)."""
+    names = job.source.class_names
+    lists = _shard_lists(job.plans, records, range(len(names)))
+    raw = {
+        "format": 2, "benchmark": job.source.benchmark, "fingerprint": job.fingerprint, "classes": names,
+        "class_shards": {split: [[vars(s) for s in c] for c in lists[split]] for split in SPLITS},
+        "seed": job.args["seed"], "class_order": job.order, "classes_per_task": job.per_task,
+        "resize": job.args["resize"], "shard_size": job.args["shard_size"], "split_seed": job.args["split_seed"],
+        "skipped": skipped, "missing": len(job.missing), "prepare_args": job.args,
+    }  # fmt: skip
+    return manifest_from_dict(raw)
 
 
 def _check_decoded_classes(source: Source, skipped: list[dict[str, str]]) -> None:
@@ -492,9 +556,8 @@ def _repair(out: Path, job: _Job) -> Manifest:
     for plan in plans:
         _done_record(out, plan).unlink()
     manifest.prepare_args = manifest.prepare_args or job.args  # a shard set from before they were recorded
-    for split_shards in manifest.shards.values():
-        for task_shards in split_shards:
-            task_shards[:] = [records.get(shard.path, shard) for shard in task_shards]
+    for shards in manifest.all_shards():
+        shards[:] = [records.get(shard.path, shard) for shard in shards]
     write_manifest(manifest, out)
     log_rank_zero(f"rewrote {len(plans)} damaged or missing shard(s) in {out}: {', '.join(records)}")
     return manifest
@@ -525,14 +588,16 @@ def _open_stage(stage: Path, fingerprint: str) -> None:
 def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = None, progress: bool = True) -> int:
     """Append one task of the new classes in ``root`` (``train/<class>/*``, ``test/<class>/*``); returns its index.
 
-    Images get the shard set's resize and shard size; the new classes take the next global labels in a seeded
-    order. The manifest is rewritten last, so an interrupted add-task leaves the shard set as it was.
+    Images get the shard set's resize and shard size; the new classes take the next labels in a seeded order and
+    follow every prepared task, whatever order a run gives those. The manifest is rewritten last, so an interrupted
+    add-task leaves the shard set as it was.
     """
     out = Path(out_dir)
     manifest = load_manifest(out)
     source = read_image_folder(Path(root), manifest.split_seed, benchmark="add-task")
     check_classes_complete(source)
-    clash = sorted(set(source.class_names) & set(manifest.class_names))
+    known = manifest.stored_names if manifest.stored_names is not None else manifest.class_names
+    clash = sorted(set(source.class_names) & set(known))
     if clash:
         raise UserError(
             f"add-task: classes already in {out}: {', '.join(clash[:5])}; a new task must bring only new classes"
@@ -540,39 +605,57 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
     fingerprint = dataset_fingerprint(source, {"resize": manifest.resize, "shard_size": manifest.shard_size})
     task = manifest.num_tasks()
     order = class_order(len(source.class_names), manifest.seed + task)
-    offset = len(manifest.class_names)
-    plans = plan_shards(source, order, [len(order)], manifest.seed, manifest.shard_size, first_task=task)
+    offset = len(known)
+    if manifest.stored_names is not None:
+        plans = plan_class_shards(source, manifest.shard_size, first_class=offset)
+        folders = [f"class_{offset + n:04d}" for n in range(len(source.class_names))]
+        label_offset = 0
+    else:
+        plans = plan_shards(source, order, [len(order)], manifest.seed, manifest.shard_size, first_task=task)
+        folders, label_offset = [f"task_{task:03d}"], offset
     stage = out / f".add-task-{task:03d}.partial"
     _open_stage(stage, fingerprint)
     records, skipped = write_shards(
-        plans,
-        stage,
-        label_offset=offset,
-        resize=manifest.resize,
-        workers=workers or os.cpu_count() or 1,
-        progress=progress,
-        desc=f"add task {task}",
-    )
+        plans, stage, label_offset=label_offset, resize=manifest.resize, workers=workers or os.cpu_count() or 1,
+        progress=progress, desc=f"add task {task}",
+    )  # fmt: skip
     _clear_done_records(stage)
     skipped = source.ignored + skipped
     for split in SPLITS:
-        final = out / split / f"task_{task:03d}"
-        if final.exists():  # left by an add-task interrupted after its move: not in the manifest, replace it
-            shutil.rmtree(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(stage / split / f"task_{task:03d}", final)
+        for folder in folders:
+            final = out / split / folder
+            if final.exists():  # left by an add-task interrupted after its move: not in the manifest, replace it
+                shutil.rmtree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / split / folder, final)
+    _append_task(manifest, source, order, offset, plans, records)
+    manifest.skipped += skipped
+    manifest.added_tasks.append({"task": task, "classes": [offset + n for n in order], "root": str(root),
+                                 "fingerprint": fingerprint})  # fmt: skip
+    write_manifest(manifest, out)
+    shutil.rmtree(stage)
+    _report_skipped(skipped)
+    return task
+
+
+def _append_task(manifest: Manifest, source: Source, order: list[int], offset: int, plans: list[ShardPlan],
+                 records: dict[str, ShardInfo]) -> None:  # fmt: skip
+    """Record the new classes (in ``order``) as the last task, in the manifest's own format."""
+    task = manifest.num_tasks()
+    if manifest.stored_names is not None:
+        lists = _shard_lists(plans, records, range(offset, offset + len(order)))
+        for split in SPLITS:
+            manifest.class_shards[split] += lists[split]
+        manifest.stored_names += list(source.class_names)
+        manifest.default_order += [offset + n for n in order]
+        manifest.default_split.append(len(order))
+        return
     lists = _shard_lists(plans, records, range(task, task + 1))
     for split in SPLITS:
         manifest.shards[split].append(lists[split][0])
     manifest.class_names += [source.class_names[n] for n in order]
     manifest.class_order += [offset + n for n in order]
     manifest.classes_per_task.append(len(order))
-    manifest.skipped += skipped
-    manifest.added_tasks.append({"task": task, "root": str(root), "fingerprint": fingerprint})
-    write_manifest(manifest, out)
-    shutil.rmtree(stage)
-    _report_skipped(skipped)
-    return task
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -602,8 +685,20 @@ def inspect_table(shards_dir: str | Path, *, verify: bool = False) -> str:
     total_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
     total_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
     lines.append(f"{'all':>4}  {'':>11}  {len(manifest.class_names):>7}  {total_train:>8}  {total_test:>8}")
+    if manifest.stored_names is not None:
+        lines.append(_class_index_line(manifest.stored_names))
     if manifest.skipped:
         lines.append(f"{len(manifest.skipped)} source file(s) were unreadable at prepare time and skipped")
     if manifest.missing:
         lines.append(f"{manifest.missing} listed source image(s) were missing at prepare time (--max-missing)")
     return "\n".join(lines)
+
+
+def _class_index_line(names: list[str], shown: int = 40) -> str:
+    """The stored class indices a run's ``data.class_order`` lists (the order and split above are the defaults)."""
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names[:shown]))
+    more = f", ... ({len(names)} in all: manifest.json 'classes')" if len(names) > shown else ""
+    return (
+        "classes are grouped in shards: the order and split above are the defaults, a run chooses its own "
+        f"(data.class_order_seed / class_order / tasks). Class indices: {listed}{more}"
+    )
