@@ -1,6 +1,6 @@
 """Loader throughput per worker: the streaming shard reader (local and over HTTP) vs the seekable reader before
-issue 11 (``bench/legacy_pipeline.py``) vs a plain ImageFolder + PIL loader, same train transform; plus time to the
-first batch and bytes read per epoch.
+issue 11 (``baseline_pipeline()``: that commit's module, read out of git) vs a plain ImageFolder + PIL loader, same
+train transform; plus time to the first batch and bytes read per epoch.
 
     python bench/bench_loader.py [--root DIR] [--images 400] [--reps 5] [--shard-size 50]
                                  [--out bench/results/bench_loader.json]
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,14 +41,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-import legacy_pipeline as legacy  # noqa: E402
-
-from sdlora_dist.data import TransformSpec, load_manifest, make_train_loader, prepare, urls  # noqa: E402
-from sdlora_dist.data.pipeline import normalize_batch, sample_rng, to_uint8_chw, train_crop  # noqa: E402
+from sdlora_dist.data import TransformSpec, load_manifest, make_train_loader, prepare, urls
+from sdlora_dist.data.pipeline import normalize_batch, sample_rng, to_uint8_chw, train_crop
 
 SPEC = TransformSpec(img_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 BATCH = 32
+BASELINE_REV = "b7203ef"  # the last commit whose pipeline was the seekable tarfile reader (before issue 11)
+
+
+@functools.cache
+def baseline_pipeline() -> types.ModuleType:
+    """``sdlora_dist/data/pipeline.py`` as of BASELINE_REV, read out of git: the baseline is that exact code, not a
+    copy kept in the tree (needs a git checkout; the module's imports resolve against today's package)."""
+    repo = Path(__file__).resolve().parents[1]
+    path = f"{BASELINE_REV}:sdlora_dist/data/pipeline.py"
+    source = subprocess.run(["git", "-C", str(repo), "show", path], capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType("baseline_pipeline")
+    sys.modules[module.__name__] = module  # dataclasses look their module up while the class body runs
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
 
 
 def make_synthetic_source(root: Path, images: int, classes: int = 10, size: tuple[int, int] = (500, 375)) -> Path:
@@ -88,7 +101,8 @@ def shard_epoch(shards: str | Path, seed: int) -> int:
 
 def legacy_epoch(shards: Path, seed: int) -> int:
     """The seekable tarfile reader before issue 11, same arguments."""
-    loader = legacy.make_train_loader(shards, 0, spec=SPEC, batch_size=BATCH, epoch=seed, seed=seed, num_workers=0)
+    baseline = baseline_pipeline()
+    loader = baseline.make_train_loader(shards, 0, spec=SPEC, batch_size=BATCH, epoch=seed, seed=seed, num_workers=0)
     return sum(x.shape[0] for x, _ in loader)
 
 
@@ -164,6 +178,7 @@ def measure(root: Path, tmp: Path, shard_size: int, reps: int) -> dict:
     prepare("imagefolder", root, shards, tasks=1, shard_size=shard_size, progress=False)
     one_shard = tmp / "one_shard"
     prepare("imagefolder", root, one_shard, tasks=1, shard_size=10**6, progress=False)
+    baseline_pipeline()  # read out of git before any timing
     runs: dict[str, list] = {"plain": [], "legacy": [], "local": [], "http": []}
     firsts: dict[str, list] = {"local": [], "http": []}
     with http_served(tmp) as server:

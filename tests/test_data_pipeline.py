@@ -191,3 +191,17 @@ def test_train_transform_seeded_and_normalised() -> None:
     out = train_transform(square, flipped, sample_rng(0))
     ref = eval_transform(square.transpose(Image.FLIP_LEFT_RIGHT), TransformSpec(80, (0, 0, 0), (1, 1, 1), crop_pct=1))
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)  # scale (1, 1) on a square: whole image, flipped
+
+
+def test_task_with_fewer_samples_than_streams_fills_every_stream(tmp_path: Path) -> None:
+    """3 train images in a task, 8 streams: every stream still yields its chunk, on 1 and 2 ranks alike."""
+    from data_fixtures import make_image_folder
+
+    make_image_folder(tmp_path / "src", train={"a": 2, "b": 1}, test={"a": 1, "b": 1})
+    out = tmp_path / "shards"
+    prepare("imagefolder", tmp_path / "src", out, tasks=1, progress=False, workers=1)
+    assert load_manifest(out).num_samples("train", 0) == 3
+    one = _epoch(out, task=0, batch_size=8, streams=8)
+    assert len(one) == 1 and one[0][0].shape[0] == 8 and set(one[0][1].tolist()) <= {0, 1}
+    halves = [_epoch(out, task=0, batch_size=4, streams=8, rank=r, world_size=2)[0] for r in range(2)]
+    assert [k for h in halves for k in h[2]] == one[0][2]  # the same global batch on two ranks

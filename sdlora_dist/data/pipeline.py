@@ -22,7 +22,8 @@ buffer interleaves whatever the workers return first. Planning from the counts g
   Within a rank, DataLoader worker w reads streams ``w, w + n, ...`` of the rank's streams and yields its part of
   every step; the loader joins the parts of a step (the DataLoader returns them round-robin) in stream order, so a
   batch is the same whatever ``num_workers`` is (at most S/W workers are used). Each sample's crop and flip come
-  from an RNG seeded by ``(seed, t, e, stream, index, key)``.
+  from an RNG seeded by ``(seed, t, e, stream, index, key)``. A task with fewer samples than S leaves some pieces
+  empty; stream s then reads the piece of filled stream ``s mod (filled streams)`` again (bytes read twice).
   What differs with the world size: nothing in the samples or their augmentation; the float reduction order of the
   gradient all-reduce does. What differs from a global shuffle: a global batch mixes S streams, each of which
   mixes only within its shuffle buffer (``shuffle_buffer / S`` samples) and reads its shards in order.
@@ -471,7 +472,11 @@ class _TrainShards(IterableDataset):
         self.rank_streams = list(range(rank * per_rank, (rank + 1) * per_rank))
         shards = [s for s in shards if s.count > 0]
         order = np.random.default_rng([seed, task, epoch]).permutation(len(shards)).tolist()
-        self.pieces = _plan([shards[i] for i in order], streams, steps * self.chunk)
+        pieces = _plan([shards[i] for i in order], streams, steps * self.chunk)
+        # a task with fewer samples than streams leaves pieces empty: such a stream reads the piece of a filled one
+        # (its own seeded shuffle and crops), so every stream and world size still sees the same samples
+        filled = [p for p in pieces if p]
+        self.pieces = [p if p else filled[s % len(filled)] for s, p in enumerate(pieces)]
 
     def __iter__(self) -> Iterator[tuple]:
         worker, num_workers = _worker()
