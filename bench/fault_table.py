@@ -24,28 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-TINY = [
-    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
-    "adapter.rank=4",
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "data.num_workers=0",
-    "train.epochs=3",
-    "train.lr=0.01",
-    "train.checkpoint_every=5",
-    "train.timeout_s=30",
-]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-CLI = [sys.executable, "-m", "sdlora_dist.cli.main"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from cli_helpers import CLI, ENV, TINY, sets  # noqa: E402  (the tests' tiny settings: one source)
 
-
-def _sets() -> list[str]:
-    return [a for item in TINY for a in ("--set", item)]
+# whole epochs (no step cap), checkpoints every 5 steps, a short collective timeout: faults land mid-task
+FAULT_RUN = ("train.epochs=3", "train.max_steps_per_epoch=null", "train.checkpoint_every=5", "train.timeout_s=30")
 
 
 def _train(shards: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     cmd = [*CLI, "train", "-b", "digits", "--data", str(shards), "--run-dir", str(run_dir), "--gpus-per-node", "2"]
-    return subprocess.Popen([*cmd, *_sets(), *extra], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([*cmd, *sets(*FAULT_RUN), *extra], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
 
 
@@ -336,7 +324,8 @@ def main() -> None:
         results.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    args.out.write_text(json.dumps({"machine": machine, "config": TINY, "faults": results}, indent=1) + "\n")
+    record = {"machine": machine, "config": [*TINY, *FAULT_RUN], "faults": results}
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(markdown(results))
 

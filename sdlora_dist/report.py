@@ -190,6 +190,20 @@ def _mean(values: list[float]) -> float:
 # Plots
 
 
+def _finish_accuracy_plot(
+    fig: Any, ax: Any, xs: list[int], ylabel: str, title: str, path: Path, **legend: Any
+) -> None:
+    """Axes of an accuracy-over-tasks plot (at most about 20 ticks, 0-105 %), legend lower left, saved to ``path``."""
+    ax.set_xticks(xs if len(xs) <= 25 else xs[:: max(1, len(xs) // 20)])
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("after training task t")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", **legend)
+    fig.savefig(path)
+
+
 def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
@@ -232,14 +246,7 @@ def plot_accuracy_curve(top1: list[float], task_mean: list[float], path: Path) -
     ax.plot(xs, task_mean, marker="s", linestyle="--", label="mean of per-task accuracies")
     for x, y in zip(xs, top1, strict=True):
         ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    ax.set_xticks(xs if len(xs) <= 25 else xs[:: max(1, len(xs) // 20)])
-    ax.set_ylim(0, 105)
-    ax.set_xlabel("after training task t")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy over tasks")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.savefig(path)
+    _finish_accuracy_plot(fig, ax, xs, "accuracy (%)", "Accuracy over tasks", path, fontsize=8)
 
 
 def plot_magnitudes(tasks: list[dict[str, Any]], path: Path) -> None:
@@ -602,14 +609,9 @@ def plot_accuracy_curves(numbers: dict[str, Any], labels: list[str], path: Path)
     low = [m - s for m, s in zip(mean, std, strict=True)]
     high = [m + s for m, s in zip(mean, std, strict=True)]
     ax.fill_between(xs, low, high, color="black", alpha=0.12, label="mean ± std")
-    ax.set_xticks(xs if len(xs) <= 25 else xs[:: max(1, len(xs) // 20)])
-    ax.set_ylim(0, 105)
-    ax.set_xlabel("after training task t")
-    ax.set_ylabel("top-1 over seen classes (%)")
-    ax.set_title("Accuracy over tasks, every run and their mean")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=7, ncol=2 if len(curves) > 6 else 1)
-    fig.savefig(path)
+    title = "Accuracy over tasks, every run and their mean"
+    _finish_accuracy_plot(fig, ax, xs, "top-1 over seen classes (%)", title, path, fontsize=7,
+                          ncol=2 if len(curves) > 6 else 1)  # fmt: skip
 
 
 def run_labels(rs: RunSet) -> list[str]:

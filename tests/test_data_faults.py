@@ -11,31 +11,16 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import CLI, error_line, run_main
 from data_fixtures import make_class_folders, make_cub, make_domainnet, make_image_folder, make_imagenet_r
 from PIL import Image
 
-from sdlora_dist.cli.main import main
 from sdlora_dist.data import load_manifest
-
-CLI = [sys.executable, "-m", "sdlora_dist.cli.main"]
-
-
-def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    rc = main(list(argv))
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
-
-
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _big_folder(root: Path, n_classes: int = 4, per_class: int = 60) -> None:
@@ -101,7 +86,7 @@ def test_ctrl_c_with_workers_exits_130_at_once_and_resumes(tmp_path: Path) -> No
 
 
 def _advised_command(err: str) -> list[str]:
-    line = _error_line(err)
+    line = error_line(err)
     match = re.search(r"rewrite them with: (sdlora data prepare .*)$", line)
     assert match, line
     return shlex.split(match.group(1))
@@ -110,7 +95,7 @@ def _advised_command(err: str) -> list[str]:
 def test_damaged_shards_rewritten_by_the_advised_command(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     make_image_folder(tmp_path / "src", {"a": 3, "b": 3, "c": 3}, {"a": 1, "b": 1, "c": 1})
     out = tmp_path / "out"
-    rc, _, err = _run(capsys, "data", "prepare", "--benchmark", "imagefolder", "--root", str(tmp_path / "src"),
+    rc, _, err = run_main(capsys, "data", "prepare", "--benchmark", "imagefolder", "--root", str(tmp_path / "src"),
                       "--out", str(out), "--tasks", "3", "--workers", "1")  # fmt: skip
     assert rc == 0, err
     pristine = {p: p_bytes for p, p_bytes in ((p, (out / p).read_bytes()) for p in _shard_paths(out))}
@@ -119,18 +104,18 @@ def test_damaged_shards_rewritten_by_the_advised_command(capsys: pytest.CaptureF
     (out / truncated).write_bytes(pristine[truncated][:700])
     (out / deleted).unlink()
 
-    rc, _, err = _run(capsys, "data", "inspect", str(out), "--verify")
-    assert rc == 2 and "2 shard(s)" in _error_line(err)
+    rc, _, err = run_main(capsys, "data", "inspect", str(out), "--verify")
+    assert rc == 2 and "2 shard(s)" in error_line(err)
     argv = _advised_command(err)
     assert argv[:3] == ["sdlora", "data", "prepare"] and argv[argv.index("--out") + 1] == str(out)
-    rc, _, err = _run(capsys, *argv[1:])  # exactly what the message says (before: "nothing to do")
+    rc, _, err = run_main(capsys, *argv[1:])  # exactly what the message says (before: "nothing to do")
     assert rc == 0 and "rewrote 2 damaged or missing shard(s)" in err, err
-    rc, text, err = _run(capsys, "data", "inspect", str(out), "--verify")
+    rc, text, err = run_main(capsys, "data", "inspect", str(out), "--verify")
     assert rc == 0 and "verified 6 shards" in text, err
     assert {p: (out / p).read_bytes() for p in pristine} == pristine  # byte-identical to the first prepare
     assert (out / "manifest.json").read_bytes() == manifest_before
     assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.done.json"))
-    rc, _, err = _run(capsys, *argv[1:])
+    rc, _, err = run_main(capsys, *argv[1:])
     assert rc == 0 and "shards verify: nothing to do" in err
 
 
@@ -141,17 +126,17 @@ def _shard_paths(out: Path) -> list[str]:
 
 def test_digits_advice_has_no_root(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     out = tmp_path / "d"
-    rc, _, err = _run(capsys, "data", "prepare", "--benchmark", "digits", "--out", str(out), "--tasks", "2",
+    rc, _, err = run_main(capsys, "data", "prepare", "--benchmark", "digits", "--out", str(out), "--tasks", "2",
                       "--seed", "7", "--workers", "1")  # fmt: skip
     assert rc == 0, err
     shard = _shard_paths(out)[1]
     (out / shard).write_bytes((out / shard).read_bytes()[:-512])
-    rc, _, err = _run(capsys, "data", "inspect", str(out), "--verify")
+    rc, _, err = run_main(capsys, "data", "inspect", str(out), "--verify")
     argv = _advised_command(err)
     assert "--root" not in argv and argv[argv.index("--seed") + 1] == "7"
-    rc, _, err = _run(capsys, *argv[1:])
+    rc, _, err = run_main(capsys, *argv[1:])
     assert rc == 0, err
-    rc, _, err = _run(capsys, "data", "inspect", str(out), "--verify")
+    rc, _, err = run_main(capsys, "data", "inspect", str(out), "--verify")
     assert rc == 0, err
 
 
@@ -160,16 +145,16 @@ def test_digits_advice_has_no_root(capsys: pytest.CaptureFixture, tmp_path: Path
 
 
 def _prepare_fails(capsys: pytest.CaptureFixture, out: Path, *argv: str) -> str:
-    rc, _, err = _run(capsys, "data", "prepare", "--out", str(out), "--workers", "1", *argv)
+    rc, _, err = run_main(capsys, "data", "prepare", "--out", str(out), "--workers", "1", *argv)
     assert rc == 2, err
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
-    return _error_line(err)
+    return error_line(err)
 
 
 def test_imagenet_r_root_one_level_too_high(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     wnids = make_imagenet_r(tmp_path / "data" / "imagenet-r")
     # the folder that holds imagenet-r/: found one level down, all 200 classes
-    rc, _, err = _run(capsys, "data", "prepare", "--benchmark", "imagenet-r", "--root", str(tmp_path / "data"),
+    rc, _, err = run_main(capsys, "data", "prepare", "--benchmark", "imagenet-r", "--root", str(tmp_path / "data"),
                       "--out", str(tmp_path / "out"), "--workers", "1")  # fmt: skip
     assert rc == 0, err
     assert sorted(load_manifest(tmp_path / "out").class_names) == wnids
@@ -200,7 +185,7 @@ def test_domainnet_missing_domain_counted_per_domain(
     assert f"8 listed image(s) are missing ({domain}: 8)" in line and "--max-missing 0" in line
     line = _prepare_fails(capsys, tmp_path / "out", *args, "--max-missing", "7")
     assert "pass --max-missing 8 to prepare without them" in line
-    rc, _, err = _run(capsys, "data", "prepare", "--out", str(tmp_path / "out"), "--workers", "1", *args,
+    rc, _, err = run_main(capsys, "data", "prepare", "--out", str(tmp_path / "out"), "--workers", "1", *args,
                       "--max-missing", "8")  # fmt: skip
     assert rc == 0, err
     manifest = load_manifest(tmp_path / "out")
@@ -208,7 +193,7 @@ def test_domainnet_missing_domain_counted_per_domain(
     assert sorted(s["path"].split("/")[0] for s in manifest.skipped) == [domain] * 8
     n = sum(manifest.num_samples(sp, t) for sp in ("train", "test") for t in range(2))
     assert n == counts["train"] + counts["test"] - 8
-    rc, text, _ = _run(capsys, "data", "inspect", str(tmp_path / "out"))
+    rc, text, _ = run_main(capsys, "data", "inspect", str(tmp_path / "out"))
     assert "8 listed source image(s) were missing" in text
 
 
@@ -241,7 +226,7 @@ def test_non_images_counted_and_reasons_readable(capsys: pytest.CaptureFixture, 
     make_class_folders(tmp_path / "src", {"n1": 5, "n2": 5})
     (tmp_path / "src" / "n1" / "notes.txt").write_text("where these came from")
     (tmp_path / "src" / "n2" / "img_003.jpg").write_bytes(b"not an image at all")
-    rc, text, err = _run(capsys, "data", "prepare", "--benchmark", "imagenet-r", "--root", str(tmp_path / "src"),
+    rc, text, err = run_main(capsys, "data", "prepare", "--benchmark", "imagenet-r", "--root", str(tmp_path / "src"),
                          "--out", str(tmp_path / "out"), "--tasks", "2", "--workers", "2", "--subset")  # fmt: skip
     assert rc == 0, err
     skipped = {s["path"]: s["reason"] for s in load_manifest(tmp_path / "out").skipped}

@@ -14,28 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-TINY = [
-    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
-    "adapter.rank=4",
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.lr=0.01",
-    "train.max_steps_per_epoch=2",
-    "train.timeout_s=60",
-]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-CLI = [sys.executable, "-m", "sdlora_dist.cli.main"]
+from cli_helpers import CLI, ENV, sdlora
+from cli_helpers import sets as tiny_sets
 
 
 def sets(*extra: str) -> list[str]:
-    return [arg for item in [*TINY, *extra] for arg in ("--set", item)]
-
-
-def sdlora(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+    """The tiny settings with two steps per task (the faults come early), then ``extra``."""
+    return tiny_sets("train.max_steps_per_epoch=2", *extra)
 
 
 def start(*args: str) -> subprocess.Popen:

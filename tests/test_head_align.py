@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import kill_at_engine_checkpoint, metrics, sdlora, sets
 from safetensors.torch import load_file
-from test_train import digits_shards, metrics, sdlora, sets  # noqa: F401, F811  (digits_shards is a fixture)
+from test_train import digits_shards  # noqa: F401, F811  (a fixture)
 
 from sdlora_dist import head_align as ha
 
@@ -225,16 +221,8 @@ def gaussian_run(digits_shards, tmp_path_factory) -> Path:  # noqa: F811
 def test_resume_after_kill_gives_the_same_statistics_and_head(digits_shards, gaussian_run, tmp_path):  # noqa: F811
     run_dir = tmp_path / "killed"
     extra = sets(*GAUSSIAN, *KILLABLE)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sdlora_dist.cli.main", "train", "-b", "digits", "--data", str(digits_shards),
-           "--run-dir", str(run_dir), *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    engine_dir = run_dir / "engine" / "task_01"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (engine_dir.is_dir() and any(engine_dir.glob("step_*"))):
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    args = ["train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir), *extra]
+    kill_at_engine_checkpoint(args, run_dir, task=1)
     assert (run_dir / "tasks" / "task_00" / "head_stats.safetensors").is_file()
     assert not (run_dir / "tasks" / "task_01").exists()
 

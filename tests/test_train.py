@@ -4,41 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import TINY, kill_at_engine_checkpoint, metrics, sdlora, sets  # noqa: F401 (re-exported)
 
 from sdlora_dist.metrics import AccuracyLog, summary
-
-TINY = [
-    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
-    "adapter.rank=4",
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "data.num_workers=0",
-    "train.epochs=1",
-    "train.lr=0.01",
-    "train.max_steps_per_epoch=6",
-    "train.timeout_s=60",
-]
-
-
-def sdlora(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh interpreter (each run owns its process group and DeepSpeed state)."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "sdlora_dist.cli.main", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
-
-
-def sets(*extra: str) -> list[str]:
-    out = []
-    for item in [*TINY, *extra]:
-        out += ["--set", item]
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +21,6 @@ def digits_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "digits"
     prepare("digits", None, out, progress=False)
     return out
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_metrics_from_hand_made_matrix():
@@ -106,15 +75,7 @@ def test_kill_then_resume_replays_uninterrupted_run(digits_shards, tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sdlora_dist.cli.main", *base, "--run-dir", str(run_dir), *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    engine_dir = run_dir / "engine" / "task_01"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (engine_dir.is_dir() and any(engine_dir.glob("step_*"))):
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_at_engine_checkpoint([*base, "--run-dir", str(run_dir), *extra], run_dir, task=1)
     assert (run_dir / "tasks" / "task_00").is_dir() and not (run_dir / "tasks" / "task_02").exists()
     task0_mtime = (run_dir / "tasks" / "task_00" / "adapters.safetensors").stat().st_mtime
 
