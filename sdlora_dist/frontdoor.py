@@ -68,11 +68,14 @@ def resolve_config(
     if data is not None:
         raw.setdefault("data", {})["shards"] = data
     shards = raw.get("data", {}).get("shards")
-    if shards:  # resume from another working directory must find the same shards
-        raw["data"]["shards"] = str(Path(shards).absolute())
-        if "benchmark" not in raw["data"] and Path(shards, "manifest.json").is_file():
-            from sdlora_dist.data.manifest import load_manifest
+    if shards:
+        from sdlora_dist.data import urls
+        from sdlora_dist.data.manifest import MANIFEST_NAME, load_manifest
 
+        if urls.is_local(shards):  # resume from another working directory must find the same shards
+            shards = raw["data"]["shards"] = str(urls.local_path(shards).absolute())
+        readable = not urls.is_local(shards) or Path(shards, MANIFEST_NAME).is_file()  # else: refused later
+        if "benchmark" not in raw["data"] and readable:
             raw["data"]["benchmark"] = load_manifest(shards).benchmark
     bench = raw.get("data", {}).get("benchmark", "run")
     chosen = run_dir or raw.get("run_dir") or f"runs/{bench}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -149,8 +149,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, An
         return {**report, "tensors": len(backbone.state_dict())}
     try:
         state = _read_state_dict(path)
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        # weights_only=True refuses pickles that would run code: that is a bad file, not a crash
+    except (RuntimeError, OSError, ValueError) as exc:  # unsafe pickles are refused in _read_state_dict
         raise UserError(f"model.weights: cannot read {path}: {str(exc).splitlines()[0]}") from exc
     from timm.models.vision_transformer import checkpoint_filter_fn
 
