@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.export.metadata import LAYOUT_UINT8, ModelMetadata
-from sdlora_dist.logs import log_rank_zero
+from sdlora_dist.logs import log_rank_zero, progress_bar
 
 
 @dataclass
@@ -86,7 +85,7 @@ def evaluate_onnx(
             shards_dir, [task], spec=spec, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir
         )
         correct = total = 0
-        for images, labels in tqdm(loader, desc=f"evaluate task {task}", leave=False, file=None):
+        for images, labels in progress_bar(loader, desc=f"evaluate task {task}"):
             x = images.numpy()
             if uint8:
                 x = np.ascontiguousarray(x.round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))

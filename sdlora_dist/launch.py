@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,12 +297,39 @@ def launch(spec: LaunchSpec, worker_argv: list[str], run_dir: str | Path | None 
     return code
 
 
+STOP_GRACE_S = 10.0  # after Ctrl-C or SIGTERM is passed on, what is still running this much later is killed
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process below it (ranks, their data workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _wait(proc: subprocess.Popen) -> tuple[int, str | None]:
-    """Wait for the launcher, passing Ctrl-C and SIGTERM on; (exit code, name of the signal that stopped us)."""
+    """Wait for the launcher, passing Ctrl-C and SIGTERM on; (exit code, name of the signal that stopped us).
+
+    A rank blocked inside a collective (C++ code) runs no Python signal handler until the collective returns, and
+    the launcher waits 30 s before it kills such a rank. So once a stop was passed on, the launcher's whole process
+    tree is killed after ``STOP_GRACE_S``: a stop never takes longer (checkpoints are written atomically, nothing
+    half-written survives a kill).
+    """
     stopped_by: list[str] = []
+    deadline: list[float] = []
 
     def forward(signum: int, frame: object) -> None:
         stopped_by.append(signal.Signals(signum).name)
+        deadline.append(time.monotonic() + STOP_GRACE_S)
         proc.send_signal(signum)
 
     previous = None
@@ -311,8 +339,11 @@ def _wait(proc: subprocess.Popen) -> tuple[int, str | None]:
     try:
         while True:
             try:
-                code = proc.wait()
+                code = proc.wait(timeout=max(0.0, deadline[0] - time.monotonic()) if deadline else None)
                 break
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc)  # the grace period is over
+                deadline[:] = [float("inf")]
             except KeyboardInterrupt:  # a second Ctrl-C while the ranks stop is passed on too
                 forward(signal.SIGINT, None)
     finally:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import distributed as dist
@@ -35,7 +34,7 @@ from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_l
 from sdlora_dist.data.classes import resolve_split, split_changes, task_view
 from sdlora_dist.data.pipeline import train_steps_per_epoch
 from sdlora_dist.errors import UserError
-from sdlora_dist.logs import log_all_ranks, log_rank_zero
+from sdlora_dist.logs import log_all_ranks, log_rank_zero, progress_bar
 from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
 from sdlora_dist.preprocess import transform_spec
@@ -128,14 +127,6 @@ def adapter_checksum(model: SDLoRAViT) -> str:
         h.update(key.encode())
         h.update(rest[key].float().numpy().tobytes())
     return h.hexdigest()
-
-
-def progress_bar(iterable=None, **kwargs: Any) -> tqdm:
-    """tqdm on stderr: live on a terminal, one line every 30 s in logs (cluster job files)."""
-    import sys
-
-    interactive = sys.stderr.isatty()
-    return tqdm(iterable, leave=False, mininterval=0.2 if interactive else 30.0, dynamic_ncols=interactive, **kwargs)
 
 
 @contextlib.contextmanager
@@ -303,7 +294,7 @@ class StepMonitor:
         if self.done % 10 == 0 or self.done == self.total:  # .item() waits for the device: not on every step
             self.loss = loss.item()
             rate = self.seen / (time.perf_counter() - self.t0)
-            self.bar.set_postfix(loss=f"{self.loss:.3f}", lr=f"{self.lr:.2e}", img_s=f"{rate:.0f}")
+            self.bar.set_postfix(loss=f"{self.loss:.3f}", lr=f"{self.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
         every = self.ctx.cfg.train.checkpoint_every
         if every and self.done % every == 0 and self.done < self.total:
             nxt = (

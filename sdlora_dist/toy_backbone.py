@@ -85,7 +85,8 @@ def pretrain_toy_backbone(
     """Train ``model_cfg``'s ViT (all weights) on glyphs and save the backbone (no head) as safetensors."""
     import timm
     from safetensors.torch import save_file
-    from tqdm import tqdm
+
+    from sdlora_dist.logs import progress_bar
 
     torch.manual_seed(seed)
     size = int(model_cfg.kwargs.get("img_size", 224))
@@ -93,14 +94,15 @@ def pretrain_toy_backbone(
     model = timm.create_model(model_cfg.name, pretrained=False, num_classes=classes, **model_cfg.kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="toy backbone on glyphs", unit="step", leave=False)
+    bar = progress_bar(range(steps), desc="toy backbone on glyphs", unit="step")
     for _ in bar:
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if bar.n % 10 == 0:  # .item() syncs; the bar redraws on its own interval
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.reset_classifier(0)
     out = Path(out)
     with atomic_path(out) as tmp:  # a killed demo never leaves a half-written weights file

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -196,6 +197,16 @@ def scenario_hang(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
         time.sleep(0.05)
 
 
+def scenario_deaf(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
+    """Ignore SIGINT and SIGTERM, as a rank blocked inside a collective does (no Python handler runs there)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    tmp = out / f".hang_rank{env.rank}.pid"
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(out / f"hang_rank{env.rank}.pid")
+    time.sleep(120)
+
+
 def scenario_user_error_rank1(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
     """Rank 1 alone finds bad input (as a rank reading its own shard would); rank 0 waits in a collective."""
     D.barrier()
@@ -209,6 +220,7 @@ SCENARIOS: dict[str, Any] = {
     "decide": scenario_decide,
     "collectives": scenario_collectives,
     "hang": scenario_hang,
+    "deaf": scenario_deaf,
     "user_error_rank1": scenario_user_error_rank1,
 }
 

@@ -315,3 +315,26 @@ def test_kill_9_of_the_launcher_leaves_no_live_rank(tmp_path, worker_env, launch
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert survivors == []
+
+
+@pytest.mark.slow
+def test_a_stop_kills_ranks_that_ignore_it_after_the_grace_period(tmp_path, worker_env):
+    """Ctrl-C reaches ranks that cannot act on it (blocked in C++): the front door still ends the job, every rank
+    included, within STOP_GRACE_S (torchrun alone would wait 30 s), with the Ctrl-C exit code."""
+    from sdlora_dist.launch import STOP_GRACE_S
+
+    worker = [PY, "-m", "dist_worker_toy", "deaf", "--out", str(tmp_path), "--timeout", "60"]
+    job = _launch_in_child("nodes=1, procs_per_node=2, launcher='local'", worker, tmp_path)
+    try:
+        pids = _wait_for_pids(tmp_path, job)
+        sent = time.monotonic()
+        os.kill(job.pid, signal.SIGINT)
+        out, _ = job.communicate(timeout=60)
+        elapsed = time.monotonic() - sent
+        survivors = [p for p in pids if _alive(p)]
+    finally:
+        for pid in pids if "pids" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert job.returncode == 130, out[-2000:]
+    assert STOP_GRACE_S <= elapsed < STOP_GRACE_S + 8 and survivors == [], (elapsed, survivors)

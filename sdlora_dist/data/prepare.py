@@ -68,7 +68,7 @@ from sdlora_dist.data.sources import (
     read_source,
 )
 from sdlora_dist.errors import UserError
-from sdlora_dist.logs import log_rank_zero
+from sdlora_dist.logs import log_rank_zero, progress_bar
 
 JPEG_QUALITY = 95
 STATE_NAME = "prepare-state.json"
@@ -311,7 +311,7 @@ def write_shards(
     total = sum(len(p.samples) for p in todo)
     encoded = _encoded_stream(todo, resize, workers)
     disable = not progress or total == 0
-    with closing(encoded), tqdm(total=total, unit="img", desc=desc, file=sys.stderr, disable=disable) as bar:
+    with closing(encoded), progress_bar(total=total, unit="img", desc=desc, disable=disable, leave=True) as bar:
         for plan in todo:
             written[plan.path] = _write_planned(plan, stage, encoded, bar, label_offset)
     records = {plan.path: written[plan.path][0] for plan in plans}
