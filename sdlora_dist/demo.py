@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora_dist.errors import UserError
+from sdlora_dist.fileio import atomic_write_text
 from sdlora_dist.logs import log_rank_zero
 
 
@@ -58,6 +59,7 @@ def run_demo(
     from sdlora_dist.export.inference import OnnxClassifier, predict_files
     from sdlora_dist.frontdoor import resolve_config, start_training
     from sdlora_dist.launch import LaunchSpec
+    from sdlora_dist.recipe import timed
     from sdlora_dist.report import write_report
     from sdlora_dist.toy_backbone import pretrain_toy_backbone
 
@@ -65,44 +67,35 @@ def run_demo(
     times: dict[str, float] = {}
     start = time.perf_counter()
     shards = out / "shards" / "digits"
-    prepare("digits", None, shards)
-    times["prepare"] = time.perf_counter() - start
-
-    mark = time.perf_counter()
+    with timed(times, "prepare"):
+        prepare("digits", None, shards)
     backbone = out / "backbone.safetensors"
-    recipe = resolve_config("digits", None, list(overrides or []), str(shards), None)
-    if not backbone.is_file():
-        log_rank_zero(f"pre-training the demo's tiny ViT on synthetic glyphs ({backbone_steps} steps) -> {backbone}")
-        pretrain_toy_backbone(recipe.model, backbone, steps=backbone_steps)
-    times["backbone"] = time.perf_counter() - mark
-
+    with timed(times, "backbone"):
+        if not backbone.is_file():
+            recipe = resolve_config("digits", None, list(overrides or []), str(shards), None)
+            log_rank_zero(
+                f"pre-training the demo's tiny ViT on synthetic glyphs ({backbone_steps} steps) -> {backbone}"
+            )
+            pretrain_toy_backbone(recipe.model, backbone, steps=backbone_steps)
     run_dir = out / "runs" / time.strftime("digits-%Y%m%d-%H%M%S")
-    sets = [f"model.weights={backbone}", *(overrides or [])]
-    cfg = resolve_config("digits", None, sets, str(shards), str(run_dir))
+    cfg = resolve_config("digits", None, [f"model.weights={backbone}", *(overrides or [])], str(shards), str(run_dir))
     log_rank_zero(f"training {cfg.train.epochs} epochs per task on {ranks} rank(s) -> {run_dir}")
-    mark = time.perf_counter()
-    code = start_training(cfg, "fresh", LaunchSpec(procs_per_node=ranks))
+    with timed(times, "train"):
+        code = start_training(cfg, "fresh", LaunchSpec(procs_per_node=ranks))
     if code != 0:
         raise UserError(f"the demo's training failed (exit code {code}); its messages are above")
-    times["train"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    report = write_report(run_dir)
-    times["report"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
+    with timed(times, "report"):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        report = write_report(run_dir)
     onnx_path = out / "model.onnx"
-    export_run(onnx_path, run_dir=run_dir)
-    times["export"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    samples = write_sample_images(out / "samples")
-    classifier = OnnxClassifier(onnx_path)
-    lines = [p.to_json() for p in predict_files(classifier, [str(p) for p in samples], top_k=3)]
+    with timed(times, "export"):
+        export_run(onnx_path, run_dir=run_dir)
     predictions = out / "predictions.jsonl"
-    predictions.write_text("\n".join(lines) + "\n")
-    times["predict"] = time.perf_counter() - mark
+    with timed(times, "predict"):
+        samples = write_sample_images(out / "samples")
+        found = predict_files(OnnxClassifier(onnx_path), [str(p) for p in samples], top_k=3)
+        lines = [p.to_json() for p in found]
+        atomic_write_text(predictions, "\n".join(lines) + "\n")
     times["total"] = time.perf_counter() - start
 
     log_rank_zero(f"report: {report.markdown}\nmodel: {onnx_path}\npredictions: {predictions} (first: {lines[0]})")
