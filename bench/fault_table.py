@@ -161,12 +161,24 @@ def sigterm(shards: Path, run_dir: Path) -> dict[str, Any]:
     return _signal(shards, run_dir, signal.SIGTERM, group=False)  # a scheduler signals the job's main process
 
 
+def _entries(node: Any) -> list[dict]:
+    """Every dict inside a manifest's JSON (its shard records among them)."""
+    if isinstance(node, dict):
+        return [node, *(e for v in node.values() for e in _entries(v))]
+    if isinstance(node, list):
+        return [e for v in node for e in _entries(v)]
+    return []
+
+
 def _damaged_copy(shards: Path, tmp: Path, damage) -> Path:
     copy = tmp / "shards"
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(shards, copy)
+    from sdlora_dist.data import load_manifest
+
+    first = load_manifest(copy).task_shards("train", 0)[0].path  # task 0's first train shard, either layout
     manifest = json.loads((copy / "manifest.json").read_text())
-    shard = manifest["shards"]["train"][0][0]
+    shard = next(entry for entry in _entries(manifest) if entry.get("path") == first)
     damage(copy / shard["path"], shard)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy
