@@ -124,6 +124,12 @@ class _Counting:
         self.counter[0] += len(data)
         return data
 
+    def seek(self, *args) -> int:  # noqa: ANN002  (a local shard skips a prefix by seeking over member data)
+        return self.stream.seek(*args)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
     def close(self) -> None:
         self.stream.close()
 

@@ -205,3 +205,51 @@ def test_task_with_fewer_samples_than_streams_fills_every_stream(tmp_path: Path)
     assert len(one) == 1 and one[0][0].shape[0] == 8 and set(one[0][1].tolist()) <= {0, 1}
     halves = [_epoch(out, task=0, batch_size=4, streams=8, rank=r, world_size=2)[0] for r in range(2)]
     assert [k for h in halves for k in h[2]] == one[0][2]  # the same global batch on two ranks
+
+
+def test_a_local_shard_is_entered_mid_way_by_its_headers_only(shards: Path) -> None:
+    """A stream whose piece starts inside a local shard skips the earlier samples by seeking over their data."""
+    from sdlora_dist.data import urls
+    from sdlora_dist.data.pipeline import _tar_samples
+
+    info = load_manifest(shards).task_shards("train", 1)[0]
+    path = str(shards / info.path)
+    everything = [s["__key__"] for s in _tar_samples(path)]
+    assert len(everything) == info.count
+    read: list[int] = []
+    original = urls.open_stream
+
+    class Counting:
+        def __init__(self, stream) -> None:  # noqa: ANN001
+            self.stream = stream
+
+        def read(self, *args) -> bytes:  # noqa: ANN002
+            data = self.stream.read(*args)
+            read.append(len(data))
+            return data
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return getattr(self.stream, name)
+
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    starts = {}  # sample index -> offset of its first header
+    for m in members:
+        starts.setdefault(m.name.split(".")[0], m.offset)
+    offsets = sorted(starts.values())
+    urls.open_stream = lambda url: Counting(original(url))
+    try:
+        list(_tar_samples(path))
+        full = sum(read)
+        for first in (1, info.count // 2, info.count - 1):
+            read.clear()
+            assert [s["__key__"] for s in _tar_samples(path, first)] == everything[first:]
+            seeked_over = sum(-(-m.size // 512) * 512 for m in members if m.offset < offsets[first])
+            # the skipped samples' data is never read: only their headers (and one stream buffer of slack)
+            assert seeked_over > 0 and sum(read) <= full - seeked_over + 10240, (first, sum(read), full)
+        with pytest.raises(Exception, match="ends after"):
+            list(_tar_samples(path, info.count + 3))
+    finally:
+        urls.open_stream = original

@@ -11,8 +11,9 @@ buffer interleaves whatever the workers return first. Planning from the counts g
   shards (``manifest.task_shards``: the one place that says which shards a task reads), permuted with
   ``(seed, t, e)``, are cut into S contiguous *streams* (``streams``, default 8) of near-equal length; a cut snaps
   to a shard boundary when that keeps the pieces balanced (within half a piece) and no longer than
-  ``T = steps * G / S`` samples, else it falls inside a shard (the later stream reads that shard's prefix and drops
-  it: the only bytes read twice). Every stream reads its piece in order through a shuffle buffer seeded by
+  ``T = steps * G / S`` samples, else it falls inside a shard: the later stream skips that shard's prefix, reading
+  only its tar headers from a local file or cached copy, and reading and dropping it from a remote stream (the only
+  bytes read twice). Every stream reads its piece in order through a shuffle buffer seeded by
   ``(seed, t, e, stream)``, then fills up to exactly T samples by drawing again from the last samples it emitted
   (no byte is re-read). Global step i is the concatenation over streams of each stream's i-th chunk of G / S
   samples, so it is a function of (seed, t, e) only. Rank r owns streams ``[r*S/W, (r+1)*S/W)`` and yields
@@ -50,6 +51,7 @@ import itertools
 import math
 import os
 import random
+import re
 import tarfile
 import tempfile
 import time
@@ -239,17 +241,42 @@ class _Segment:
     stop: int
 
 
-def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The samples of one tar, in order: ``webdataset.gopen`` -> ``tar_file_expander`` -> ``group_by_keys``."""
+def _tar_samples(url: str, first: int = 0) -> Iterator[dict[str, Any]]:
+    """The samples of one tar from sample ``first`` on, in order: ``webdataset.gopen`` -> ``tar_file_expander`` ->
+    ``group_by_keys``. A local file (or a cached copy) skips the samples before ``first`` by reading their tar
+    headers only; a remote stream reads them and drops them."""
     stream = urls.open_stream(url)
     try:
+        if first and urls.is_local(url):
+            stream.seek(_sample_offset(stream, first))
+            first = 0
         files = wds_tar.tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-        yield from wds_tar.group_by_keys(files)
+        yield from itertools.islice(wds_tar.group_by_keys(files), first, None)
     finally:
         try:
             stream.close()
         except OSError:  # a pipe stopped early exits on SIGPIPE; read errors already surfaced in read()
             pass
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: names that belong to no sample
+
+
+def _sample_offset(stream: Any, first: int) -> int:
+    """Byte offset of the header that starts sample ``first`` of a seekable tar (webdataset's grouping: a sample is
+    a run of regular members with one ``base_plus_ext`` key). tarfile's seekable mode reads each header and seeks
+    over the member's data, so the samples before ``first`` cost their headers only."""
+    tar = tarfile.open(fileobj=stream, mode="r:")
+    key, count = None, 0
+    while (member := tar.next()) is not None:
+        if not member.isreg() or _META.match(member.name):
+            continue
+        prefix = wds_tar.base_plus_ext(member.name)[0]
+        if prefix is not None and prefix != key:
+            if count == first:
+                return member.offset
+            key, count = prefix, count + 1
+    raise ShardError(f"ends after {count} samples, fewer than the {first + 1} the manifest promises")
 
 
 class _ShardSource:
@@ -315,15 +342,15 @@ class _ShardSource:
 
     @staticmethod
     def _read(url: str, seg: _Segment, done: int, position: int) -> Iterator[_Item]:
-        index = -1
+        start = seg.first + done
+        index = start - 1
         try:
-            for index, sample in enumerate(_tar_samples(url)):
+            for index, sample in enumerate(_tar_samples(url, start), start=start):
                 if index >= seg.stop:
                     return
-                if index >= seg.first + done:
-                    files = {k: v for k, v in sample.items() if not k.startswith("__")}
-                    yield _Item(position + done, seg.shard.path, sample["__key__"], files)
-                    done += 1
+                files = {k: v for k, v in sample.items() if not k.startswith("__")}
+                yield _Item(position + done, seg.shard.path, sample["__key__"], files)
+                done += 1
             if index + 1 < seg.stop:
                 raise ShardError(f"ends after {index + 1} samples, the manifest says {seg.shard.count}")
         except (ShardError, tarfile.TarError, *urls.REMOTE_ERRORS) as exc:
@@ -408,7 +435,7 @@ def cut_pieces(counts: list[int], pieces: int, cap: int | None = None) -> list[l
     Returns per piece its ``(shard index, first, stop)`` runs. Cut k aims at ``k * N / pieces`` and snaps to the
     nearest shard boundary within half a piece, so most pieces are whole shards (read once). ``cap`` bounds every
     piece (train: the samples a stream emits per epoch); a cut that cannot snap inside the bounds falls inside a
-    shard, whose prefix the later piece reads and drops.
+    shard, whose prefix the later piece skips (``_tar_samples``).
     """
     total = sum(counts)
     bounds = np.cumsum([0] + list(counts))
