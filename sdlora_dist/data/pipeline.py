@@ -248,7 +248,8 @@ def _tar_samples(url: str, first: int = 0) -> Iterator[dict[str, Any]]:
     stream = urls.open_stream(url)
     try:
         if first and urls.is_local(url):
-            stream.seek(_sample_offset(stream, first))
+            # headers through the unbuffered file: a buffered one would read a whole buffer after every seek
+            stream.seek(_sample_offset(getattr(stream, "raw", stream), first))
             first = 0
         files = wds_tar.tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
         yield from itertools.islice(wds_tar.group_by_keys(files), first, None)
