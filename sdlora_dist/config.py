@@ -330,11 +330,6 @@ def rank_schedule_problems(schedule: list[list[int]] | None) -> list[str]:
     return problems
 
 
-def validate_rank_schedule(schedule: list[list[int]] | None, key: str = "adapter.rank_schedule") -> list[str]:
-    """Messages ``key: problem (got schedule)`` for a rank schedule; empty when it is valid."""
-    return [f"{key}: {p} (got {schedule!r})" for p in rank_schedule_problems(schedule)]
-
-
 def _dotted(loc: tuple[int | str, ...]) -> str:
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
 

@@ -7,10 +7,12 @@ options) is checked here, in the calling process, so it fails in one line before
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +39,24 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 GENERIC_RECIPE = "generic"  # configs/benchmarks/generic.yaml: for shard sets with no recipe of their own
 
 
-def _recipe_for(benchmark: str | None, data: str | None) -> dict[str, Any]:
+def _recipe_for(benchmark: str | None, shards_benchmark: Callable[[], str] | None) -> dict[str, Any]:
     """The shipped recipe named by ``-b``, else the one of the shards' benchmark, else the generic one."""
     recipes = benchmark_recipes()
     if benchmark is not None:
         if benchmark not in recipes:
             raise UserError(f"unknown benchmark {benchmark!r}: valid are {', '.join(recipes)}")
         return read_yaml_mapping(recipes[benchmark])
-    if data is None:
+    if shards_benchmark is None:
         raise UserError("pass --data SHARDS_DIR (its manifest names the benchmark), --benchmark NAME or --config FILE")
+    shipped = shards_benchmark()
+    return read_yaml_mapping(recipes[shipped if shipped in recipes else GENERIC_RECIPE])
+
+
+def _manifest_benchmark(shards: str) -> Callable[[], str]:
+    """The benchmark named by the manifest of ``shards``, read at most once (a remote manifest is a request)."""
     from sdlora_dist.data.manifest import load_manifest
 
-    shipped = load_manifest(data).benchmark
-    return read_yaml_mapping(recipes[shipped if shipped in recipes else GENERIC_RECIPE])
+    return functools.cache(lambda: load_manifest(shards).benchmark)
 
 
 def resolve_config(
@@ -61,7 +68,8 @@ def resolve_config(
     one. A recipe without ``data.benchmark`` (generic) takes the benchmark from the shards' manifest. Unset
     ``model.mean/std/interpolation/crop_pct`` are filled from the weights file when it carries them.
     """
-    raw = _recipe_for(benchmark, data) if benchmark is not None or config is None else {}
+    shards_benchmark = _manifest_benchmark(data) if data is not None else None
+    raw = _recipe_for(benchmark, shards_benchmark) if benchmark is not None or config is None else {}
     if config is not None:
         raw = _merge(raw, read_yaml_mapping(Path(config)))
     apply_overrides(raw, sets)
@@ -70,13 +78,15 @@ def resolve_config(
     shards = raw.get("data", {}).get("shards")
     if shards:
         from sdlora_dist.data import urls
-        from sdlora_dist.data.manifest import MANIFEST_NAME, load_manifest
+        from sdlora_dist.data.manifest import MANIFEST_NAME
 
+        if shards != data:  # from a --config file or --set: not read yet
+            shards_benchmark = _manifest_benchmark(shards)
         if urls.is_local(shards):  # resume from another working directory must find the same shards
             shards = raw["data"]["shards"] = str(urls.local_path(shards).absolute())
         readable = not urls.is_local(shards) or Path(shards, MANIFEST_NAME).is_file()  # else: refused later
         if "benchmark" not in raw["data"] and readable:
-            raw["data"]["benchmark"] = load_manifest(shards).benchmark
+            raw["data"]["benchmark"] = shards_benchmark()
     bench = raw.get("data", {}).get("benchmark", "run")
     chosen = run_dir or raw.get("run_dir") or f"runs/{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
     raw["run_dir"] = str(Path(chosen).absolute())
