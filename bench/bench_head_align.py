@@ -72,7 +72,7 @@ def main() -> None:
         run([*cli, "data", "prepare", "--benchmark", "digits", "--out", str(shards)])
         backbone = Path(args.backbone) if args.backbone else Path(tmp) / "backbone.safetensors"
         if not backbone.is_file():
-            from sdlora_dist.frontdoor import resolve_config
+            from sdlora_dist.jobs.frontdoor import resolve_config
             from sdlora_dist.toy_backbone import pretrain_toy_backbone
 
             pretrain_toy_backbone(resolve_config("digits", None, [], str(shards), None).model, backbone)

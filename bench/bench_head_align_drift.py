@@ -45,7 +45,7 @@ def train(shards: Path, backbone: Path, run_dir: Path, seed: int, cov: str) -> N
 def compare(run_dir: Path) -> dict:
     from sdlora_dist import head_align as ha
     from sdlora_dist.checkpoint import completed_tasks, load_run_config, load_task_model
-    from sdlora_dist.distributed import DistEnv
+    from sdlora_dist.jobs.distributed import DistEnv
     from sdlora_dist.recipe import evaluate, transform_spec
 
     cfg = load_run_config(run_dir)

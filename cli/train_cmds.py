@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from sdlora_dist.launch import LaunchSpec
+from sdlora_dist.jobs.launch import LaunchSpec
 
 
 def default_gpus_per_node() -> tuple[int, str]:
@@ -38,7 +38,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the launch command and exit."),
 ) -> None:
     """Train SD-LoRA over every task of a shard set (one DeepSpeed engine per task)."""
-    from sdlora_dist.frontdoor import load_or_resolve, start_training
+    from sdlora_dist.jobs.frontdoor import load_or_resolve, start_training
 
     cfg, mode = load_or_resolve(
         benchmark=benchmark, config=config, sets=set_, data=data, run_dir=run_dir, resume=resume,

@@ -49,10 +49,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdlora_dist import __version__
-from sdlora_dist import distributed as dist
 from sdlora_dist.config import Config, load_config, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from sdlora_dist.jobs import distributed as dist
 from sdlora_dist.model import task_key
 
 CONFIG_FILE = "config.yaml"

@@ -57,8 +57,8 @@ def run_demo(
     from sdlora_dist.data import prepare
     from sdlora_dist.export.from_run import export_run
     from sdlora_dist.export.inference import OnnxClassifier, predict_files
-    from sdlora_dist.frontdoor import resolve_config, start_training
-    from sdlora_dist.launch import LaunchSpec
+    from sdlora_dist.jobs.frontdoor import resolve_config, start_training
+    from sdlora_dist.jobs.launch import LaunchSpec
     from sdlora_dist.recipe import timed
     from sdlora_dist.report import write_report
     from sdlora_dist.toy_backbone import pretrain_toy_backbone

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist import distributed as dist
 from sdlora_dist.config import Config
 from sdlora_dist.data import Manifest, TransformSpec, make_eval_loader
 from sdlora_dist.errors import UserError
+from sdlora_dist.jobs import distributed as dist
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
 
 COV_MODES = ("full", "shared", "diag")

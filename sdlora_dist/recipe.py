@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist import distributed as dist
 from sdlora_dist import head_align
 from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
@@ -34,6 +33,7 @@ from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_l
 from sdlora_dist.data.classes import resolve_split, split_changes, task_view
 from sdlora_dist.data.pipeline import train_steps_per_epoch
 from sdlora_dist.errors import UserError
+from sdlora_dist.jobs import distributed as dist
 from sdlora_dist.logs import log_all_ranks, log_rank_zero, progress_bar
 from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy

@@ -1,7 +1,7 @@
 """A tiny distributed worker for the launcher and distributed-layer tests (run once per rank by a launcher).
 
 ``python -m dist_worker_toy SCENARIO[,SCENARIO] --out DIR [--timeout S]``, with ``tests/`` on PYTHONPATH. Each
-scenario uses ``sdlora_dist.distributed`` exactly as the training worker does and writes what it observed to
+scenario uses ``sdlora_dist.jobs.distributed`` exactly as the training worker does and writes what it observed to
 ``DIR/<scenario>_rank{R}.json`` (or ``.pt``) for the test to compare. The tests import the model/batch helpers too,
 to compute single-process references with the same code.
 """
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-import sdlora_dist.distributed as D  # noqa: N812  (also applies the torchvision compat fix before timm)
+import sdlora_dist.jobs.distributed as D  # noqa: N812  (also applies the torchvision compat fix before timm)
 from sdlora_dist.errors import UserError
-from sdlora_dist.ranklog import run_rank
+from sdlora_dist.jobs.ranklog import run_rank
 
 GLOBAL_BATCH = 8
 NUM_CLASSES = 10
@@ -248,7 +248,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     code = main()
-    # Like sdlora_dist.worker: skip interpreter finalisation, which can race gloo's threads into SIGABRT.
+    # Like sdlora_dist.jobs.worker: skip interpreter finalisation, which can race gloo's threads into SIGABRT.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

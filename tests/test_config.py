@@ -96,8 +96,9 @@ def test_round_trip_hash_and_mutation():
 
 
 def test_every_name_table_covers_exactly_its_literal():
-    from sdlora_dist import distributed, preprocess, recipe
+    from sdlora_dist import preprocess, recipe
     from sdlora_dist.data import pipeline
+    from sdlora_dist.jobs import distributed
 
     assert set(recipe.OPTIMIZERS) == set(get_args(Optimizer))
     assert set(preprocess.NORMALIZE_STATS) == set(get_args(Normalize))

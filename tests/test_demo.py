@@ -46,7 +46,7 @@ def test_toy_backbone_loads_as_local_weights(tmp_path):
     """The glyph-pretrained file is a plain timm state dict that model.weights accepts, and training changed it."""
     from safetensors.torch import load_file
 
-    from sdlora_dist.frontdoor import resolve_config
+    from sdlora_dist.jobs.frontdoor import resolve_config
     from sdlora_dist.model import build_model
     from sdlora_dist.toy_backbone import glyph_dataset, pretrain_toy_backbone
 

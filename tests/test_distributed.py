@@ -1,7 +1,7 @@
 """The distributed layer: precision, DeepSpeed config, engines, collectives, engine checkpoints, failures.
 
 Single-process tests run in this process (a one-rank group that is torn down after each test); the multi-rank
-ones start real gloo processes through ``sdlora_dist.launch`` with the toy worker in ``dist_worker_toy.py``.
+ones start real gloo processes through ``sdlora_dist.jobs.launch`` with the toy worker in ``dist_worker_toy.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-import sdlora_dist.distributed as D  # noqa: N812
+import sdlora_dist.jobs.distributed as D  # noqa: N812
 from sdlora_dist.config import TrainConfig
 from sdlora_dist.errors import UserError
 
@@ -210,7 +210,7 @@ def two_rank_job(tmp_path_factory):
     for name in DIST_VARS:
         env.pop(name, None)
     code = (
-        "import sys\nfrom sdlora_dist.launch import LaunchSpec, launch\n"
+        "import sys\nfrom sdlora_dist.jobs.launch import LaunchSpec, launch\n"
         "sys.exit(launch(LaunchSpec(nodes=1, procs_per_node=2, launcher='local'), "
         f"[sys.executable, '-m', 'dist_worker_toy', 'dp,collectives', '--out', {str(out)!r}, '--timeout', '60']))"
     )

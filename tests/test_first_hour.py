@@ -265,7 +265,7 @@ def test_own_images_and_weights_without_yaml(tmp_path):
 
 
 def test_explicit_preprocessing_wins_over_the_weights_file(tmp_path):
-    from sdlora_dist.frontdoor import resolve_config
+    from sdlora_dist.jobs.frontdoor import resolve_config
 
     weights = write_own_weights(tmp_path / "weights")
     cfg = resolve_config(

@@ -130,7 +130,7 @@ def test_memory_formula_matches_the_issue():
 
 
 def test_none_is_a_no_op(tiny_cfg):
-    from sdlora_dist.distributed import DistEnv
+    from sdlora_dist.jobs.distributed import DistEnv
     from sdlora_dist.model import build_model
 
     cfg = tiny_cfg()

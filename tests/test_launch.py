@@ -15,14 +15,21 @@ from pathlib import Path
 import pytest
 
 from sdlora_dist.errors import UserError
-from sdlora_dist.launch import LaunchSpec, build_command, first_slurm_host, format_command, launch, resolve_launcher
+from sdlora_dist.jobs.launch import (
+    LaunchSpec,
+    build_command,
+    first_slurm_host,
+    format_command,
+    launch,
+    resolve_launcher,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker_toy import free_port  # noqa: E402  (tests/ is not a package)
 
 TESTS = Path(__file__).resolve().parent
 PY = sys.executable
-WORKER = [PY, "-m", "sdlora_dist.worker", "--run-dir", "runs/x"]
+WORKER = [PY, "-m", "sdlora_dist.jobs.worker", "--run-dir", "runs/x"]
 
 
 @pytest.fixture
@@ -34,7 +41,7 @@ def hostfile(tmp_path) -> Path:
 
 @pytest.fixture
 def worker_env(monkeypatch):
-    """The ranks import the toy worker as a module (``python -m dist_worker_toy``), like ``sdlora_dist.worker``."""
+    """The ranks import the toy worker as a module (``python -m dist_worker_toy``), like the training worker."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
         monkeypatch.delenv(name, raising=False)
@@ -106,7 +113,7 @@ def test_dry_run_hostfile_uses_the_deepspeed_multinode_runner(hostfile):
         "--no_local_rank",
         "--log_level=warning",
         "--module",
-        "sdlora_dist.worker",
+        "sdlora_dist.jobs.worker",
         "--run-dir",
         "runs/x",
     ]
@@ -114,7 +121,7 @@ def test_dry_run_hostfile_uses_the_deepspeed_multinode_runner(hostfile):
     assert format_command(argv, env) == (
         f"{PY} -m deepspeed.launcher.runner --hostfile={hostfile} --num_nodes=2 --num_gpus=8 "
         "--master_addr=10.1.2.3 --master_port=29600 --no_local_rank --log_level=warning --module "
-        "sdlora_dist.worker --run-dir runs/x"
+        "sdlora_dist.jobs.worker --run-dir runs/x"
     )
     # Without --master-addr the runner asks the first host for its address; --no-ssh starts one node.
     argv, _ = build_command(LaunchSpec(nodes=2, hostfile=str(hostfile)), WORKER, {})
@@ -131,7 +138,7 @@ def test_dry_run_slurm_uses_srun_with_rendezvous_on_the_first_node():
     assert env == {"MASTER_ADDR": "gpu012", "MASTER_PORT": "29500"}
     assert format_command(argv, env) == (
         f"MASTER_ADDR=gpu012 MASTER_PORT=29500 srun --nodes=4 --ntasks-per-node=8 --kill-on-bad-exit=1 {PY} -m "
-        "sdlora_dist.worker --run-dir runs/x"
+        "sdlora_dist.jobs.worker --run-dir runs/x"
     )
     argv, env = build_command(LaunchSpec(nodes=2, master_addr="head", master_port=3000), WORKER, environ)
     assert env == {"MASTER_ADDR": "head", "MASTER_PORT": "3000"}
@@ -149,7 +156,7 @@ def test_dry_run_local_and_env():
         "--max-restarts=0",
         "--monitor-interval=0.5",
         "-m",
-        "sdlora_dist.worker",
+        "sdlora_dist.jobs.worker",
         "--run-dir",
         "runs/x",
     ]
@@ -222,7 +229,7 @@ def test_two_nodes_on_localhost_apply_rank0_decision(tmp_path, worker_env):
 def _launch_in_child(spec: str, worker: list[str], run_dir: Path) -> subprocess.Popen:
     """``launch(spec, worker, run_dir)`` in its own interpreter (the front door), output captured."""
     code = (
-        "import sys\nfrom sdlora_dist.launch import LaunchSpec, launch\n"
+        "import sys\nfrom sdlora_dist.jobs.launch import LaunchSpec, launch\n"
         f"sys.exit(launch(LaunchSpec({spec}), {worker!r}, run_dir={str(run_dir)!r}))"
     )
     return subprocess.Popen([PY, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -321,7 +328,7 @@ def test_kill_9_of_the_launcher_leaves_no_live_rank(tmp_path, worker_env, launch
 def test_a_stop_kills_ranks_that_ignore_it_after_the_grace_period(tmp_path, worker_env):
     """Ctrl-C reaches ranks that cannot act on it (blocked in C++): the front door still ends the job, every rank
     included, within STOP_GRACE_S (torchrun alone would wait 30 s), with the Ctrl-C exit code."""
-    from sdlora_dist.launch import STOP_GRACE_S
+    from sdlora_dist.jobs.launch import STOP_GRACE_S
 
     worker = [PY, "-m", "dist_worker_toy", "deaf", "--out", str(tmp_path), "--timeout", "60"]
     job = _launch_in_child("nodes=1, procs_per_node=2, launcher='local'", worker, tmp_path)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from sdlora_dist import ranklog
-from sdlora_dist.distributed import RankFailure
 from sdlora_dist.errors import UserError
+from sdlora_dist.jobs import ranklog
+from sdlora_dist.jobs.distributed import RankFailure
 
 
 def record(run_dir, rank: int, status: str, kind: str = "", message: str = "", host: str = "node-a") -> None:

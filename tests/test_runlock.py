@@ -12,7 +12,7 @@ import time
 import pytest
 
 from sdlora_dist.errors import UserError
-from sdlora_dist.runlock import LOCK_FILE, RunLock, hold_run_lock, read_holder
+from sdlora_dist.jobs.runlock import LOCK_FILE, RunLock, hold_run_lock, read_holder
 
 
 def write_lock(run_dir, *, host: str, pid: int, heartbeat_age_s: float) -> None:

@@ -158,7 +158,7 @@ def test_bad_inputs(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     from sdlora_dist.fileio import atomic_write_text
-    from sdlora_dist.frontdoor import resolve_config
+    from sdlora_dist.jobs.frontdoor import resolve_config
 
     cfg = resolve_config("digits", None, TINY, str(digits_shards), str(run_dir))
     import yaml

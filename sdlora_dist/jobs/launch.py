@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlora_dist import ranklog
 from sdlora_dist.errors import UserError
+from sdlora_dist.jobs import ranklog
 
 LAUNCHERS = ("auto", "local", "deepspeed", "slurm", "env")
 DEFAULT_MASTER_PORT = 29500
@@ -204,7 +204,7 @@ def build_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The exact argv that starts every rank of ``worker_argv`` on this node, and the env vars to add.
 
-    ``worker_argv`` is one rank's command, e.g. ``[sys.executable, "-m", "sdlora_dist.worker", "--run-dir", D]``.
+    ``worker_argv`` is one rank's command, e.g. ``[sys.executable, "-m", "sdlora_dist.jobs.worker", "--run-dir", D]``.
     """
     launcher = resolve_launcher(spec, environ)
     if launcher == "env":

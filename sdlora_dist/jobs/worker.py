@@ -1,4 +1,4 @@
-"""The per-rank training process: ``python -m sdlora_dist.worker --run-dir D --mode fresh|resume|continue``.
+"""The per-rank training process: ``python -m sdlora_dist.jobs.worker --run-dir D --mode fresh|resume|continue``.
 
 Launchers (local, DeepSpeed runner, srun, torchrun, Kubernetes) start this on every rank; the front door
 ``sdlora train`` wrote the resolved config into the run directory first, so every rank reads the same one.
@@ -15,15 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run this rank's part of the training; exit 2 for bad input, 130 for Ctrl-C, 1 for a dead peer or a crash.
 
     Under ``sdlora train`` the rank logs to ``RUN_DIR/logs/rank_N.log`` and records how it ended for the front
-    door's one-line summary (:mod:`sdlora_dist.ranklog`); run by hand it prints one ``error:`` line itself.
+    door's one-line summary (:mod:`sdlora_dist.jobs.ranklog`); run by hand it prints one ``error:`` line itself.
     """
-    parser = argparse.ArgumentParser(prog="sdlora_dist.worker")
+    parser = argparse.ArgumentParser(prog="sdlora_dist.jobs.worker")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--mode", choices=("fresh", "resume", "continue"), default="fresh")
     args = parser.parse_args(argv)
-    from sdlora_dist import distributed as dist
     from sdlora_dist.checkpoint import load_run_config
-    from sdlora_dist.ranklog import run_rank
+    from sdlora_dist.jobs import distributed as dist
+    from sdlora_dist.jobs.ranklog import run_rank
     from sdlora_dist.recipe import run_training
 
     def body() -> None:

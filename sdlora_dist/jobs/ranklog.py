@@ -153,7 +153,7 @@ def _is_transport_error(exc: BaseException) -> bool:
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """(exit class, one-line message) of an exception ended a rank."""
-    from sdlora_dist.distributed import RankFailure
+    from sdlora_dist.jobs.distributed import RankFailure
 
     first = (str(exc).strip().splitlines() or [""])[0]
     if isinstance(exc, UserError):

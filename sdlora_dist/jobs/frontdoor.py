@@ -19,9 +19,9 @@ from typing import Any
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.config import Config, apply_overrides, config_from_dict, config_root, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
-from sdlora_dist.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
+from sdlora_dist.jobs.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
+from sdlora_dist.jobs.runlock import hold_run_lock
 from sdlora_dist.model import fill_preprocessing_from_weights
-from sdlora_dist.runlock import hold_run_lock
 
 
 def benchmark_recipes() -> dict[str, Path]:
@@ -163,7 +163,7 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
         )
     _, split = run_shards(cfg)  # the shards, their class order and task split as this run resolves them
     check_run_split(cfg, mode, split)  # --resume/--continue: refused before anything is written
-    worker = [sys.executable, "-m", "sdlora_dist.worker", "--run-dir", str(cfg.run_dir), "--mode", mode]
+    worker = [sys.executable, "-m", "sdlora_dist.jobs.worker", "--run-dir", str(cfg.run_dir), "--mode", mode]
     if dry_run:
         argv, env = build_command(spec, worker)
         print(format_command(argv, env))
@@ -178,7 +178,7 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
             locked = True
             prepare_run_dir(cfg, mode)
             if launcher == "local" and spec.procs_per_node == 1:
-                from sdlora_dist.worker import main as worker_main
+                from sdlora_dist.jobs.worker import main as worker_main
 
                 code = worker_main(worker[3:])
             else:

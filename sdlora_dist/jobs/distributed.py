@@ -34,7 +34,7 @@ from torch import nn
 
 from sdlora_dist.config import Precision, config_root
 from sdlora_dist.errors import UserError
-from sdlora_dist.launch import first_slurm_host
+from sdlora_dist.jobs.launch import first_slurm_host
 
 PRECISIONS = tuple(p for p in get_args(Precision) if p != "auto")  # what "auto" resolves among
 DEFAULT_TEMPLATE_NAME = "template.json"
