@@ -52,7 +52,7 @@ from sdlora_dist import __version__
 from sdlora_dist.config import Config, load_config, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
-from sdlora_dist.jobs import distributed as dist
+from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.model import task_key
 
 CONFIG_FILE = "config.yaml"
@@ -216,7 +216,7 @@ def save_task_checkpoint(
     ``times`` (the caller's per-phase timings, also referenced by ``progress`` and ``metrics``) gets
     ``times["checkpoint"]``: the seconds spent up to writing the JSON, so every file is written once.
     """
-    if dist.rank() != 0:
+    if not is_rank_zero():
         return None
     start = time.perf_counter()
     run_dir = Path(run_dir)

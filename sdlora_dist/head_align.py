@@ -39,6 +39,7 @@ from sdlora_dist.config import Config
 from sdlora_dist.data import Manifest, TransformSpec, make_eval_loader
 from sdlora_dist.errors import UserError
 from sdlora_dist.jobs import distributed as dist
+from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
 
 COV_MODES = ("full", "shared", "diag")
@@ -314,7 +315,7 @@ def _gaussian(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv,
     stats = finalize(collect_task_sums(cfg, model, task, env, spec, manifest), t.head_align_cov)
     times["head_stats"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    if env.is_main:
+    if is_rank_zero():
         seen = merge_tasks([*load_previous_stats(Path(cfg.run_dir), task, t.head_align_cov), stats], t.head_align_cov)
         generator = torch.Generator().manual_seed(t.seed * 1000 + task)  # private: the global RNG is not touched
         weight, bias = model.head.full()

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
-
-def process_rank() -> int:
-    """Global rank from the launcher's environment (0 when not launched distributed)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_rank_zero() -> bool:
-    """True on the process that owns files and console output."""
-    return process_rank() == 0
+from sdlora_dist.jobs.rank import global_rank, is_rank_zero
 
 
 def log_rank_zero(message: str) -> None:
@@ -38,7 +29,7 @@ def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
 
 def log_all_ranks(message: str) -> None:
     """Print a line prefixed with the rank, for per-rank diagnostics."""
-    print(f"[rank {process_rank()}] {message}", file=sys.stderr, flush=True)
+    print(f"[rank {global_rank()}] {message}", file=sys.stderr, flush=True)
 
 
-__all__ = ["log_rank_zero", "log_all_ranks", "is_rank_zero", "process_rank", "progress_bar"]
+__all__ = ["log_rank_zero", "log_all_ranks", "progress_bar"]

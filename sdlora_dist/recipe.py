@@ -34,6 +34,7 @@ from sdlora_dist.data.classes import resolve_split, split_changes, task_view
 from sdlora_dist.data.pipeline import train_steps_per_epoch
 from sdlora_dist.errors import UserError
 from sdlora_dist.jobs import distributed as dist
+from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.logs import log_all_ranks, log_rank_zero, progress_bar
 from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
@@ -199,7 +200,7 @@ def latest_engine_checkpoint(run_dir: Path, task: int) -> str | None:
 
 def consolidate_everywhere(model: SDLoRAViT) -> Decision:
     """Rank 0 plans the consolidation of the open task, broadcasts it, every rank applies it."""
-    plan = model.plan_consolidation().to_dict() if dist.rank() == 0 else None
+    plan = model.plan_consolidation().to_dict() if is_rank_zero() else None
     decision = Decision.from_dict(dist.broadcast_object(plan, src=0))
     model.apply_consolidation(decision)
     log_all_ranks(f"applied rank 0's consolidation of {decision.task}: {decision.action}, "
@@ -273,7 +274,7 @@ class StepMonitor:
         self.seen, self.loss, self.lr, self.epoch = 0, float("nan"), 0.0, start["epoch"]
         self.t0 = time.perf_counter()
         self.bar = progress_bar(
-            total=self.total, initial=self.done, desc=f"task {ctx.task}", unit="step", disable=not ctx.env.is_main
+            total=self.total, initial=self.done, desc=f"task {ctx.task}", unit="step", disable=not is_rank_zero()
         )
 
     def __enter__(self) -> StepMonitor:
@@ -349,7 +350,7 @@ def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: 
         world_size=env.world_size, num_workers=cfg.data.num_workers, corrupt=cfg.data.corrupt,
         bad_shard=cfg.data.bad_shard, cache_dir=cfg.data.cache_dir, manifest=manifest,
     )  # fmt: skip
-    for x, y in progress_bar(loader, desc=f"eval {task}", unit="batch", disable=not env.is_main):
+    for x, y in progress_bar(loader, desc=f"eval {task}", unit="batch", disable=not is_rank_zero()):
         pred = model(x.to(env.device, dtype)).argmax(dim=1).cpu()
         group = torch.bucketize(y, offsets, right=True)
         counts[0].index_add_(0, group, (pred == y).long())
@@ -374,7 +375,7 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
     run_dir = Path(cfg.run_dir)
     model, progress, first = restore_state(cfg, mode, manifest)
     model.to(env.device)
-    if env.is_main:
+    if is_rank_zero():
         info = {"benchmark": manifest.benchmark, "shards": urls.display(cfg.data.shards)}
         info |= {"class_names": manifest.class_names, "task_split": split}
         ckpt.write_run_header(run_dir, cfg, model, info)
@@ -385,7 +386,7 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
             f"task {task}: top1 {progress.log.top1_curve()[-1]:.2f} | "
             + " ".join(f"{k} {v:.1f}s" for k, v in record["time_s"].items())
         )
-    if env.is_main and progress.log.num_tasks:
+    if is_rank_zero() and progress.log.num_tasks:
         log_rank_zero(format_table(progress.log))
     dist.barrier()
     return progress
@@ -435,7 +436,7 @@ def run_task(
         discard=ckpt.task_folder(run_dir / ENGINE_DIR, task), head_stats=aligned.stats,
     )  # fmt: skip
     dist.barrier()
-    if env.is_main:
+    if is_rank_zero():
         write_tensorboard(run_dir, progress)
     return record
 

@@ -20,7 +20,10 @@ from torch import nn
 
 import sdlora_dist.jobs.distributed as D  # noqa: N812
 from sdlora_dist.config import TrainConfig
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import RankFailure, UserError
+from sdlora_dist.jobs import ranklog
+from sdlora_dist.jobs.rank import is_rank_zero
+from sdlora_dist.jobs.slurm import slurm_to_torch_env
 
 TESTS = Path(__file__).resolve().parent
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
@@ -91,7 +94,7 @@ def test_slurm_step_variables_map_to_torch_ones():
         "SLURM_JOB_ID": "123456",
         "SLURM_STEP_NODELIST": "gpu[007-010]",
     }
-    mapped = D._slurm_to_torch_env(env)
+    mapped = slurm_to_torch_env(env)
     assert mapped == {
         "RANK": "5",
         "WORLD_SIZE": "8",
@@ -101,12 +104,12 @@ def test_slurm_step_variables_map_to_torch_ones():
         "MASTER_PORT": str(20000 + 123456 % 20000),
     }
     # The batch script itself (no srun step) is not a rank.
-    assert D._slurm_to_torch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}) == {}
+    assert slurm_to_torch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1"}) == {}
 
 
 def test_init_distributed_without_launcher_is_one_rank_and_no_group(single_process):
     env = D.init_distributed(timeout_s=30)
-    assert (env.rank, env.world_size, env.local_rank, env.node_rank, env.is_main) == (0, 1, 0, 0, True)
+    assert (env.rank, env.world_size, env.local_rank, env.node_rank, is_rank_zero()) == (0, 1, 0, 0, True)
     assert env.device == torch.device("cpu")
     assert not torch.distributed.is_initialized()
     # Collectives are identities on one rank.
@@ -126,6 +129,23 @@ def test_init_distributed_names_missing_rendezvous_variables(single_process, mon
     monkeypatch.setenv("RANK", "two")
     with pytest.raises(UserError, match="RANK must be an integer"):
         D.init_distributed(timeout_s=5)
+
+
+def test_a_failed_collective_anywhere_in_training_is_recorded_as_a_peer_failure(single_process):
+    D._ensure_process_group(timeout_s=30)
+    # gloo raises a plain RuntimeError from inside torch.distributed (here: a root rank the group does not have)
+    with pytest.raises(RankFailure) as caught, D.peer_failures():
+        torch.distributed.broadcast(torch.zeros(2), src=5)
+    assert type(caught.value.__cause__) is RuntimeError
+    assert ranklog.classify(caught.value) == ("peer", str(caught.value.__cause__).splitlines()[0])
+    # NCCL and the rendezvous store raise typed errors: DistBackendError, DistNetworkError (both DistError)
+    with pytest.raises(RankFailure, match="Connection reset by peer"), D.peer_failures():
+        raise torch.distributed.DistNetworkError("Connection reset by peer")
+    # an error of our own passes unchanged, whatever its text says
+    with pytest.raises(RuntimeError, match="Gloo") as own, D.peer_failures():
+        raise RuntimeError("Gloo-shaped text from our own code")
+    assert not isinstance(own.value, RankFailure)
+    assert ranklog.classify(own.value)[0] == "crash"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ from sdlora_dist.errors import UserError
 from sdlora_dist.jobs.launch import (
     LaunchSpec,
     build_command,
-    first_slurm_host,
     format_command,
     launch,
     resolve_launcher,
 )
+from sdlora_dist.jobs.slurm import first_slurm_host
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_worker_toy import free_port  # noqa: E402  (tests/ is not a package)

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import RankFailure, UserError
 from sdlora_dist.jobs import ranklog
-from sdlora_dist.jobs.distributed import RankFailure
 
 
 def record(run_dir, rank: int, status: str, kind: str = "", message: str = "", host: str = "node-a") -> None:
@@ -65,7 +64,6 @@ def test_signals_and_no_records(tmp_path):
         (UserError("bad value\nsecond line"), "user", "bad value"),
         (KeyboardInterrupt(), "interrupted", "interrupted (Ctrl-C)"),
         (RankFailure("rank 0/2: collective failed"), "peer", "rank 0/2: collective failed"),
-        (RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer"), "peer", None),
         (OSError(errno.ENOSPC, "No space left on device", "/run/x.tmp"), "user", None),
         (ValueError("shapes differ"), "crash", "ValueError: shapes differ"),
     ],

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from sdlora_dist.config import Precision, config_root
-from sdlora_dist.errors import UserError
-from sdlora_dist.jobs.launch import first_slurm_host
+from sdlora_dist.errors import RankFailure, UserError
+from sdlora_dist.jobs.rank import global_rank, is_rank_zero
+from sdlora_dist.jobs.slurm import env_int, slurm_to_torch_env
 
 PRECISIONS = tuple(p for p in get_args(Precision) if p != "auto")  # what "auto" resolves among
 DEFAULT_TEMPLATE_NAME = "template.json"
@@ -45,7 +46,10 @@ _TIMEOUT_S = 600  # the process-group timeout in force, for error messages
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Where this process sits in the job: global rank, world size, rank on its node, node index, device."""
+    """Where this process sits in the job: global rank, world size, rank on its node, node index, device.
+
+    Whether this is rank 0 is asked of :func:`sdlora_dist.jobs.rank.is_rank_zero`, the one answer for every module.
+    """
 
     rank: int
     world_size: int
@@ -53,55 +57,18 @@ class DistEnv:
     node_rank: int
     device: torch.device
 
-    @property
-    def is_main(self) -> bool:
-        """True on global rank 0, the rank that decides, writes files and logs."""
-        return self.rank == 0
-
-
-class RankFailure(RuntimeError):
-    """A collective failed: a peer rank died, or did not answer within the process-group timeout."""
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Process group
 
 
-def _env_int(environ: dict[str, str] | os._Environ, name: str) -> int | None:
-    value = environ.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"environment variable {name} must be an integer (got {value!r})") from None
-
-
-def _slurm_to_torch_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
-    """RANK/WORLD_SIZE/... from the variables ``srun`` sets for each task (empty outside an srun step)."""
-    world = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
-    if "SLURM_PROCID" not in environ or "SLURM_STEP_NUM_TASKS" not in environ or world is None:
-        return {}
-    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-    job_id = _env_int(environ, "SLURM_JOB_ID") or 0
-    return {
-        "RANK": environ["SLURM_PROCID"],
-        "WORLD_SIZE": world,
-        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-        "NODE_RANK": environ.get("SLURM_NODEID", "0"),
-        "MASTER_ADDR": environ.get("MASTER_ADDR") or first_slurm_host(nodelist),
-        # A port derived from the job id keeps two jobs sharing a node apart.
-        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + job_id % 20000),
-    }
-
-
 def _node_rank(environ: dict[str, str] | os._Environ, rank: int) -> int:
     # torchrun sets GROUP_RANK, DeepSpeed's launcher CROSS_RANK, our SLURM mapping NODE_RANK.
     for name in ("GROUP_RANK", "CROSS_RANK", "NODE_RANK"):
-        value = _env_int(environ, name)
+        value = env_int(environ, name)
         if value is not None:
             return value
-    local_world = _env_int(environ, "LOCAL_WORLD_SIZE") or _env_int(environ, "LOCAL_SIZE")
+    local_world = env_int(environ, "LOCAL_WORLD_SIZE") or env_int(environ, "LOCAL_SIZE")
     return rank // local_world if local_world else 0
 
 
@@ -125,7 +92,7 @@ def _prepare_deepspeed() -> Any:
 
 def _current_env() -> DistEnv:
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = _env_int(os.environ, "LOCAL_RANK") or 0
+    local_rank = env_int(os.environ, "LOCAL_RANK") or 0
     device = torch.device("cuda", local_rank) if _want_cuda() else torch.device("cpu")
     return DistEnv(rank, world, local_rank, _node_rank(os.environ, rank), device)
 
@@ -141,10 +108,10 @@ def init_distributed(timeout_s: int = 600) -> DistEnv:
         raise UserError(f"the process-group timeout must be > 0 seconds (got {timeout_s})")
     if dist.is_available() and dist.is_initialized():
         return _current_env()
-    for key, value in _slurm_to_torch_env(os.environ).items():
+    for key, value in slurm_to_torch_env(os.environ).items():
         os.environ.setdefault(key, value)
-    rank, world = _env_int(os.environ, "RANK"), _env_int(os.environ, "WORLD_SIZE")
-    local_rank = _env_int(os.environ, "LOCAL_RANK") or 0
+    rank, world = env_int(os.environ, "RANK"), env_int(os.environ, "WORLD_SIZE")
+    local_rank = env_int(os.environ, "LOCAL_RANK") or 0
     cuda = _want_cuda()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if rank is None or world is None:
@@ -212,11 +179,6 @@ def shutdown() -> None:
 def world_size() -> int:
     """Number of ranks (1 without a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def rank() -> int:
-    """Global rank (0 without a process group)."""
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -328,10 +290,38 @@ def _collective(what: str) -> Iterator[None]:
     except RuntimeError as exc:  # gloo reports a vanished peer as a plain RuntimeError, NCCL as DistBackendError
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise RankFailure(
-            f"rank {rank()}/{world_size()}: collective {what!r} failed: a peer rank died, or did not answer within "
-            f"the process-group timeout ({_TIMEOUT_S} s), or ranks ran different collectives "
+            f"rank {global_rank()}/{world_size()}: collective {what!r} failed: a peer rank died, or did not answer "
+            f"within the process-group timeout ({_TIMEOUT_S} s), or ranks ran different collectives "
             f"({exc.__class__.__name__}: {first_line})"
         ) from exc
+
+
+def _raised_by_torch_distributed(exc: BaseException) -> bool:
+    """True for an error out of a torch.distributed call: a DistError (NCCL's failures, store and network errors),
+    or a plain RuntimeError raised inside torch.distributed, which is how gloo reports a lost or silent peer (it has
+    no exception type of its own, so the frame that raised it is the evidence, not its text)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # the innermost frame: where the error was raised
+    origin = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return isinstance(exc, RuntimeError) and (origin == "torch.distributed" or origin.startswith("torch.distributed."))
+
+
+@contextlib.contextmanager
+def peer_failures() -> Iterator[None]:
+    """Re-raise a collective that failed anywhere inside (DeepSpeed's gradient all-reduce too) as RankFailure.
+
+    The worker runs the whole training inside this, so its record calls the failure a consequence of a peer's
+    (exit class ``peer``); every other error passes unchanged. The message keeps the backend's words.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc, RankFailure) or not _raised_by_torch_distributed(exc):
+            raise
+        raise RankFailure(str(exc)) from exc
 
 
 def _active() -> bool:
@@ -408,7 +398,7 @@ def _tmp_tag(tag: str) -> str:
 def _writer_rank(engine: Any) -> bool:
     # Without a shared filesystem every node writes its own copy, so each node's first rank renames it.
     local = engine.use_node_local_storage() if hasattr(engine, "use_node_local_storage") else False
-    return (int(os.environ.get("LOCAL_RANK", "0")) == 0) if local else rank() == 0
+    return (int(os.environ.get("LOCAL_RANK", "0")) == 0) if local else is_rank_zero()
 
 
 def save_engine_checkpoint(engine: Any, directory: str | Path, tag: str, client_state: dict | None = None) -> Path:
@@ -470,15 +460,14 @@ def load_engine_checkpoint(engine: Any, directory: str | Path, tag: str) -> dict
 
 __all__ = [
     "DistEnv",
-    "RankFailure",
     "init_distributed",
     "shutdown",
     "world_size",
-    "rank",
     "precision_for",
     "deepspeed_config",
     "build_engine",
     "release_engine",
+    "peer_failures",
     "broadcast_object",
     "broadcast_tensors",
     "all_reduce_sum",

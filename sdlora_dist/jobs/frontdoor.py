@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import shutil
 import sys
 import time
@@ -20,6 +19,7 @@ from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.config import Config, apply_overrides, config_from_dict, config_root, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.jobs.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
+from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.jobs.runlock import hold_run_lock
 from sdlora_dist.model import fill_preprocessing_from_weights
 
@@ -171,7 +171,7 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
     # Taken before the lock (whose file is created inside it), so a failed start can undo its claim exactly.
     before = {p.name for p in Path(cfg.run_dir).iterdir()} if Path(cfg.run_dir).is_dir() else None
     # One job per run directory: node 0's front door holds the lock (other nodes share its directory).
-    owner = (spec.node_rank or 0) == 0 and os.environ.get("RANK", "0") == "0"
+    owner = (spec.node_rank or 0) == 0 and is_rank_zero()
     code, locked = 1, False
     try:
         with hold_run_lock(ckpt.check_writable(cfg.run_dir)) if owner else contextlib.nullcontext():

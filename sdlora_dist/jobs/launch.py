@@ -32,6 +32,8 @@ from pathlib import Path
 
 from sdlora_dist.errors import UserError
 from sdlora_dist.jobs import ranklog
+from sdlora_dist.jobs.rank import global_rank
+from sdlora_dist.jobs.slurm import first_slurm_host
 
 LAUNCHERS = ("auto", "local", "deepspeed", "slurm", "env")
 DEFAULT_MASTER_PORT = 29500
@@ -174,21 +176,6 @@ def _deepspeed_command(spec: LaunchSpec, worker_argv: list[str]) -> list[str]:
     return cmd + rest
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a compressed SLURM node list: ``gpu[003-010,020],cpu1`` -> ``gpu003``."""
-    depth = 0
-    for i, char in enumerate(nodelist):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            nodelist = nodelist[:i]
-            break
-    if "[" not in nodelist:
-        return nodelist.strip()
-    prefix, rest = nodelist.split("[", 1)
-    ranges, _, suffix = rest.partition("]")
-    return prefix.strip() + ranges.split(",")[0].split("-")[0] + suffix
-
-
 def _slurm_command(spec: LaunchSpec, worker_argv: list[str], environ: Mapping[str, str]) -> tuple[list[str], dict]:
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     master = spec.master_addr or (first_slurm_host(nodelist) if nodelist else None)
@@ -238,7 +225,7 @@ def _check_tools(argv: list[str], spec: LaunchSpec, launcher: str) -> None:
 def _own_ranks(spec: LaunchSpec, launcher: str) -> range:
     """Global ranks this node's launcher starts (the first one's log is echoed to the console)."""
     if launcher == "env":
-        rank = int(os.environ.get("RANK") or 0)
+        rank = global_rank()  # what the worker started here will name its log by
         return range(rank, rank + 1)
     if spec.no_ssh:
         first = (spec.node_rank or 0) * spec.procs_per_node
@@ -362,5 +349,4 @@ __all__ = [
     "format_command",
     "launch",
     "read_hostfile",
-    "first_slurm_host",
 ]

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import RankFailure, UserError
 
 LOGS_DIR = "logs"
 FRONTDOOR_ENV = "SDLORA_FRONTDOOR"  # "host:pid" of the `sdlora train` process that launched this rank
@@ -142,25 +142,18 @@ class _Recorder:
         self.file.flush()
 
 
-def _is_transport_error(exc: BaseException) -> bool:
-    """A collective inside DeepSpeed (gradient all-reduce) that failed because a peer went away."""
-    import torch.distributed as torch_dist
-
-    if isinstance(exc, torch_dist.DistError):
-        return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("gloo/transport", "NCCL error", "Gloo"))
-
-
 def classify(exc: BaseException) -> tuple[str, str]:
-    """(exit class, one-line message) of an exception ended a rank."""
-    from sdlora_dist.jobs.distributed import RankFailure
+    """(exit class, one-line message) of an exception that ended a rank.
 
+    A failed collective arrives as RankFailure: the distributed layer converts torch.distributed's errors where
+    they happen (:func:`sdlora_dist.jobs.distributed.peer_failures`), so nothing here reads error text.
+    """
     first = (str(exc).strip().splitlines() or [""])[0]
     if isinstance(exc, UserError):
         return "user", first
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", "interrupted (Ctrl-C)"
-    if isinstance(exc, RankFailure) or _is_transport_error(exc):
+    if isinstance(exc, RankFailure):
         return "peer", first
     if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
         where = f" writing {exc.filename}" if exc.filename else ""

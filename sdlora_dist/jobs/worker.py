@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from sdlora_dist.jobs.rank import global_rank
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run this rank's part of the training; exit 2 for bad input, 130 for Ctrl-C, 1 for a dead peer or a crash.
@@ -29,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         try:
             # The directory we were given, not the one saved in config.yaml: a run can be moved or copied.
-            run_training(load_run_config(args.run_dir), args.mode)
+            with dist.peer_failures():  # a lost peer is recorded as such, not as this rank's crash
+                run_training(load_run_config(args.run_dir), args.mode)
         finally:
             dist.shutdown()
 
-    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)  # srun sets only SLURM_PROCID
-    return run_rank(args.run_dir, rank, body)
+    return run_rank(args.run_dir, global_rank(), body)
 
 
 if __name__ == "__main__":
