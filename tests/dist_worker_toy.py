@@ -23,6 +23,7 @@ from torch import nn
 
 import sdlora_dist.jobs.distributed as D  # noqa: N812  (also applies the torchvision compat fix before timm)
 from sdlora_dist.errors import UserError
+from sdlora_dist.jobs.rank import global_rank
 from sdlora_dist.jobs.ranklog import run_rank
 
 GLOBAL_BATCH = 8
@@ -243,7 +244,7 @@ def main() -> int:
             D.shutdown()
 
     # The same log, record and launcher watchdog as the training worker (OUT plays the run directory).
-    return run_rank(args.out, int(os.environ.get("RANK", "0")), body)
+    return run_rank(args.out, global_rank(), body)
 
 
 if __name__ == "__main__":

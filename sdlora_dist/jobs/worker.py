@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         try:
-            # The directory we were given, not the one saved in config.yaml: a run can be moved or copied.
             with dist.peer_failures():  # a lost peer is recorded as such, not as this rank's crash
+                # The directory we were given, not the one saved in config.yaml: a run can be moved or copied.
                 run_training(load_run_config(args.run_dir), args.mode)
         finally:
             dist.shutdown()
