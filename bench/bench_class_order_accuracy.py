@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sdlora_dist.data import prepare
 from sdlora_dist.jobs.frontdoor import resolve_config
-from sdlora_dist.report import write_aggregate_report
+from sdlora_dist.report_runs import write_aggregate_report
 from sdlora_dist.toy_backbone import pretrain_toy_backbone
 
 

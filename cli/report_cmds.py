@@ -24,7 +24,8 @@ def report(
     report.md and aggregate.json; refused, naming the differing config keys, when the runs are not of one setting.
     Prints the table (several runs) and the paths written.
     """
-    from sdlora_dist.report import expand_run_args, write_aggregate_report, write_report
+    from sdlora_dist.report import write_report
+    from sdlora_dist.report_runs import expand_run_args, write_aggregate_report
 
     if len(runs) == 1 and len(expand_run_args(runs)) == 1:
         files = write_report(expand_run_args(runs)[0], out)

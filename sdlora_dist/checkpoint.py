@@ -53,7 +53,9 @@ from sdlora_dist.config import Config, load_config, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
 from sdlora_dist.jobs.rank import is_rank_zero
+from sdlora_dist.metrics import AccuracyLog
 from sdlora_dist.model import task_key
+from sdlora_dist.records import RunProgress, TaskRecord
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -366,26 +368,28 @@ def load_task_model(run_dir: str | Path, task: int, cfg: Config | None = None) -
     return model
 
 
-def load_progress(run_dir: str | Path, task: int) -> dict[str, Any]:
-    """The run's progress up to ``task`` (``{"accuracy": {...}, "tasks": [...]}``, as metrics.json holds it).
+def load_progress(run_dir: str | Path, task: int) -> RunProgress:
+    """The run's progress up to ``task`` (the accuracy log and every task's record, as metrics.json holds them).
 
     Format 2 folders hold their own record (``{"record", "correct", "totals"}``); walking back to task 0 or to a
-    format-1 folder (which holds the whole history) assembles it.
+    format-1 folder (which holds the whole history) assembles it. Records are checked as they are read
+    (UserError naming the progress file).
     """
     tasks_dir = Path(run_dir) / TASKS_DIR
-    own: list[dict[str, Any]] = []
-    base: dict[str, Any] = {"accuracy": {"correct": [], "totals": []}, "tasks": []}
+    own: list[tuple[Path, dict[str, Any]]] = []
+    base = RunProgress()
     for t in range(task, -1, -1):
-        data = read_json(task_folder(tasks_dir, t) / PROGRESS_FILE)
+        path = task_folder(tasks_dir, t) / PROGRESS_FILE
+        data = read_json(path)
         if "record" not in data:  # format 1: the full history up to t
-            base = data
+            base = RunProgress.from_dict(data, path)
             break
-        own.append(data)
+        own.append((path, data))
     own.reverse()
-    correct = [list(r) for r in base["accuracy"].get("correct", [])] + [list(d["correct"]) for d in own]
-    totals = list(own[-1]["totals"]) if own else list(base["accuracy"].get("totals", []))
-    records = list(base["tasks"]) + [d["record"] for d in own]
-    return {"accuracy": {"correct": correct, "totals": totals}, "tasks": records}
+    correct = base.log.correct + [list(d["correct"]) for _, d in own]
+    totals = list(own[-1][1]["totals"]) if own else base.log.totals
+    records = base.tasks + [TaskRecord.from_dict(d["record"], path) for path, d in own]
+    return RunProgress(AccuracyLog(correct=correct, totals=totals), records)
 
 
 @dataclass

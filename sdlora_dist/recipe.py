@@ -36,9 +36,10 @@ from sdlora_dist.errors import UserError
 from sdlora_dist.jobs import distributed as dist
 from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.logs import log_all_ranks, log_rank_zero, progress_bar
-from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
+from sdlora_dist.metrics import format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
 from sdlora_dist.preprocess import transform_spec
+from sdlora_dist.records import RunProgress, TaskRecord, TrainStats
 
 ENGINE_DIR = "engine"
 MODES = ("fresh", "resume", "continue")
@@ -144,23 +145,6 @@ def timed(times: dict[str, float], name: str) -> Iterator[None]:
 # State: fresh start, resume, continue
 
 
-class RunProgress:
-    """Recipe progress kept apart from the weights: the accuracy log and one record per finished task."""
-
-    def __init__(self, log: AccuracyLog | None = None, tasks: list[dict[str, Any]] | None = None) -> None:
-        self.log = log or AccuracyLog()
-        self.tasks = tasks or []
-
-    def to_dict(self) -> dict[str, Any]:
-        """Everything metrics.json holds."""
-        return {"accuracy": self.log.to_dict(), "tasks": self.tasks}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunProgress:
-        """Inverse of :meth:`to_dict`."""
-        return cls(AccuracyLog.from_dict(data.get("accuracy", {})), list(data.get("tasks", [])))
-
-
 def restore_state(cfg: Config, mode: str, manifest: Manifest) -> tuple[SDLoRAViT, RunProgress, int]:
     """Model, progress and the first task to train, for a fresh, resumed or continued run."""
     run_dir = Path(cfg.run_dir)
@@ -176,7 +160,7 @@ def restore_state(cfg: Config, mode: str, manifest: Manifest) -> tuple[SDLoRAViT
             "append new classes with 'sdlora data add-task' first"
         )
     model = ckpt.load_task_model(run_dir, last, cfg)
-    progress = RunProgress.from_dict(ckpt.load_progress(run_dir, last))
+    progress = ckpt.load_progress(run_dir, last)
     log_rank_zero(f"{mode}: tasks 0..{last} are complete in {run_dir}; starting at task {last + 1}")
     return model, progress, last + 1
 
@@ -236,7 +220,7 @@ class TaskContext:
         return ckpt.task_folder(Path(self.cfg.run_dir) / ENGINE_DIR, self.task)
 
 
-def train_task(ctx: TaskContext) -> dict[str, Any]:
+def train_task(ctx: TaskContext) -> TrainStats:
     """Train ``ctx.task`` with a fresh DeepSpeed engine; resumes from the newest mid-task engine checkpoint."""
     cfg, env, model = ctx.cfg, ctx.env, ctx.model
     if cfg.data.batch_size % env.world_size:
@@ -306,7 +290,7 @@ class StepMonitor:
             dist.save_engine_checkpoint(self.engine, self.ctx.engine_dir, f"step_{self.done:08d}", client_state=nxt)
 
 
-def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> dict[str, Any]:
+def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> TrainStats:
     """The epochs of one task from ``start`` (epoch, step); engine checkpoints every ``train.checkpoint_every``."""
     cfg, env, model, task = ctx.cfg, ctx.env, ctx.model, ctx.task
     offset, n_cls = model.class_offset(task), model.task_classes[task]
@@ -334,7 +318,7 @@ def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> dict[st
                 engine.step()
                 monitor.on_step(step, loss, x.shape[0])
             corrupt += loader.stats.corrupt
-    return {"steps": monitor.total, "final_loss": monitor.loss, "images": monitor.seen, "corrupt_skipped": corrupt}
+    return TrainStats(steps=monitor.total, final_loss=monitor.loss, images=monitor.seen, corrupt_skipped=corrupt)
 
 
 @torch.no_grad()
@@ -384,7 +368,7 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
         record = run_task(cfg, model, task, manifest, env, spec, progress)
         log_rank_zero(
             f"task {task}: top1 {progress.log.top1_curve()[-1]:.2f} | "
-            + " ".join(f"{k} {v:.1f}s" for k, v in record["time_s"].items())
+            + " ".join(f"{k} {v:.1f}s" for k, v in record.time_s.items())
         )
     if is_rank_zero() and progress.log.num_tasks:
         log_rank_zero(format_table(progress.log))
@@ -400,7 +384,7 @@ def run_task(
     env: dist.DistEnv,
     spec: TransformSpec,
     progress: RunProgress,
-) -> dict[str, Any]:
+) -> TaskRecord:
     """Consolidate the previous task, then train, evaluate, verify and checkpoint ``task``."""
     times: dict[str, float] = {}
     decision = None
@@ -417,21 +401,21 @@ def run_task(
         correct, totals = evaluate(cfg, model, task, env, spec, manifest)
     dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
     progress.log.add_row(correct, totals)
-    record = {
-        "task": task,
-        "classes": manifest.classes_per_task[task],
-        "rank": model.adapters[0].lora_A[model.current_key].shape[1] if model.current_key else None,
-        "consolidation_of_previous": decision.to_dict() if decision else None,
-        "magnitudes": {k: p.detach().float().cpu().tolist() for k, p in model.magnitudes.values.items()},
-        "train": train_stats,
-        "world_size": env.world_size,
-        "head_align": aligned.record(correct, totals),
-        "time_s": times,
-    }
+    record = TaskRecord(
+        task=task,
+        classes=manifest.classes_per_task[task],
+        rank=model.adapters[0].lora_A[model.current_key].shape[1] if model.current_key else None,
+        consolidation_of_previous=decision,
+        magnitudes={k: p.detach().float().cpu().tolist() for k, p in model.magnitudes.values.items()},
+        train=train_stats,
+        world_size=env.world_size,
+        head_align=aligned.record(correct, totals),
+        time_s=times,
+    )
     progress.tasks.append(record)
     run_dir = Path(cfg.run_dir)
     ckpt.save_task_checkpoint(  # rank 0 only; sets times["checkpoint"] (shared by record) before serialising
-        run_dir, task, model, {"record": record, "correct": correct, "totals": totals}, times=times,
+        run_dir, task, model, {"record": record.to_dict(), "correct": correct, "totals": totals}, times=times,
         metrics=progress.to_dict(), metrics_csv=matrix_csv(progress.log),
         discard=ckpt.task_folder(run_dir / ENGINE_DIR, task), head_stats=aligned.stats,
     )  # fmt: skip
@@ -453,8 +437,8 @@ def write_tensorboard(run_dir: Path, progress: RunProgress) -> None:
         writer.add_scalar("accuracy/top1_seen", progress.log.top1_curve()[-1], task)
         for j, value in enumerate(progress.log.matrix()[-1]):
             writer.add_scalar(f"accuracy/task_{j:02d}", value, task)
-        writer.add_scalar("train/final_loss", record["train"]["final_loss"], task)
-        for key, values in record["magnitudes"].items():
+        writer.add_scalar("train/final_loss", record.train.final_loss, task)
+        for key, values in record.magnitudes.items():
             writer.add_scalar(f"magnitude/{key}", sum(values) / len(values), task)
-        for phase, seconds in record["time_s"].items():
+        for phase, seconds in record.time_s.items():
             writer.add_scalar(f"time_s/{phase}", seconds, task)

@@ -16,6 +16,7 @@ from test_core import INPUTS, LABELS_PER_TASK, _set_current_in_span, train_task
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.errors import UserError
 from sdlora_dist.model import SDLoRAViT, build_model
+from sdlora_dist.records import TaskRecord, TrainStats
 
 
 def folder_bytes(folder: Path) -> int:
@@ -103,6 +104,13 @@ def test_resume_from_any_task_folder_reproduces_the_run(tiny_cfg, tmp_path):
         assert resumed.layout() == model.layout()
 
 
+def task_record(t: int, time_s: dict[str, float] | None = None) -> TaskRecord:
+    """A task record as recipe.run_task writes it (values made up; only their round trip matters here)."""
+    return TaskRecord(task=t, classes=2, rank=4, consolidation_of_previous=None, magnitudes={"task_00": [1.0]},
+                      train=TrainStats(steps=3, final_loss=0.5, images=12, corrupt_skipped=0), world_size=1,
+                      time_s=time_s if time_s is not None else {"train": 1.0})  # fmt: skip
+
+
 def write_old_layout_run(run_dir: Path, cfg, model: SDLoRAViT, tasks: int) -> list[torch.Tensor]:
     """A run as written before format 2: ``task_003`` folders, every tensor in every folder, full progress."""
     ckpt.write_run_header(run_dir, cfg, model, {"benchmark": "test"})
@@ -112,7 +120,7 @@ def write_old_layout_run(run_dir: Path, cfg, model: SDLoRAViT, tasks: int) -> li
         next_task(model, t)
         history["accuracy"]["correct"].append([t + 1] * (t + 1))
         history["accuracy"]["totals"] = [10] * (t + 1)
-        history["tasks"].append({"task": t})
+        history["tasks"].append(task_record(t).to_dict())
         folder = run_dir / "tasks" / f"task_{t:03d}"
         folder.mkdir(parents=True)
         save_file(ckpt.adapter_state(model), str(folder / "adapters.safetensors"))
@@ -131,7 +139,7 @@ def test_old_full_copy_run_loads_and_resumes_in_the_new_layout(tiny_cfg, tmp_pat
         assert torch.equal(logits(ckpt.load_task_model(tmp_path, t)), old_logits[t])
     resumed = ckpt.load_task_model(tmp_path, 2)
     next_task(resumed, 3)
-    record = {"record": {"task": 3}, "correct": [4, 4, 4, 4], "totals": [10] * 4}
+    record = {"record": task_record(3).to_dict(), "correct": [4, 4, 4, 4], "totals": [10] * 4}
     ckpt.save_task_checkpoint(tmp_path, 3, resumed, record)
     layout = json.loads((tmp_path / "tasks" / "task_03" / "layout.json").read_text())
     assert layout["checkpoint"]["sources"] == {
@@ -140,8 +148,8 @@ def test_old_full_copy_run_loads_and_resumes_in_the_new_layout(tiny_cfg, tmp_pat
     }  # fmt: skip
     assert torch.equal(logits(ckpt.load_task_model(tmp_path, 3)), logits(resumed))
     progress = ckpt.load_progress(tmp_path, 3)
-    assert progress["tasks"] == [{"task": t} for t in range(4)]
-    assert progress["accuracy"] == {"correct": [[1], [2, 2], [3, 3, 3], [4, 4, 4, 4]], "totals": [10] * 4}
+    assert progress.tasks == [task_record(t) for t in range(4)]
+    assert (progress.log.correct, progress.log.totals) == ([[1], [2, 2], [3, 3, 3], [4, 4, 4, 4]], [10] * 4)
 
 
 def test_progress_holds_own_record_and_metrics_the_history(tiny_cfg, tmp_path):
@@ -152,9 +160,9 @@ def test_progress_holds_own_record_and_metrics_the_history(tiny_cfg, tmp_path):
     for t in range(3):
         next_task(model, t)
         times = {"train": 1.0}
-        record = {"task": t, "time_s": times}
-        history.append(record)
-        row = {"record": record, "correct": [t] * (t + 1), "totals": [5] * (t + 1)}
+        record = task_record(t, times)  # to_dict shares times: the checkpoint phase lands in both files
+        history.append(record.to_dict())
+        row = {"record": record.to_dict(), "correct": [t] * (t + 1), "totals": [5] * (t + 1)}
         ckpt.save_task_checkpoint(tmp_path, t, model, row, times=times, metrics={"tasks": history}, metrics_csv="x\n")
     own = json.loads((tmp_path / "tasks" / "task_02" / "progress.json").read_text())
     assert own["record"]["task"] == 2 and "tasks" not in own
@@ -162,7 +170,14 @@ def test_progress_holds_own_record_and_metrics_the_history(tiny_cfg, tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [r["task"] for r in metrics["tasks"]] == [0, 1, 2]
     assert metrics["tasks"][2]["time_s"] == own["record"]["time_s"]
-    assert ckpt.load_progress(tmp_path, 2)["accuracy"]["correct"] == [[0], [1, 1], [2, 2, 2]]
+    assert ckpt.load_progress(tmp_path, 2).log.correct == [[0], [1, 1], [2, 2, 2]]
+    # a record that lost a key is one readable error naming the file, not a KeyError deep in a resume
+    path = tmp_path / "tasks" / "task_01" / "progress.json"
+    damaged = json.loads(path.read_text())
+    del damaged["record"]["magnitudes"]
+    path.write_text(json.dumps(damaged))
+    with pytest.raises(UserError, match=re.escape(f"{path}: the record of task 1 lacks ['magnitudes']")):
+        ckpt.load_progress(tmp_path, 2)
 
 
 @pytest.mark.parametrize("damage", ["bytes", "missing"])

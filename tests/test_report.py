@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from sdlora_dist import report as rep
+from sdlora_dist import report_runs as agg
 from sdlora_dist.errors import UserError
 from sdlora_dist.metrics import AccuracyLog
+from sdlora_dist.records import TaskRecord
 
 
 def make_run(run_dir, tasks: int = 3) -> dict:
@@ -129,7 +131,7 @@ def make_kd_run(run_dir, slots: int = 1) -> dict:
 
 def test_kd_rr_run_report_numbers(tmp_path):
     data = make_kd_run(tmp_path / "run")
-    tasks = data["tasks"]
+    tasks = [TaskRecord.from_dict(r, "metrics.json") for r in data["tasks"]]
     # Fig. 3 series: a direction appears from the task after it was frozen; the absorbed task_02 never does
     assert rep.magnitude_series(tasks) == {"task_00": ([1, 2, 3], [[0.11], [0.12], [0.13]]),
                                            "task_01": ([2, 3], [[0.105], [0.15]])}  # fmt: skip
@@ -155,7 +157,7 @@ def test_kd_rr_run_report_numbers(tmp_path):
 
 def test_per_layer_magnitudes_are_plotted_as_their_mean(tmp_path):
     data = make_kd_run(tmp_path / "run", slots=6)
-    assert rep.magnitude_slots(data["tasks"]) == 6
+    assert rep.magnitude_slots([TaskRecord.from_dict(r, "metrics.json") for r in data["tasks"]]) == 6
     files = rep.write_report(tmp_path / "run")
     assert "Per-layer magnitudes (6 slots per task)" in files.markdown.read_text()
     with Image.open(files.images["magnitudes.png"]) as img:
@@ -177,7 +179,9 @@ def test_failed_report_leaves_the_previous_one_untouched(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.json", "report", "run.json"]
 
 
-@pytest.mark.parametrize("problem", ["no_tasks_section", "ragged_matrix", "records_mismatch", "out_is_file"])
+@pytest.mark.parametrize(
+    "problem", ["no_tasks_section", "ragged_matrix", "records_mismatch", "record_lacks_key", "out_is_file"]
+)
 def test_damaged_metrics_are_user_errors(tmp_path, problem):
     data = make_run(tmp_path / "run")
     out = None
@@ -187,11 +191,14 @@ def test_damaged_metrics_are_user_errors(tmp_path, problem):
         data["accuracy"]["matrix"][1] = [1.0]
     if problem == "records_mismatch":
         data["tasks"] = data["tasks"][:2]
+    if problem == "record_lacks_key":
+        del data["tasks"][1]["time_s"]
     if problem == "out_is_file":
         out = tmp_path / "file.txt"
         out.write_text("x")
     (tmp_path / "run" / "metrics.json").write_text(json.dumps(data))
     expected = {"no_tasks_section": "'tasks'", "ragged_matrix": "3 x 3", "records_mismatch": "2 task records",
+                "record_lacks_key": "metrics.json: the record of task 1 lacks \\['time_s'\\]",
                 "out_is_file": "is a file"}[problem]  # fmt: skip
     with pytest.raises(UserError, match=expected):
         rep.write_report(tmp_path / "run", out)
@@ -237,7 +244,7 @@ def test_report_aggregates_three_seeds(tmp_path):
     text = (tmp_path / "agg" / "report.md").read_text()
     assert "| **mean ± std (3 runs)** | 59.00 ± 2.00 |" in text and "digits-seed2 (seed 2)" in text
     assert "![accuracy curves](accuracy_curves.png)" in text
-    assert "59.00 ± 2.00" in out and out.split()[-3:] == [str(tmp_path / "agg" / n) for n in rep.AGGREGATE_FILES]
+    assert "59.00 ± 2.00" in out and out.split()[-3:] == [str(tmp_path / "agg" / n) for n in agg.AGGREGATE_FILES]
     with Image.open(tmp_path / "agg" / "accuracy_curves.png") as img:
         assert img.format == "PNG" and img.width >= 600
     # a quoted glob, default output beside the runs; the next glob over the folder skips that report

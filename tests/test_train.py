@@ -204,14 +204,17 @@ def test_tensorboard_scalars(tmp_path):
     pytest.importorskip("tensorboard", reason="optional extra [tensorboard]; installed by [dev]")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sdlora_dist.recipe import RunProgress, write_tensorboard
+    from sdlora_dist.recipe import write_tensorboard
+    from sdlora_dist.records import RunProgress, TaskRecord, TrainStats
 
     progress = RunProgress()
     for t, (correct, totals) in enumerate([([9], [10]), ([7, 8], [10, 10])]):
         progress.log.add_row(correct, totals)
+        train = TrainStats(steps=1, final_loss=0.5 - 0.1 * t, images=8, corrupt_skipped=0)
         progress.tasks.append(
-            {"train": {"final_loss": 0.5 - 0.1 * t}, "magnitudes": {"task_00": [0.8, 1.0]}, "time_s": {"train": 1.0}}
-        )
+            TaskRecord(task=t, classes=1, rank=4, consolidation_of_previous=None, magnitudes={"task_00": [0.8, 1.0]},
+                       train=train, world_size=1, time_s={"train": 1.0})
+        )  # fmt: skip
         write_tensorboard(tmp_path, progress)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
