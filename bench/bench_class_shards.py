@@ -30,10 +30,10 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from sdlora_dist.data import load_manifest, make_eval_loader, make_train_loader, prepare
+from sdlora_dist.config import DataConfig
+from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, make_train_loader, prepare
 from sdlora_dist.data.classes import resolve_split, task_view
 from sdlora_dist.data.manifest import MANIFEST_NAME
-from sdlora_dist.data.pipeline import TransformSpec
 
 SPEC = TransformSpec(img_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -97,11 +97,12 @@ def bytes_per_task(shards: Path, tasks: int, seed: int | None) -> list[dict]:
     split = resolve_split(manifest, SimpleNamespace(class_order_seed=seed, class_order=None, tasks=tasks,
                                                     classes_per_task=None))  # fmt: skip
     view = task_view(manifest, split)
+    data = DataConfig(shards=str(shards), batch_size=16, num_workers=0)
     rows = []
     for t in range(view.num_tasks()):
         row = {"task": t, "classes": split.task_classes(t)}
         for name, loader, shard_split in (
-            ("train", make_train_loader(shards, t, spec=SPEC, batch_size=16, epoch=0, seed=0, manifest=view), "train"),
+            ("train", make_train_loader(data, t, spec=SPEC, epoch=0, seed=0, manifest=view), "train"),
             ("eval", make_eval_loader(shards, [t], spec=SPEC, batch_size=64, manifest=view), "test"),
         ):
             expected = sum(s.bytes for s in view.task_shards(shard_split, t))

@@ -32,7 +32,7 @@ from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
 from sdlora_dist.data.classes import resolve_split, split_changes, task_view
-from sdlora_dist.data.pipeline import train_steps_per_epoch
+from sdlora_dist.data.planning import train_steps_per_epoch
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_all_ranks, log_rank_zero, progress_bar
 from sdlora_dist.metrics import AccuracyLog, format_table, matrix_csv
@@ -318,10 +318,8 @@ def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> dict[st
                 group["lr"] = lr
             monitor.on_epoch(epoch, lr)
             loader = make_train_loader(
-                cfg.data.shards, task, spec=ctx.spec, batch_size=ctx.per_rank, epoch=epoch, seed=cfg.train.seed,
-                rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
-                steps_per_epoch=monitor.steps, corrupt=cfg.data.corrupt, bad_shard=cfg.data.bad_shard,
-                streams=cfg.data.streams, cache_dir=cfg.data.cache_dir, manifest=ctx.manifest,
+                cfg.data, task, spec=ctx.spec, epoch=epoch, seed=cfg.train.seed, rank=env.rank,
+                world_size=env.world_size, steps_per_epoch=monitor.steps, manifest=ctx.manifest,
             )  # fmt: skip
             skip = start["step"] if epoch == start["epoch"] else 0
             for step, (x, y) in enumerate(loader):

@@ -14,9 +14,8 @@ import pytest
 from data_fixtures import make_class_folders, read_shard_set
 from test_train import TINY, metrics, sdlora, sets
 
-from sdlora_dist.data import load_manifest, make_eval_loader, prepare
+from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, prepare
 from sdlora_dist.data.classes import resolve_split, seeded_order, task_view
-from sdlora_dist.data.pipeline import TransformSpec
 from sdlora_dist.errors import UserError
 
 SPEC = TransformSpec(img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
@@ -246,7 +245,7 @@ def test_authors_train_crop_is_bilinear_when_asked():
     from PIL import Image
 
     from sdlora_dist.config import load_config
-    from sdlora_dist.data.pipeline import _crop_box, train_crop
+    from sdlora_dist.data.transforms import crop_box, train_crop
     from sdlora_dist.preprocess import transform_spec
 
     cfg = load_config(overrides=["data.train_interpolation=bilinear", "data.normalize=none", "data.hflip=0"])
@@ -255,7 +254,7 @@ def test_authors_train_crop_is_bilinear_when_asked():
     spec = transform_spec(model, cfg.data)
     assert spec.train_interpolation == "bilinear" and spec.interpolation == "bicubic" and spec.mean == (0.0,) * 3
     img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 52, 3), dtype=np.uint8))
-    box = _crop_box(52, 40, spec.train_scale, random.Random(5))
+    box = crop_box(52, 40, spec.train_scale, random.Random(5))
     got = np.asarray(train_crop(img, spec, random.Random(5)))
     assert np.array_equal(got, np.asarray(img.resize((16, 16), Image.BILINEAR, box=box)))
     assert not np.array_equal(got, np.asarray(img.resize((16, 16), Image.BICUBIC, box=box)))
