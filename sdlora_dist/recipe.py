@@ -65,7 +65,7 @@ def run_shards(cfg: Config) -> tuple[Manifest, dict[str, Any]]:
     manifest = check_shards(cfg)
     split = resolve_split(manifest, cfg.data)
     view = task_view(manifest, split)
-    return view, split.record(view.class_names if manifest.stored_names is None else manifest.stored_names)
+    return view, split.record(manifest.stored_names)
 
 
 def check_run_split(cfg: Config, mode: str, record: dict[str, Any]) -> None:

@@ -166,7 +166,7 @@ def test_shard_with_garbage_inside_is_named(shards: Path, shards_copy: Path) -> 
     assert 0 < n < load_manifest(shards).num_samples("test", 4) and loader.stats.corrupt > 0
 
 
-def test_a_workers_user_error_reaches_the_caller_as_that_type_with_its_message(shards: Path, shards_copy: Path) -> None:
+def test_a_workers_user_error_reaches_the_caller_by_type_with_its_message(shards: Path, shards_copy: Path) -> None:
     """A DataLoader worker's UserError crosses as a record (kind + message): the caller gets a UserError whose text is
     exactly what the same failure says without workers, not torch's re-raise with the worker's traceback."""
     victim = load_manifest(shards).task_shards("test", 4)[0]
