@@ -51,7 +51,8 @@ def save_old_layout(run_dir: Path, task: int, model: SDLoRAViT, history: dict[st
         (tmp / ckpt.LAYOUT_FILE).write_text(json.dumps(layout, indent=2))
         (tmp / ckpt.PROGRESS_FILE).write_text(json.dumps(history, indent=2))
 
-    folder = run_dir / ckpt.TASKS_DIR / ckpt.legacy_task_dir_name(task)
+    # named like today's folders (the old ``task_003`` names are no longer looked up); the bytes do not depend on it
+    folder = run_dir / ckpt.TASKS_DIR / ckpt.task_dir_name(task)
     atomic_dir(folder, fill)
     for _ in range(2):  # after the checkpoint and again once its time was known (recipe.py before this issue)
         atomic_write_json(run_dir / ckpt.METRICS_FILE, history)

@@ -1,16 +1,16 @@
-"""Class-grouped shards (class order and split at train time) against the per-task layout of earlier versions.
+"""Class-grouped shards (class order and split at train time): prepare cost and bytes read per task.
 
     python bench/bench_class_shards.py [--classes 20] [--per-class 40] [--reps 3] [--out FILE.json]
 
 Source: a synthetic ImageNet-R-style tree (``<class>/*.jpg``, 500x375 photo-like JPEGs, seeded 80/20 split).
 
-* Prepare: wall time (1 encoding process, best and median of ``--reps`` alternating runs) and total bytes on disk
-  (shards + manifest) of ``prepare(layout="class")`` against ``prepare(layout="task")``. Goal: equal within 10 %.
+* Prepare: wall time (1 encoding process, best and median of ``--reps`` runs) and total bytes on disk (shards +
+  manifest). (It was first compared with the per-task layout, since removed; those figures stay in BENCHMARKS.md as
+  historical.)
 * Bytes read per task: one full train epoch (1 rank, ``num_workers=0``) and one evaluation of each task of a
   5-task split with ``data.class_order_seed=1`` (an order the shards were not written in), read through the
   loaders; bytes read = this process's ``rchar`` (``/proc/self/io``) over the loop, against the bytes of the task's
-  classes' shards. Goal: 1.0x (a task reads its own classes' shards once and nothing else). The same loop over the
-  per-task layout (its own 10-task split) gives the reader's own overhead for comparison.
+  classes' shards. Goal: 1.0x (a task reads its own classes' shards once and nothing else).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-from sdlora_dist.data import load_manifest, make_eval_loader, make_train_loader, prepare
+from sdlora_dist.config import DataConfig
+from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, make_train_loader, prepare
 from sdlora_dist.data.classes import resolve_split, task_view
 from sdlora_dist.data.manifest import MANIFEST_NAME
-from sdlora_dist.data.pipeline import TransformSpec
 
 SPEC = TransformSpec(img_size=64, mean=(0.5,) * 3, std=(0.5,) * 3)
 
@@ -68,27 +68,16 @@ def disk_bytes(folder: Path) -> int:
 
 
 def time_prepare(src: Path, tmp: Path, reps: int) -> dict:
-    """Alternating prepare runs of both layouts; best and median seconds, bytes on disk, file counts."""
-    seconds: dict[str, list[float]] = {"task": [], "class": []}
+    """Repeated prepare runs into ``tmp/class``; best and median seconds, bytes on disk, file counts."""
+    runs = []
+    out = tmp / "class"
     for _ in range(reps):
-        for layout in ("task", "class"):
-            out = tmp / layout
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            prepare("imagenet-r", src, out, tasks=10, progress=False, workers=1, subset=True, layout=layout)
-            seconds[layout].append(time.perf_counter() - start)
-    rows = {}
-    for layout, runs in seconds.items():
-        out = tmp / layout
-        rows[layout] = {"best_s": round(min(runs), 3), "median_s": round(statistics.median(runs), 3),
-                        "bytes": disk_bytes(out), "shards": len(list(out.rglob("*.tar"))),
-                        "manifest_bytes": (out / MANIFEST_NAME).stat().st_size}  # fmt: skip
-    rows["ratio_class_over_task"] = {
-        "best_s": round(rows["class"]["best_s"] / rows["task"]["best_s"], 3),
-        "median_s": round(rows["class"]["median_s"] / rows["task"]["median_s"], 3),
-        "bytes": round(rows["class"]["bytes"] / rows["task"]["bytes"], 4),
-    }
-    return rows
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        prepare("imagenet-r", src, out, tasks=10, progress=False, workers=1, subset=True)
+        runs.append(time.perf_counter() - start)
+    return {"best_s": round(min(runs), 3), "median_s": round(statistics.median(runs), 3), "bytes": disk_bytes(out),
+            "shards": len(list(out.rglob("*.tar"))), "manifest_bytes": (out / MANIFEST_NAME).stat().st_size}
 
 
 def bytes_per_task(shards: Path, tasks: int, seed: int | None) -> list[dict]:
@@ -97,11 +86,12 @@ def bytes_per_task(shards: Path, tasks: int, seed: int | None) -> list[dict]:
     split = resolve_split(manifest, SimpleNamespace(class_order_seed=seed, class_order=None, tasks=tasks,
                                                     classes_per_task=None))  # fmt: skip
     view = task_view(manifest, split)
+    data = DataConfig(shards=str(shards), batch_size=16, num_workers=0)
     rows = []
     for t in range(view.num_tasks()):
         row = {"task": t, "classes": split.task_classes(t)}
         for name, loader, shard_split in (
-            ("train", make_train_loader(shards, t, spec=SPEC, batch_size=16, epoch=0, seed=0, manifest=view), "train"),
+            ("train", make_train_loader(data, t, spec=SPEC, epoch=0, seed=0, manifest=view), "train"),
             ("eval", make_eval_loader(shards, [t], spec=SPEC, batch_size=64, manifest=view), "test"),
         ):
             expected = sum(s.bytes for s in view.task_shards(shard_split, t))
@@ -126,19 +116,15 @@ def main() -> None:
         src = make_source(Path(tmp) / "src", args.classes, args.per_class)
         prep = time_prepare(src, Path(tmp), args.reps)
         per_task = bytes_per_task(Path(tmp) / "class", tasks=5, seed=1)
-        old = bytes_per_task(Path(tmp) / "task", tasks=10, seed=None)  # the same reader on per-task shards
     ratios = {k: [r[k]["ratio"] for r in per_task] for k in ("train", "eval")}
-    old_ratios = {k: [r[k]["ratio"] for r in old] for k in ("train", "eval")}
     result = {
-        "benchmark": "class-grouped shards vs per-task shards: prepare time and bytes; bytes read per task",
+        "benchmark": "class-grouped shards: prepare time and bytes; bytes read per task",
         "source": f"synthetic imagenet-r tree: {args.classes} classes x {args.per_class} JPEGs 500x375, 80/20 split",
         "prepare": prep,
         "bytes_read_per_task": {
             "split": "5 tasks, data.class_order_seed=1, 1 rank, num_workers=0",
             "tasks": per_task,
             "ratio_min_max": {k: [min(v), max(v)] for k, v in ratios.items()},
-            "per_task_layout_ratio_min_max": {k: [min(v), max(v)] for k, v in old_ratios.items()},
-            "per_task_layout_tasks": old,
         },
         "command": "python " + " ".join(sys.argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -146,8 +132,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     read = result["bytes_read_per_task"]
-    print(json.dumps({"prepare": prep, "bytes_read_ratio_min_max": read["ratio_min_max"],
-                      "per_task_layout": read["per_task_layout_ratio_min_max"]}, indent=1))  # fmt: skip
+    print(json.dumps({"prepare": prep, "bytes_read_ratio_min_max": read["ratio_min_max"]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ train transform; plus time to the first batch and bytes read per epoch.
 The HTTP server is ``python -m http.server`` in its own process on 127.0.0.1 (curl, started by webdataset's opener,
 reads it). Bytes read are counted on the streams ``sdlora_dist.data.urls.open_stream`` returns, for one epoch of
 the task, against the sum of the task's shard sizes; they are given for ``--shard-size`` and for one shard holding
-the whole task (where the 8 streams share one shard and read its prefixes: see the pipeline's docstring).
+the whole task (where the 8 streams share one shard and read its prefixes: see data/loader.py).
 
 Without ``--root`` it makes a synthetic source: ``--images`` JPEGs at 500x375 (quality 90, smooth colour fields plus
 noise, so they compress like photos) in 10 class folders ``train/<class>/`` (+ a small ``test/``). The shard set is
@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sdlora_dist.config import DataConfig
 from sdlora_dist.data import TransformSpec, load_manifest, make_train_loader, prepare, urls
-from sdlora_dist.data.pipeline import normalize_batch, sample_rng, to_uint8_chw, train_crop
+from sdlora_dist.data.transforms import normalize_batch, sample_rng, to_uint8_chw, train_crop
 
 SPEC = TransformSpec(img_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 BATCH = 32
@@ -95,8 +96,13 @@ def plain_imagefolder_epoch(root: Path, seed: int) -> int:
 
 def shard_epoch(shards: str | Path, seed: int) -> int:
     """The streaming task pipeline over the same images (one task holding every class)."""
-    loader = make_train_loader(shards, 0, spec=SPEC, batch_size=BATCH, epoch=seed, seed=seed, num_workers=0)
+    loader = make_train_loader(_data(shards), 0, spec=SPEC, epoch=seed, seed=seed)
     return sum(x.shape[0] for x, _ in loader)
+
+
+def _data(shards: str | Path) -> DataConfig:
+    """One rank, no worker processes, batches of BATCH."""
+    return DataConfig(shards=str(shards), batch_size=BATCH, num_workers=0)
 
 
 def legacy_epoch(shards: Path, seed: int) -> int:
@@ -109,7 +115,7 @@ def legacy_epoch(shards: Path, seed: int) -> int:
 def first_batch_s(shards: str | Path) -> float:
     """Seconds from building the loader (manifest read included) to its first batch."""
     start = time.perf_counter()
-    next(iter(make_train_loader(shards, 0, spec=SPEC, batch_size=BATCH, epoch=0, seed=0, num_workers=0)))
+    next(iter(make_train_loader(_data(shards), 0, spec=SPEC, epoch=0, seed=0)))
     return time.perf_counter() - start
 
 

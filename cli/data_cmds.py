@@ -46,9 +46,6 @@ def prepare_cmd(
     ),
     subset: bool = typer.Option(False, "--subset", help="Allow fewer classes than the benchmark defines."),
     split_seed: int = typer.Option(0, "--split-seed", help="Seed of the 80/20 split where there is no official one."),
-    layout: str = typer.Option(
-        "class", "--layout", help="'class' (grouped by class) or 'task' (one folder per task: repairs older sets)."
-    ),
 ) -> None:
     """Write a benchmark as class-grouped train/test shards plus manifest.json (resumes an interrupted run).
 
@@ -60,7 +57,7 @@ def prepare_cmd(
         manifest = prepare(
             benchmark, root, out, tasks=tasks, seed=seed, resize=resize, shard_size=shard_size, workers=workers,
             progress=sys.stderr.isatty() if progress is None else progress, max_missing=max_missing, subset=subset,
-            split_seed=split_seed, layout=layout,
+            split_seed=split_seed,
         )  # fmt: skip
     n_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
     n_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))

@@ -66,8 +66,8 @@ def evaluate_onnx(
 
     ``shards_dir`` is a folder or any URL the data pipeline streams from (``sdlora_dist.data.urls``).
     """
+    from sdlora_dist.data import TransformSpec, make_eval_loader
     from sdlora_dist.data.manifest import load_manifest
-    from sdlora_dist.data.pipeline import TransformSpec, make_eval_loader
 
     classifier = OnnxClassifier(model_path, provider=provider)
     log_rank_zero(classifier.describe_provider())

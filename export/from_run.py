@@ -44,8 +44,8 @@ def real_test_images(shards_dir: str | Path, metadata: dict[str, Any], *, tasks:
 
     The loader normalises with mean 0 and std 1/255, which turns its [0, 1] floats back into exact pixel values.
     """
+    from sdlora_dist.data import TransformSpec, make_eval_loader
     from sdlora_dist.data.manifest import load_manifest
-    from sdlora_dist.data.pipeline import TransformSpec, make_eval_loader
 
     manifest = load_manifest(shards_dir)
     per_task = max(1, limit // max(1, tasks))

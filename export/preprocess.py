@@ -1,14 +1,13 @@
-"""Serving-side preprocessing with PIL + numpy (no torch, no torchvision), read from the model's metadata.
+"""Serving-side preprocessing with PIL + numpy (no torchvision), read from the model's metadata.
 
-Same steps as timm's eval transform: resize by ``1 / crop_pct`` with the model's interpolation (the shorter side for
-a square input, both sides otherwise), center crop to the input size, scale to [0, 1], normalise with mean/std.
-The first two steps give uint8 HWC crops (what a ``--with-preprocessing`` model takes); ``normalize`` does the last
-two with exactly the arithmetic of the in-graph module ``InGraphNormalize``.
+Same steps as timm's eval transform: resize and center crop by the training pipeline's own geometry
+(``data.transforms.resize_center_crop``), then scale to [0, 1] and normalise with mean/std. The first two steps give
+uint8 HWC crops (what a ``--with-preprocessing`` model takes); ``normalize`` does the last two in numpy with exactly
+the arithmetic of the in-graph module ``InGraphNormalize``.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +16,9 @@ from PIL import Image
 from torch import nn
 
 from sdlora_dist.data.images import ImageDecodeError, open_rgb
+from sdlora_dist.data.transforms import resize_center_crop
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.metadata import ModelMetadata
-
-_PIL_FILTERS = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-
-
-def pil_filter(name: str) -> Image.Resampling:
-    """PIL resampling filter for a timm interpolation name; unknown names fail with the valid list."""
-    if name not in _PIL_FILTERS:
-        raise UserError(f"unknown interpolation {name!r}: valid are {', '.join(_PIL_FILTERS)}")
-    return _PIL_FILTERS[name]
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -48,28 +32,10 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise UserError(f"{path}: not a readable image ({exc})") from exc
 
 
-def resize_center_crop(img: Image.Image, size_hw: tuple[int, int], crop_pct: float, interpolation: str) -> np.ndarray:
-    """Resize by ``1 / crop_pct`` then center-crop to ``size_hw``; returns uint8 (H, W, 3)."""
-    h, w = size_hw
-    scale_h, scale_w = math.floor(h / crop_pct), math.floor(w / crop_pct)
-    if h == w:
-        # Shorter side to scale_h, aspect kept (timm: Resize(int) when the scale size is square).
-        short, long_ = (img.width, img.height) if img.width <= img.height else (img.height, img.width)
-        new_long = int(scale_h * long_ / short)
-        new_size = (scale_h, new_long) if img.width <= img.height else (new_long, scale_h)
-    else:
-        new_size = (scale_w, scale_h)
-    if new_size != img.size:
-        img = img.resize(new_size, resample=pil_filter(interpolation))
-    top = int(round((img.height - h) / 2.0))
-    left = int(round((img.width - w) / 2.0))
-    crop = img.crop((left, top, left + w, top + h))
-    return np.asarray(crop, dtype=np.uint8)
-
-
 def image_to_uint8(path: str | Path, meta: ModelMetadata) -> np.ndarray:
     """File -> uint8 (H, W, 3) crop at the model's input size."""
-    return resize_center_crop(load_rgb(path), meta.image_hw, meta.crop_pct, meta.interpolation)
+    crop = resize_center_crop(load_rgb(path), meta.image_hw, meta.crop_pct, meta.interpolation)
+    return np.asarray(crop, dtype=np.uint8)
 
 
 def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -24,8 +24,7 @@ Storage per task is therefore flat in the task count: the frozen factors a task 
 (a frozen pair's factors never change, consolidation only sets magnitudes or drops the newest pair, and a closed
 task's head rows are frozen). Loading task t
 assembles the groups named by its ``sources`` from the earlier folders, each file checked against the
-sha256 its folder recorded. Runs written before format 2 still load: there, every folder holds every tensor
-(``tasks/task_003`` names, a full ``progress.json`` history), and a resumed old run continues in format 2.
+sha256 its folder recorded.
 
 ``backbone.safetensors`` plus the assembled tensors are exactly ``model.state_dict()``. Writes go to a temporary
 sibling and are renamed into place: a killed process never leaves a folder ``--resume`` would load. Saving never
@@ -71,7 +70,7 @@ HEAD_STATS_FILE = "head_stats.safetensors"  # written by head_align.py
 
 CHECKPOINT_KEY = "checkpoint"  # layout.json block: format, sources, sha256
 HEAD_PARTS = ("weight", "bias")  # TaskHead's per-task ParameterDicts
-FORMAT = 2  # 1 (implicit): every folder holds every tensor; 2: each folder holds only what its task changed
+FORMAT = 2  # each folder holds only what its task changed (1, never released: every folder held every tensor)
 
 
 def task_dir_name(task: int) -> str:
@@ -79,16 +78,9 @@ def task_dir_name(task: int) -> str:
     return task_key(task)
 
 
-def legacy_task_dir_name(task: int) -> str:
-    """Folder name of runs written before the names were unified (``task_003``); still read."""
-    return f"task_{task:03d}"
-
-
 def task_folder(parent: Path, task: int) -> Path:
-    """``parent/task_03``, or the legacy ``parent/task_003`` when only that one exists (old runs)."""
-    legacy = parent / legacy_task_dir_name(task)
-    current = parent / task_dir_name(task)
-    return legacy if legacy.is_dir() and not current.is_dir() else current
+    """``parent/task_03``: the folder of task ``task`` under ``parent``."""
+    return parent / task_dir_name(task)
 
 
 def _group_of(name: str) -> str | None:
@@ -176,11 +168,7 @@ def _previous_sources(run_dir: Path, task: int) -> dict[str, str]:
     folder = task_folder(run_dir / TASKS_DIR, task - 1)
     if not (folder / LAYOUT_FILE).is_file():
         return {}
-    layout = read_json(folder / LAYOUT_FILE)
-    if CHECKPOINT_KEY in layout:
-        return dict(layout[CHECKPOINT_KEY]["sources"])
-    keys = [*layout["ranks"], *(f"head.{task_key(t)}" for t in range(len(layout["task_classes"])))]
-    return {key: folder.name for key in keys}  # format 1: the folder holds every tensor itself
+    return dict(read_json(folder / LAYOUT_FILE)[CHECKPOINT_KEY]["sources"])
 
 
 def tensor_sources(run_dir: Path, task: int, model: Any, *, heads_rewritten: bool = False) -> dict[str, str]:
@@ -241,9 +229,6 @@ def save_task_checkpoint(
 
     final = run_dir / TASKS_DIR / own
     atomic_dir(final, fill)
-    legacy = run_dir / TASKS_DIR / legacy_task_dir_name(task)
-    if legacy.is_dir():  # a retrained task of an old run: one folder per task
-        shutil.rmtree(legacy)
     if metrics is not None:
         atomic_write_json(run_dir / METRICS_FILE, metrics)
     if metrics_csv is not None:
@@ -309,7 +294,7 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 
 def _check_recorded_sha256(folder: Path, layout: dict[str, Any], name: str) -> None:
-    """UserError when ``folder/name`` differs from the sha256 its layout recorded (format 1 recorded none)."""
+    """UserError when ``folder/name`` differs from the sha256 its layout recorded."""
     expected = layout.get(CHECKPOINT_KEY, {}).get("sha256", {}).get(name)
     if expected is not None and (got := file_sha256(folder / name)) != expected:
         raise UserError(
@@ -320,7 +305,7 @@ def _check_recorded_sha256(folder: Path, layout: dict[str, Any], name: str) -> N
 
 def _verified_tensors(folder: Path, layout: dict[str, Any], groups: set[str] | None) -> dict[str, torch.Tensor]:
     """Tensors of ``folder``'s adapters file (only the tensors of ``groups`` when given), checked against the sha256
-    its layout recorded (format 2; format-1 folders recorded none)."""
+    its layout recorded."""
     path = folder / ADAPTERS_FILE
     try:
         _check_recorded_sha256(folder, layout, ADAPTERS_FILE)
@@ -371,24 +356,15 @@ def load_task_model(run_dir: str | Path, task: int, cfg: Config | None = None) -
 def load_progress(run_dir: str | Path, task: int) -> RunProgress:
     """The run's progress up to ``task`` (the accuracy log and every task's record, as metrics.json holds them).
 
-    Format 2 folders hold their own record (``{"record", "correct", "totals"}``); walking back to task 0 or to a
-    format-1 folder (which holds the whole history) assembles it. Records are checked as they are read
-    (UserError naming the progress file).
+    Each folder holds its own record (``{"record", "correct", "totals"}``); walking back to task 0 assembles it.
+    Records are checked as they are read (UserError naming the progress file).
     """
     tasks_dir = Path(run_dir) / TASKS_DIR
-    own: list[tuple[Path, dict[str, Any]]] = []
-    base = RunProgress()
-    for t in range(task, -1, -1):
-        path = task_folder(tasks_dir, t) / PROGRESS_FILE
-        data = read_json(path)
-        if "record" not in data:  # format 1: the full history up to t
-            base = RunProgress.from_dict(data, path)
-            break
-        own.append((path, data))
-    own.reverse()
-    correct = base.log.correct + [list(d["correct"]) for _, d in own]
-    totals = list(own[-1][1]["totals"]) if own else base.log.totals
-    records = base.tasks + [TaskRecord.from_dict(d["record"], path) for path, d in own]
+    paths = [task_folder(tasks_dir, t) / PROGRESS_FILE for t in range(task + 1)]
+    own = [read_json(path) for path in paths]
+    correct = [list(d["correct"]) for d in own]
+    totals = list(own[-1]["totals"]) if own else []
+    records = [TaskRecord.from_dict(d["record"], path) for path, d in zip(paths, own, strict=True)]
     return RunProgress(AccuracyLog(correct=correct, totals=totals), records)
 
 

@@ -31,7 +31,7 @@ from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
 from sdlora_dist.data.classes import resolve_split, split_changes, task_view
-from sdlora_dist.data.pipeline import train_steps_per_epoch
+from sdlora_dist.data.planning import train_steps_per_epoch
 from sdlora_dist.errors import UserError
 from sdlora_dist.jobs import distributed as dist
 from sdlora_dist.jobs.rank import is_rank_zero
@@ -67,7 +67,7 @@ def run_shards(cfg: Config) -> tuple[Manifest, dict[str, Any]]:
     manifest = check_shards(cfg)
     split = resolve_split(manifest, cfg.data)
     view = task_view(manifest, split)
-    return view, split.record(view.class_names if manifest.stored_names is None else manifest.stored_names)
+    return view, split.record(manifest.stored_names)
 
 
 def check_run_split(cfg: Config, mode: str, record: dict[str, Any]) -> None:
@@ -303,10 +303,8 @@ def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> TrainSt
                 group["lr"] = lr
             monitor.on_epoch(epoch, lr)
             loader = make_train_loader(
-                cfg.data.shards, task, spec=ctx.spec, batch_size=ctx.per_rank, epoch=epoch, seed=cfg.train.seed,
-                rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
-                steps_per_epoch=monitor.steps, corrupt=cfg.data.corrupt, bad_shard=cfg.data.bad_shard,
-                streams=cfg.data.streams, cache_dir=cfg.data.cache_dir, manifest=ctx.manifest,
+                cfg.data, task, spec=ctx.spec, epoch=epoch, seed=cfg.train.seed, rank=env.rank,
+                world_size=env.world_size, steps_per_epoch=monitor.steps, manifest=ctx.manifest,
             )  # fmt: skip
             skip = start["step"] if epoch == start["epoch"] else 0
             for step, (x, y) in enumerate(loader):

@@ -9,13 +9,19 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import random
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
+from sdlora_dist.config import DataConfig
+from sdlora_dist.data import ShardLoader, TransformSpec, make_train_loader
 from sdlora_dist.data.manifest import file_sha256, load_manifest, write_manifest
+from sdlora_dist.data.transforms import eval_crop, normalize_batch, to_uint8_chw, train_crop
 
 
 def colour(label: int, index: int) -> tuple[int, int, int]:
@@ -182,3 +188,23 @@ def make_imagenet_r(root: Path, n_classes: int = 200, per_class: int = 5) -> lis
         for i in range(per_class):
             save_image(root / wnid / f"art_{i}.png", label % 10, i, size=(6, 6))
     return wnids
+
+
+def train_loader(location: str | Path, task: int, *, batch_size: int, world_size: int = 1, **kw: Any) -> ShardLoader:
+    """``make_train_loader`` with a per-rank ``batch_size``: keywords naming a ``DataConfig`` field (num_workers,
+    streams, corrupt, bad_shard, cache_dir) go into the config, whose batch size is the global one; the rest to the
+    loader. ``num_workers`` defaults to 0 here."""
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in kw.items() if k in DataConfig.model_fields}
+    data = DataConfig(**{"num_workers": 0, **fields, "shards": str(location), "batch_size": batch_size * world_size})
+    rest = {k: v for k, v in kw.items() if k not in fields}
+    return make_train_loader(data, task, world_size=world_size, **rest)
+
+
+def eval_transform(img: Image.Image, spec: TransformSpec) -> torch.Tensor:
+    """The eval loader's transform of one image: resize, center crop, uint8 CHW, normalise."""
+    return normalize_batch(to_uint8_chw(eval_crop(img, spec))[None], spec)[0]
+
+
+def train_transform(img: Image.Image, spec: TransformSpec, rng: random.Random) -> torch.Tensor:
+    """The train loader's transform of one image: seeded crop and flip, uint8 CHW, normalise."""
+    return normalize_batch(to_uint8_chw(train_crop(img, spec, rng))[None], spec)[0]

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from test_core import INPUTS, LABELS_PER_TASK, _set_current_in_span, train_task
 
 from sdlora_dist import checkpoint as ckpt
@@ -109,47 +108,6 @@ def task_record(t: int, time_s: dict[str, float] | None = None) -> TaskRecord:
     return TaskRecord(task=t, classes=2, rank=4, consolidation_of_previous=None, magnitudes={"task_00": [1.0]},
                       train=TrainStats(steps=3, final_loss=0.5, images=12, corrupt_skipped=0), world_size=1,
                       time_s=time_s if time_s is not None else {"train": 1.0})  # fmt: skip
-
-
-def write_old_layout_run(run_dir: Path, cfg, model: SDLoRAViT, tasks: int) -> list[torch.Tensor]:
-    """A run as written before format 2: ``task_003`` folders, every tensor in every folder, full progress."""
-    ckpt.write_run_header(run_dir, cfg, model, {"benchmark": "test"})
-    history: dict = {"accuracy": {"correct": [], "totals": []}, "tasks": []}
-    out = []
-    for t in range(tasks):
-        next_task(model, t)
-        history["accuracy"]["correct"].append([t + 1] * (t + 1))
-        history["accuracy"]["totals"] = [10] * (t + 1)
-        history["tasks"].append(task_record(t).to_dict())
-        folder = run_dir / "tasks" / f"task_{t:03d}"
-        folder.mkdir(parents=True)
-        save_file(ckpt.adapter_state(model), str(folder / "adapters.safetensors"))
-        (folder / "layout.json").write_text(json.dumps(model.layout()))
-        (folder / "progress.json").write_text(json.dumps(history))
-        out.append(logits(model))
-    return out
-
-
-def test_old_full_copy_run_loads_and_resumes_in_the_new_layout(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("adapter.rank_schedule=[[0,4],[2,2]]")
-    model = build_model(cfg)
-    old_logits = write_old_layout_run(tmp_path, cfg, model, 3)
-    assert ckpt.completed_tasks(tmp_path) == [0, 1, 2]
-    for t in range(3):
-        assert torch.equal(logits(ckpt.load_task_model(tmp_path, t)), old_logits[t])
-    resumed = ckpt.load_task_model(tmp_path, 2)
-    next_task(resumed, 3)
-    record = {"record": task_record(3).to_dict(), "correct": [4, 4, 4, 4], "totals": [10] * 4}
-    ckpt.save_task_checkpoint(tmp_path, 3, resumed, record)
-    layout = json.loads((tmp_path / "tasks" / "task_03" / "layout.json").read_text())
-    assert layout["checkpoint"]["sources"] == {
-        "task_00": "task_002", "task_01": "task_002", "task_02": "task_002", "task_03": "task_03",
-        "head.task_00": "task_002", "head.task_01": "task_002", "head.task_02": "task_002", "head.task_03": "task_03",
-    }  # fmt: skip
-    assert torch.equal(logits(ckpt.load_task_model(tmp_path, 3)), logits(resumed))
-    progress = ckpt.load_progress(tmp_path, 3)
-    assert progress.tasks == [task_record(t) for t in range(4)]
-    assert (progress.log.correct, progress.log.totals) == ([[1], [2, 2], [3, 3, 3], [4, 4, 4, 4]], [10] * 4)
 
 
 def test_progress_holds_own_record_and_metrics_the_history(tiny_cfg, tmp_path):

@@ -12,11 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from data_fixtures import make_class_folders, read_shard_set
-from test_train import TINY, metrics, sdlora, sets
+from test_train import metrics, sdlora, sets
 
-from sdlora_dist.data import load_manifest, make_eval_loader, prepare
+from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, prepare
 from sdlora_dist.data.classes import resolve_split, seeded_order, task_view
-from sdlora_dist.data.pipeline import TransformSpec
 from sdlora_dist.errors import UserError
 
 SPEC = TransformSpec(img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
@@ -50,12 +49,11 @@ def ir_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def digits_both(tmp_path_factory) -> tuple[Path, Path]:
-    """digits prepared twice with the defaults: class-grouped (this version) and one folder per task (format 1)."""
-    root = tmp_path_factory.mktemp("digits")
-    prepare("digits", None, root / "class", progress=False, workers=1)
-    prepare("digits", None, root / "task", progress=False, workers=1, layout="task")
-    return root / "class", root / "task"
+def digits_shards(tmp_path_factory) -> Path:
+    """digits prepared with the defaults."""
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    prepare("digits", None, out, progress=False, workers=1)
+    return out
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 1993, 1995, 2**31 + 5])
@@ -106,63 +104,12 @@ def test_a_task_reads_only_its_classes_shards(ir_shards, tasks):
         assert set(labels) == set(view.task_labels(t))
 
 
-def test_default_reproduces_todays_order_and_evaluation(digits_both):
-    """The default view of a class-grouped set is the format-1 set's order, split and test sets, sample for sample.
-
-    So a model scores the same on both (evaluation reads each test sample once; the counts are compared exactly).
-    Training batches differ: a format-1 shard mixed a task's classes at prepare time, the class-grouped set mixes
-    them at train time.
-    """
-    import torch
-
-    from sdlora_dist.config import load_config
-    from sdlora_dist.model import build_model
-
-    grouped, tasked = (load_manifest(p) for p in digits_both)
-    view = task_view(grouped, resolve_split(grouped, split_of()))
-    old = task_view(tasked, resolve_split(tasked, split_of(tasks=5)))  # a recipe's data.tasks equal to the set's
-    assert tasked.format == 1 and view.class_names == old.class_names == [str(c) for c in seeded_order(10, 1993)]
-    assert view.classes_per_task == old.classes_per_task == [2] * 5
-    by_path = [{s["meta"]["path"]: s["label"] for s in read_shard_set(p)["test"]} for p in digits_both]
-    assert by_path[0] == by_path[1]  # every test image under the same global label
-    torch.manual_seed(0)
-    cfg = load_config(overrides=[*TINY, "model.weights=random", "model.name=vit_tiny_patch16_224"])
-    model = build_model(cfg)
-    for t in range(5):
-        if t:
-            model.consolidate()
-        model.add_task(2)
-    model.eval()
-    counts = []
-    for path, manifest in zip(digits_both, (view, old), strict=True):
-        correct = [0] * 5
-        for x, y in make_eval_loader(path, list(range(5)), spec=SPEC, batch_size=64, manifest=manifest):
-            with torch.no_grad():
-                hit = model(x).argmax(1) == y
-            for t in range(5):
-                correct[t] += int(hit[(y // 2) == t].sum())
-        counts.append(correct)
-    assert counts[0] == counts[1] and sum(counts[0]) > 0
-
-
-def test_format1_set_refuses_another_order_in_one_line(digits_both, tmp_path):
-    from test_report import cli
-
-    code, _, err = cli("train", "-b", "digits", "--data", str(digits_both[1]), "--run-dir", str(tmp_path / "r"),
-                       "--set", "data.class_order_seed=7", "--dry-run")  # fmt: skip
-    assert code == 2 and err.count("\n") == 1 and "data.class_order_seed=7" in err and "re-prepare" in err
-    assert not (tmp_path / "r").exists()
-    code, out, err = cli("train", "-b", "digits", "--data", str(digits_both[1]), "--run-dir", str(tmp_path / "r"),
-                         "--dry-run")  # fmt: skip
-    assert code == 0, err  # the recipe's data.tasks: 5 is the set's own split
-
-
 @pytest.mark.slow
-def test_two_seeds_record_two_orders_and_report_the_split(digits_both, tmp_path):
+def test_two_seeds_record_two_orders_and_report_the_split(digits_shards, tmp_path):
     runs = {}
     for seed in (1, 2):
         run = tmp_path / f"seed{seed}"
-        res = sdlora("train", "-b", "digits", "--data", str(digits_both[0]), "--run-dir", str(run),
+        res = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run),
                      *sets("train.tasks=1", f"data.class_order_seed={seed}"))  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
         runs[seed] = json.loads((run / "run.json").read_text())
@@ -170,7 +117,7 @@ def test_two_seeds_record_two_orders_and_report_the_split(digits_both, tmp_path)
         assert split["class_order"] == seeded_order(10, seed) and split["class_order_seed"] == seed
         assert runs[seed]["class_names"] == [str(c) for c in seeded_order(10, seed)]
         assert metrics(run)["accuracy"]["totals"][0] == sum(
-            1 for s in read_shard_set(digits_both[0])["test"] if s["stored"] in split["class_order"][:2]
+            1 for s in read_shard_set(digits_shards)["test"] if s["stored"] in split["class_order"][:2]
         )
     assert runs[1]["task_split"]["fingerprint"] != runs[2]["task_split"]["fingerprint"]
     report = sdlora("report", str(tmp_path / "seed1"))
@@ -194,15 +141,14 @@ def test_recipes_apply_their_split_at_train_time(ir_shards, tmp_path, recipe, ta
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["task", "class"])
-def test_changed_class_order_is_refused_before_anything_is_written(tmp_path, layout):
+def test_changed_class_order_is_refused_before_anything_is_written(tmp_path):
     """Issue 10 case 1: shards re-prepared in place with another order, then --continue / --resume of the run."""
     shards, run = tmp_path / "d", tmp_path / "run"
-    prepare("digits", None, shards, progress=False, workers=1, layout=layout)
+    prepare("digits", None, shards, progress=False, workers=1)
     res = sdlora("train", "-b", "digits", "--data", str(shards), "--run-dir", str(run), *sets("train.tasks=2"))
     assert res.returncode == 0, res.stderr[-3000:]
     shutil.rmtree(shards)
-    prepare("digits", None, shards, progress=False, workers=1, seed=7, layout=layout)
+    prepare("digits", None, shards, progress=False, workers=1, seed=7)
     before = tree_hashes(run)
     for flag in ("--continue", "--resume"):
         res = sdlora("train", flag, str(run))
@@ -221,24 +167,6 @@ def test_changed_class_order_is_refused_before_anything_is_written(tmp_path, lay
     assert res.returncode == 2 and "class names by label" in res.stderr and tree_hashes(older) == before
 
 
-# correct counts per task group of the TINY digits run (train.max_steps_per_epoch=6), recorded with main's code before
-# class-grouped shards (commit f80f219, shards prepared with the defaults, one folder per task)
-# recorded with the code before class-grouped shards (commit 1c2c6cb: the streaming pipeline), same command
-MAIN_DIGITS_CORRECT = [[35], [0, 42], [0, 30, 5], [0, 0, 0, 36], [0, 0, 0, 0, 36]]
-MAIN_DIGITS_TOTALS = [71, 72, 73, 71, 72]
-
-
-@pytest.mark.slow
-def test_format1_shards_train_exactly_as_before(digits_both, tmp_path):
-    """A shard set written before this change trains to the very accuracy matrix main's code gave."""
-    run = tmp_path / "run"
-    res = sdlora("train", "-b", "digits", "--data", str(digits_both[1]), "--run-dir", str(run), *sets())
-    assert res.returncode == 0, res.stderr[-3000:]
-    accuracy = metrics(run)["accuracy"]
-    assert accuracy["correct"] == MAIN_DIGITS_CORRECT and accuracy["totals"] == MAIN_DIGITS_TOTALS
-    assert json.loads((run / "run.json").read_text())["task_split"]["class_order_from"] == "fixed (format 1)"
-
-
 def test_authors_train_crop_is_bilinear_when_asked():
     """data.train_interpolation=bilinear resizes the train crop as torchvision's RandomResizedCrop default does."""
     import random
@@ -246,7 +174,7 @@ def test_authors_train_crop_is_bilinear_when_asked():
     from PIL import Image
 
     from sdlora_dist.config import load_config
-    from sdlora_dist.data.pipeline import _crop_box, train_crop
+    from sdlora_dist.data.transforms import crop_box, train_crop
     from sdlora_dist.preprocess import transform_spec
 
     cfg = load_config(overrides=["data.train_interpolation=bilinear", "data.normalize=none", "data.hflip=0"])
@@ -255,31 +183,10 @@ def test_authors_train_crop_is_bilinear_when_asked():
     spec = transform_spec(model, cfg.data)
     assert spec.train_interpolation == "bilinear" and spec.interpolation == "bicubic" and spec.mean == (0.0,) * 3
     img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (40, 52, 3), dtype=np.uint8))
-    box = _crop_box(52, 40, spec.train_scale, random.Random(5))
+    box = crop_box(52, 40, spec.train_scale, random.Random(5))
     got = np.asarray(train_crop(img, spec, random.Random(5)))
     assert np.array_equal(got, np.asarray(img.resize((16, 16), Image.BILINEAR, box=box)))
     assert not np.array_equal(got, np.asarray(img.resize((16, 16), Image.BICUBIC, box=box)))
     with pytest.raises(UserError, match="data.train_interpolation: must be one of"):
         load_config(overrides=["data.train_interpolation=cubic"])
 
-
-def test_an_older_shard_set_is_repaired_in_its_own_layout(tmp_path):
-    """The advice `data inspect --verify` prints for a damaged per-task set works as printed; no silent relayout."""
-    import shlex
-
-    from test_report import cli
-
-    old = tmp_path / "old"
-    prepare("digits", None, old, progress=False, workers=1, layout="task")
-    shard = old / load_manifest(old).task_shards("train", 1)[0].path
-    good = shard.read_bytes()
-    shard.write_bytes(good[: len(good) // 2])
-    code, _, err = cli("data", "inspect", str(old), "--verify")
-    assert code == 2 and "--layout task" in err
-    advice = shlex.split(err.split("rewrite them with: ", 1)[1].strip())
-    assert advice[:3] == ["sdlora", "data", "prepare"]
-    code, _, err = cli(*advice[1:], "--workers", "1", "--no-progress")
-    assert code == 0, err
-    assert shard.read_bytes() == good and load_manifest(old).format == 1
-    code, _, err = cli("data", "prepare", "--benchmark", "digits", "--out", str(old), "--workers", "1")
-    assert code == 2 and "earlier version" in err and err.count("\n") == 1

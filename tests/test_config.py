@@ -97,14 +97,14 @@ def test_round_trip_hash_and_mutation():
 
 def test_every_name_table_covers_exactly_its_literal():
     from sdlora_dist import preprocess, recipe
-    from sdlora_dist.data import pipeline
+    from sdlora_dist.data import reading, transforms
     from sdlora_dist.jobs import distributed
 
     assert set(recipe.OPTIMIZERS) == set(get_args(Optimizer))
     assert set(preprocess.NORMALIZE_STATS) == set(get_args(Normalize))
     assert set(distributed.PRECISIONS) == set(get_args(Precision)) - {"auto"}
-    assert set(pipeline.POLICIES) == set(get_args(ShardPolicy))
-    assert set(pipeline.INTERPOLATIONS) == set(get_args(Interpolation))
+    assert set(reading.POLICIES) == set(get_args(ShardPolicy))
+    assert set(transforms.INTERPOLATIONS) == set(get_args(Interpolation))
 
 
 def test_reference_shows_choices_readably_and_config_root_holds_both_folders():

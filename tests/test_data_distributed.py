@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from data_fixtures import read_shard_set
+from data_fixtures import read_shard_set, train_loader
 from shard_servers import http_server
 
-from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, make_train_loader, prepare
+from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, prepare
 
 SPEC = TransformSpec(img_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 WORLD = 2
@@ -37,8 +37,8 @@ def _rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
     )
     result: dict = {"steps": {}, "train_keys": {}}
     for task, epoch in ((0, 0), (0, 1), (3, 0)):
-        loader = make_train_loader(shards, task, spec=SPEC, batch_size=8, epoch=epoch, seed=3, rank=rank,
-                                   world_size=WORLD, num_workers=2, with_keys=True)  # fmt: skip
+        loader = train_loader(shards, task, spec=SPEC, batch_size=8, epoch=epoch, seed=3, rank=rank, world_size=WORLD,
+                              num_workers=2, with_keys=True)  # fmt: skip
         steps, keys = 0, []
         for images, labels, batch_keys in loader:
             assert images.shape[0] == 8 == labels.shape[0]

@@ -10,18 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import read_shard_set, rewrite_shard
+from data_fixtures import eval_transform, read_shard_set, rewrite_shard, train_loader, train_transform
 from PIL import Image
 
 from sdlora_dist.data import (
     TransformSpec,
     load_manifest,
     make_eval_loader,
-    make_train_loader,
     prepare,
     train_steps_per_epoch,
 )
-from sdlora_dist.data.pipeline import eval_transform, sample_rng, train_transform
+from sdlora_dist.data.transforms import sample_rng
 from sdlora_dist.errors import UserError
 
 SPEC = TransformSpec(img_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -42,8 +41,8 @@ def shards_copy(shards: Path, tmp_path: Path) -> Path:
 
 
 def _epoch(shards: Path, **kw) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    args = {"spec": SPEC, "batch_size": 16, "epoch": 0, "seed": 1, "with_keys": True} | kw
-    return list(make_train_loader(shards, kw.pop("task", 1), **{k: v for k, v in args.items() if k != "task"}))
+    args = {"task": 1, "spec": SPEC, "batch_size": 16, "epoch": 0, "seed": 1, "with_keys": True} | kw
+    return list(train_loader(shards, **args))
 
 
 def test_train_exact_full_batches_every_rank(shards: Path) -> None:
@@ -119,7 +118,7 @@ def test_corrupt_samples_skipped_and_counted(shards: Path, shards_copy: Path) ->
     rewrite_shard(shards_copy, train_shard.path, set(train_keys))
     rewrite_shard(shards_copy, test_shard.path, set(bad_test))
     clean_stream = [k for *_, ks in _epoch(shards, task=0, num_workers=2) for k in ks]
-    loader = make_train_loader(shards_copy, 0, spec=SPEC, batch_size=16, epoch=0, seed=1, num_workers=2)
+    loader = train_loader(shards_copy, 0, spec=SPEC, batch_size=16, epoch=0, seed=1, num_workers=2)
     batches = list(loader)
     assert all(x.shape[0] == 16 for x, _ in batches) and len(batches) == len(loader)
     occurrences = sum(clean_stream.count(k) for k in train_keys)  # the stream is deterministic: count exactly
@@ -139,9 +138,9 @@ def test_truncated_shard_named_or_skipped(shards: Path, shards_copy: Path) -> No
     path = shards_copy / victim.path
     path.write_bytes(path.read_bytes()[: victim.bytes // 2])
     with pytest.raises(UserError, match=f"shard {victim.path} is unreadable .*truncated"):
-        make_train_loader(shards_copy, 2, spec=SPEC, batch_size=16, epoch=0, seed=1)
-    loader = make_train_loader(shards_copy, 2, spec=SPEC, batch_size=16, epoch=0, seed=1, bad_shard="skip",
-                               num_workers=2, with_keys=True)  # fmt: skip
+        train_loader(shards_copy, 2, spec=SPEC, batch_size=16, epoch=0, seed=1)
+    loader = train_loader(shards_copy, 2, spec=SPEC, batch_size=16, epoch=0, seed=1, bad_shard="skip",
+                          num_workers=2, with_keys=True)  # fmt: skip
     batches = list(loader)
     steps = train_steps_per_epoch(manifest, 2, 16)
     assert len(batches) == steps and all(x.shape[0] == 16 for x, *_ in batches)  # same step count: no hang
@@ -165,6 +164,22 @@ def test_shard_with_garbage_inside_is_named(shards: Path, shards_copy: Path) -> 
     loader = make_eval_loader(shards_copy, [4], spec=SPEC, batch_size=8, bad_shard="skip")
     n = sum(len(y) for _, y in loader)
     assert 0 < n < load_manifest(shards).num_samples("test", 4) and loader.stats.corrupt > 0
+
+
+def test_a_workers_user_error_reaches_the_caller_by_type_with_its_message(shards: Path, shards_copy: Path) -> None:
+    """A DataLoader worker's UserError crosses as a record (kind + message): the caller gets a UserError whose text is
+    exactly what the same failure says without workers, not torch's re-raise with the worker's traceback."""
+    victim = load_manifest(shards).task_shards("test", 4)[0]
+    path = shards_copy / victim.path
+    path.write_bytes(path.read_bytes()[: victim.bytes // 2] + bytes(victim.bytes - victim.bytes // 2))
+    messages = []
+    for workers in (0, 2):
+        with pytest.raises(UserError) as info:
+            list(make_eval_loader(shards_copy, [4], spec=SPEC, batch_size=8, num_workers=workers))
+        assert type(info.value) is UserError
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"shard {victim.path} is unreadable (") and "\n" not in messages[0]
 
 
 def test_eval_transform_matches_timm() -> None:
@@ -210,11 +225,11 @@ def test_task_with_fewer_samples_than_streams_fills_every_stream(tmp_path: Path)
 def test_a_local_shard_is_entered_mid_way_by_its_headers_only(shards: Path) -> None:
     """A stream whose piece starts inside a local shard skips the earlier samples by seeking over their data."""
     from sdlora_dist.data import urls
-    from sdlora_dist.data.pipeline import _tar_samples
+    from sdlora_dist.data.reading import tar_samples
 
     info = load_manifest(shards).task_shards("train", 1)[0]
     path = str(shards / info.path)
-    everything = [s["__key__"] for s in _tar_samples(path)]
+    everything = [s["__key__"] for s in tar_samples(path)]
     assert len(everything) == info.count
     read: list[int] = []
     original = urls.open_stream
@@ -241,15 +256,15 @@ def test_a_local_shard_is_entered_mid_way_by_its_headers_only(shards: Path) -> N
     offsets = sorted(starts.values())
     urls.open_stream = lambda url: Counting(original(url))
     try:
-        list(_tar_samples(path))
+        list(tar_samples(path))
         full = sum(read)
         for first in (1, info.count // 2, info.count - 1):
             read.clear()
-            assert [s["__key__"] for s in _tar_samples(path, first)] == everything[first:]
+            assert [s["__key__"] for s in tar_samples(path, first)] == everything[first:]
             seeked_over = sum(-(-m.size // 512) * 512 for m in members if m.offset < offsets[first])
             # the skipped samples' data is never read: only their headers (and one stream buffer of slack)
             assert seeked_over > 0 and sum(read) <= full - seeked_over + 10240, (first, sum(read), full)
         with pytest.raises(Exception, match="ends after"):
-            list(_tar_samples(path, info.count + 3))
+            list(tar_samples(path, info.count + 3))
     finally:
         urls.open_stream = original

@@ -177,7 +177,7 @@ def test_resume_reuses_finished_shards(tmp_path: Path, digits_out: Path) -> None
     source = read_source("digits", None, 0)
     plans = plan_class_shards(source, 60)
     _open_stage(stage, fresh.fingerprint)  # what the interrupted run had done: stage, 3 shards, one partial temp
-    write_shards(plans[:3], stage, label_offset=0, resize=256, workers=1, progress=False, desc="")
+    write_shards(plans[:3], stage, resize=256, workers=1, progress=False, desc="")
     half = stage / (plans[3].path + ".tmp")
     half.parent.mkdir(parents=True, exist_ok=True)
     half.write_bytes(b"half a tar")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_fixtures import read_shard_set
+from data_fixtures import read_shard_set, train_loader
 from shard_servers import http_server, s3_server
 
 from sdlora_dist.cli.main import main
-from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, make_train_loader, prepare, urls
-from sdlora_dist.data.pipeline import cut_pieces
+from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, prepare, urls
+from sdlora_dist.data.planning import cut_pieces
 from sdlora_dist.errors import UserError
 
 SPEC = TransformSpec(img_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -27,7 +27,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train(location: str | Path, **kw) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     args = {"spec": SPEC, "batch_size": 16, "epoch": 0, "seed": 5, "with_keys": True} | kw
-    return list(make_train_loader(location, args.pop("task", 2), **args))
+    return list(train_loader(location, args.pop("task", 2), **args))
 
 
 def _eval_keys(location: str | Path, **kw) -> list[str]:

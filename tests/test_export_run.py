@@ -16,8 +16,8 @@ from shard_servers import http_server
 from sdlora_dist.checkpoint import load_run, save_task_checkpoint, write_run_header
 from sdlora_dist.cli.main import main
 from sdlora_dist.config import load_config
+from sdlora_dist.data import make_eval_loader
 from sdlora_dist.data.manifest import load_manifest
-from sdlora_dist.data.pipeline import make_eval_loader
 from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.model import build_model
 from sdlora_dist.preprocess import transform_spec

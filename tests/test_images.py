@@ -172,7 +172,7 @@ def test_predict_16bit_png_equals_8bit(tmp_path: Path) -> None:
 
 def test_training_pipeline_decodes_with_the_shared_loader() -> None:
     """A shard written by an older prepare may hold a 16-bit or RGBA PNG: training sees what predict sees."""
-    from sdlora_dist.data.pipeline import _decode, _Item
+    from sdlora_dist.data.reading import Item, decode
 
     grey8 = RNG.integers(0, 256, (9, 11), dtype=np.uint8)
     rgba = RNG.integers(0, 256, (9, 11, 4), dtype=np.uint8)
@@ -180,8 +180,8 @@ def test_training_pipeline_decodes_with_the_shared_loader() -> None:
         (Image.fromarray(grey8.astype(np.uint16) * 257), _grey3(grey8)),
         (Image.fromarray(rgba, mode="RGBA"), _over_white(rgba[..., :3], rgba[..., 3])),
     ):
-        item = _Item(position=0, shard="s.tar", key="k", files={"png": _png(img), "cls": b"3"})
+        item = Item(shard="s.tar", key="k", files={"png": _png(img), "cls": b"3"})
         delta = {"corrupt": 0, "corrupt_keys": []}
-        decoded, label = _decode(item, delta, "skip")
+        decoded, label = decode(item, delta, "skip")
         assert label == 3 and delta["corrupt"] == 0
         _assert_close(decoded, expected, atol=1)

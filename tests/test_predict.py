@@ -48,10 +48,14 @@ def served(tmp_path_factory):
 
 
 def test_preprocessing_equals_timm_eval_transform_and_the_data_pipeline(served):
+    """Serving and the eval loader share one crop (``data.transforms.resize_center_crop``); what differs and is
+    compared here: the file path (``load_rgb``) against decoded PIL images, numpy HWC normalisation against the
+    loader's uint8 CHW + fused torch multiply-add, and both against timm's own eval transform."""
+    from data_fixtures import eval_transform
     from timm.data import create_transform
 
+    from sdlora_dist.data import TransformSpec
     from sdlora_dist.data.images import open_rgb
-    from sdlora_dist.data.pipeline import TransformSpec, eval_transform
     from sdlora_dist.export.metadata import ModelMetadata
 
     model, meta_dict, _, _, files = served

@@ -10,8 +10,6 @@ shards = the shards of its classes only, and the stored -> global label map the 
 The seeded order is the authors' toolkit rule, ``np.random.seed(s); np.random.permutation(n)``
 (``RandomState(s).permutation(n)`` draws the same numbers), so a seed gives the same order as theirs.
 
-A shard set written before class grouping (format 1) holds one fixed order and split: it loads with that order and
-split, and any other request fails with one line saying how to re-prepare it.
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ class TaskSplit:
 
     class_order: list[int]  # stored class index of each global label
     classes_per_task: list[int]
-    order_from: str  # how the order was chosen, for the run record: "seed 1993", "explicit", "fixed (format 1)"
+    order_from: str  # how the order was chosen, for the run record: "seed 1993", "explicit"
     class_order_seed: int | None
 
     def task_classes(self, task: int) -> list[int]:
@@ -106,8 +104,6 @@ def resolve_split(manifest: Manifest, data: Any) -> TaskSplit:
 
     Defaults: the order and split the shard set was prepared with (``--seed``/``--tasks``), i.e. today's order.
     """
-    if manifest.stored_names is None:
-        return _fixed_split(manifest, data)
     n = _base_count(manifest)
     base_default = manifest.default_order[:n]
     default_split = manifest.default_split[: len(manifest.default_split) - len(manifest.added_tasks)]
@@ -125,37 +121,8 @@ def resolve_split(manifest: Manifest, data: Any) -> TaskSplit:
     return TaskSplit(order, per_task, source, seed)
 
 
-def _fixed_split(manifest: Manifest, data: Any) -> TaskSplit:
-    """A format-1 shard set: its recorded order and split, or one line on how to re-prepare it."""
-    n_prepared = len(manifest.classes_per_task) - len(manifest.added_tasks)
-    prepared = manifest.classes_per_task[:n_prepared]
-    n = sum(prepared)
-    wanted = []
-    if data.class_order is not None and list(data.class_order) != list(range(n)):
-        wanted.append("data.class_order")
-    if data.class_order_seed is not None and data.class_order_seed != manifest.seed:
-        wanted.append(f"data.class_order_seed={data.class_order_seed}")
-    if data.classes_per_task is not None and list(data.classes_per_task) != prepared:
-        wanted.append(f"data.classes_per_task={data.classes_per_task}")
-    if data.tasks is not None and data.tasks != n_prepared:
-        wanted.append(f"data.tasks={data.tasks}")
-    if wanted:
-        raise UserError(
-            f"{', '.join(wanted)}: this shard set was written before class-grouped shards and holds one fixed class "
-            f"order (seed {manifest.seed}) and split ({n_prepared} tasks); re-prepare it into a new folder with "
-            f"'sdlora data prepare --benchmark {manifest.benchmark} ... --out NEW_DIR' to choose them at train time"
-        )
-    return TaskSplit(list(range(len(manifest.class_names))), list(manifest.classes_per_task), "fixed (format 1)",
-                     manifest.seed)  # fmt: skip
-
-
 def task_view(manifest: Manifest, split: TaskSplit) -> Manifest:
-    """The manifest as a run sees it: global labels in ``split``'s order, task t's shards = its classes' shards.
-
-    Format 1 (``stored_names is None``) is returned as is: its shards already hold one task each and global labels.
-    """
-    if manifest.stored_names is None:
-        return manifest
+    """The manifest as a run sees it: global labels in ``split``'s order, task t's shards = its classes' shards."""
     names = manifest.stored_names
     shards = {
         s: [[shard for c in split.task_classes(t) for shard in manifest.class_shards[s][c]]

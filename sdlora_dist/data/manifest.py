@@ -1,28 +1,18 @@
 """``manifest.json``: the index of a shard set (classes, class order, tasks, shards with counts and sha256).
 
-Schema (``format`` 1)::
-
-    {"format": 1, "benchmark": "digits", "fingerprint": "<sha256 of the source listing and options>",
-     "class_names": [...],            # index = global label = position in the class order
-     "class_order": [...],            # class_order[g] = the source's native class index of global label g
-     "seed": 1993, "split_seed": 0, "resize": 256, "shard_size": 1000,
-     "classes_per_task": [2, 2, ...],
-     "shards": {"train": [[{"path": "train/task_000/shard-000000.tar", "count": 7, "bytes": 1, "sha256": "..."}]],
-                "test": [[...]]},    # shards[split][task] = list of shards
-     "skipped": [{"path": "...", "reason": "..."}],   # source files that could not be read at prepare time
-     "missing": 0,                    # listed source images absent at prepare time (allowed by --max-missing)
-     "prepare_args": {"benchmark": "digits", "root": null, "tasks": 5, ...},  # rebuilds the prepare command
-     "added_tasks": [{"task": 5, "root": "...", "fingerprint": "..."}]}
-
 Schema (``format`` 2, class-grouped: the class order and task split are chosen at train time)::
 
     {"format": 2, "benchmark": "digits", "fingerprint": "...", "classes": [...],   # the stored class index = position
      "class_shards": {"train": [[{"path": "train/class_0003/shard-000000.tar", ...}]], "test": [[...]]},
                                       # class_shards[split][c] = the shards of stored class c; a sample's .cls is c
-     "seed": 1993, "class_order": [...], "classes_per_task": [...],   # the default order (stored indices) and split
-     "added_tasks": [{"task": 5, "classes": [10, 11], "root": "...", "fingerprint": "..."}], ...}
+     "class_order": [...], "classes_per_task": [...],   # the default order (stored indices) and split
+     "seed": 1993, "split_seed": 0, "resize": 256, "shard_size": 1000,
+     "skipped": [{"path": "...", "reason": "..."}],   # source files that could not be read at prepare time
+     "missing": 0,                    # listed source images absent at prepare time (allowed by --max-missing)
+     "prepare_args": {"benchmark": "digits", "root": null, "tasks": 5, ...},  # rebuilds the prepare command
+     "added_tasks": [{"task": 5, "classes": [10, 11], "root": "...", "fingerprint": "..."}]}
 
-Loaded, a format-2 manifest is shown through its default order and split (``class_names``, ``class_order``,
+Loaded, a manifest is shown through its default order and split (``class_names``, ``class_order``,
 ``classes_per_task``, ``shards`` per task, ``label_map`` stored -> global label); ``data.classes.task_view`` gives the
 view of another order and split.
 """
@@ -43,7 +33,6 @@ from sdlora_dist.fileio import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 2
-FORMATS = (1, 2)
 SPLITS = ("train", "test")
 
 
@@ -76,7 +65,7 @@ class Manifest:
     missing: int = 0
     prepare_args: dict[str, Any] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
-    # format 2 only (None for format 1): the stored classes and their shards, the default order and split
+    # the stored classes and their shards, the default order and split (the fields above are the view's)
     stored_names: list[str] | None = None
     class_shards: dict[str, list[list[ShardInfo]]] | None = None
     default_order: list[int] | None = None
@@ -113,25 +102,21 @@ class Manifest:
             raise UserError(f"task {task} does not exist: the shard set has tasks 0..{self.num_tasks() - 1}")
 
     def all_shards(self) -> list[list[ShardInfo]]:
-        """Every stored shard exactly once, as the lists the file holds (per class for format 2, per task for 1)."""
-        lists = self.class_shards if self.stored_names is not None else self.shards
-        return [shards for split in SPLITS for shards in lists[split]]
+        """Every stored shard exactly once, as the lists the file holds (per class)."""
+        return [shards for split in SPLITS for shards in self.class_shards[split]]
 
     def to_json(self) -> str:
-        """Serialise (stable key order); a format-2 view is written as its stored classes, never as the view."""
+        """Serialise (stable key order); a view is written as its stored classes, never as the view."""
         data = dataclasses.asdict(self)
         view_only = ("stored_names", "class_shards", "default_order", "default_split", "label_map")
-        if self.stored_names is None:
-            data = {k: v for k, v in data.items() if k not in view_only}
-        else:
-            data = {k: v for k, v in data.items() if k not in (*view_only, "class_names", "shards")}
-            data.update(classes=self.stored_names, class_shards=dataclasses.asdict(self)["class_shards"],
-                        class_order=self.default_order, classes_per_task=self.default_split)  # fmt: skip
+        data = {k: v for k, v in data.items() if k not in (*view_only, "class_names", "shards")}
+        data.update(classes=self.stored_names, class_shards=dataclasses.asdict(self)["class_shards"],
+                    class_order=self.default_order, classes_per_task=self.default_split)  # fmt: skip
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
 
 def _class_grouped(raw: dict[str, Any]) -> Manifest:
-    """A format-2 manifest, shown through its default order and split."""
+    """A manifest, shown through its default order and split."""
     names = list(raw["classes"])
     class_shards = {split: [[ShardInfo(**s) for s in c] for c in raw["class_shards"][split]] for split in SPLITS}
     if any(len(class_shards[split]) != len(names) for split in SPLITS):
@@ -154,21 +139,9 @@ def _class_grouped(raw: dict[str, Any]) -> Manifest:
 
 def manifest_from_dict(raw: dict[str, Any]) -> Manifest:
     """Build a Manifest from parsed JSON; raises KeyError/TypeError/ValueError on a malformed one."""
-    if raw.get("format") not in FORMATS:
-        raise ValueError(f"unsupported manifest format {raw.get('format')!r} (this version reads {FORMATS})")
-    if raw["format"] == 2:
-        return _class_grouped(raw)
-    shards = {split: [[ShardInfo(**s) for s in task] for task in raw["shards"][split]] for split in SPLITS}
-    kwargs = {f.name: raw[f.name] for f in dataclasses.fields(Manifest) if f.name in raw and f.name != "shards"}
-    manifest = Manifest(shards=shards, **kwargs)
-    n_tasks = len(manifest.classes_per_task)
-    if sum(manifest.classes_per_task) != len(manifest.class_names) or len(manifest.class_order) != len(
-        manifest.class_names
-    ):
-        raise ValueError("classes_per_task, class_names and class_order disagree")
-    if any(len(manifest.shards[split]) != n_tasks for split in SPLITS):
-        raise ValueError("the shard lists do not have one entry per task")
-    return manifest
+    if raw.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"unsupported manifest format {raw.get('format')!r} (this version reads {MANIFEST_FORMAT})")
+    return _class_grouped(raw)
 
 
 def load_manifest(shards_dir: str | Path) -> Manifest:
@@ -230,8 +203,6 @@ def prepare_command(manifest: Manifest, shards_dir: str | Path) -> str:
         argv += ["--max-missing", str(args["max_missing"])]
     if args.get("subset"):
         argv += ["--subset"]
-    if manifest.stored_names is None:  # a shard set of an earlier version: rewrite it in its own layout
-        argv += ["--layout", "task"]
     return shlex.join(argv)
 
 

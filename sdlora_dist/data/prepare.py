@@ -2,11 +2,10 @@
 
 Shards are grouped by class (``train/class_0007/shard-000000.tar``): the class order and the task split are chosen
 at train time (``data.classes``), so one shard set serves every order. ``--seed`` and ``--tasks`` only set the
-default order and split recorded in the manifest. Shard sets written before (one folder per task, format 1) still
-load and take ``add-task``.
+default order and split recorded in the manifest.
 
 Each sample is three tar members sharing a key: the image (``.jpg`` or ``.png``), ``.cls`` (the stored class index
-as text; the global label in a format-1 set) and ``.json`` (label, class name, original path), the layout
+as text) and ``.json`` (label, class name, original path), the layout
 ``webdataset.WebDataset`` reads. Tar headers are
 fixed (mtime 0, root owner), so the same input gives byte-identical shards and checksums.
 
@@ -39,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -73,7 +71,6 @@ from sdlora_dist.logs import log_rank_zero, progress_bar
 JPEG_QUALITY = 95
 STATE_NAME = "prepare-state.json"
 MISSING_REASON = "missing: listed but not on disk (--max-missing)"
-LAYOUTS = ("class", "task")  # class-grouped (format 2) or one folder per task (format 1, earlier versions)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -187,38 +184,6 @@ def write_shard(path: Path, samples: list[tuple[str, bytes, str, int, dict]]) ->
     return ShardInfo(path="", count=len(samples), bytes=size, sha256=sha)
 
 
-def plan_shards(
-    source: Source, order: list[int], per_task: list[int], seed: int, shard_size: int, first_task: int = 0
-) -> list[ShardPlan]:
-    """Assign every item to (split, task, shard): classes by the seeded order, samples shuffled within a task."""
-    if shard_size <= 0:
-        raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
-    global_label = {native: g for g, native in enumerate(order)}
-    offsets = np.cumsum([0] + per_task).tolist()
-    names = [source.class_names[n] for n in order]
-    plans = []
-    for split_idx, (split, items) in enumerate((("train", source.train), ("test", source.test))):
-        by_task: list[list[SourceItem]] = [[] for _ in per_task]
-        for item in items:
-            g = global_label[item.label]
-            by_task[int(np.searchsorted(offsets, g, side="right")) - 1].append(item)
-        for t, task_items in enumerate(by_task):
-            task = first_task + t
-            # shuffle within the task so every shard mixes the task's classes (seeded: same input, same shards)
-            perm = np.random.default_rng([seed, task, split_idx]).permutation(len(task_items))
-            samples = []
-            for i, j in enumerate(perm.tolist()):
-                g = global_label[task_items[j].label]
-                samples.append((f"{split}-t{task:03d}-{i:07d}", task_items[j], g, names[g]))
-            for s, start in enumerate(range(0, max(len(samples), 1), shard_size)):
-                plans.append(
-                    ShardPlan(
-                        f"{split}/task_{task:03d}/shard-{s:06d}.tar", split, task, samples[start : start + shard_size]
-                    )
-                )
-    return plans
-
-
 def plan_class_shards(source: Source, shard_size: int, first_class: int = 0) -> list[ShardPlan]:
     """Assign every item to (split, class, shard): one folder per class, samples in source order.
 
@@ -283,7 +248,7 @@ def _finished(plans: list[ShardPlan], stage: Path) -> dict[str, tuple[ShardInfo,
 
 
 def _write_planned(
-    plan: ShardPlan, stage: Path, encoded: Iterator[Encoded], bar: tqdm, label_offset: int
+    plan: ShardPlan, stage: Path, encoded: Iterator[Encoded], bar: tqdm
 ) -> tuple[ShardInfo, list[dict[str, str]]]:
     """Write one shard from the next ``len(plan.samples)`` encoded items, then its ``.done`` record."""
     samples, skips = [], []
@@ -293,8 +258,8 @@ def _write_planned(
         if enc.data is None:
             skips.append({"path": item.path, "reason": enc.reason or "unreadable"})
             continue
-        meta = {"label": label + label_offset, "class": name, "path": item.path}
-        samples.append((key, enc.data, enc.ext, label + label_offset, meta))
+        meta = {"label": label, "class": name, "path": item.path}
+        samples.append((key, enc.data, enc.ext, label, meta))
     (stage / plan.path).parent.mkdir(parents=True, exist_ok=True)
     info = write_shard(stage / plan.path, samples)
     info.path = plan.path
@@ -303,7 +268,7 @@ def _write_planned(
 
 
 def write_shards(
-    plans: list[ShardPlan], stage: Path, *, label_offset: int, resize: int, workers: int, progress: bool, desc: str
+    plans: list[ShardPlan], stage: Path, *, resize: int, workers: int, progress: bool, desc: str
 ) -> tuple[dict[str, ShardInfo], list[dict[str, str]]]:
     """Encode and write every planned shard under ``stage`` (resuming finished ones); returns records and skips."""
     written = _finished(plans, stage)
@@ -313,7 +278,7 @@ def write_shards(
     disable = not progress or total == 0
     with closing(encoded), progress_bar(total=total, unit="img", desc=desc, disable=disable, leave=True) as bar:
         for plan in todo:
-            written[plan.path] = _write_planned(plan, stage, encoded, bar, label_offset)
+            written[plan.path] = _write_planned(plan, stage, encoded, bar)
     records = {plan.path: written[plan.path][0] for plan in plans}
     return records, [skip for plan in plans for skip in written[plan.path][1]]  # plan order, resumed or not
 
@@ -352,7 +317,7 @@ def dataset_fingerprint(source: Source, options: dict) -> str:
     return digest.hexdigest()
 
 
-def _check_out(out: Path, fingerprint: str, benchmark: str, layout: str = "class") -> bool:
+def _check_out(out: Path, fingerprint: str, benchmark: str) -> bool:
     """True when ``out`` already holds this exact shard set; UserError when it holds anything else."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder path for the shard set")
@@ -360,12 +325,6 @@ def _check_out(out: Path, fingerprint: str, benchmark: str, layout: str = "class
         existing = load_manifest(out)
         if existing.fingerprint == fingerprint:
             return True
-        if existing.stored_names is None and layout == "class":
-            raise UserError(
-                f"--out {out} holds a shard set of an earlier version (one folder per task, fixed class order); "
-                "this version writes class-grouped shards: pass another --out (add --layout task to repair the old "
-                "set in place)"
-            )
         raise UserError(
             f"--out {out} already holds a different shard set (benchmark {existing.benchmark!r}, fingerprint "
             f"{existing.fingerprint[:12]}; this {benchmark!r} input has {fingerprint[:12]}): pass another --out "
@@ -389,12 +348,11 @@ class _Job:
     missing: list[SourceItem]
     workers: int
     progress: bool
-    layout: str = "class"
 
     def write(self, plans: list[ShardPlan], folder: Path) -> tuple[dict[str, ShardInfo], list[dict[str, str]]]:
         """Encode and write ``plans`` under ``folder`` with this job's options."""
         return write_shards(
-            plans, folder, label_offset=0, resize=self.args["resize"], workers=self.workers, progress=self.progress,
+            plans, folder, resize=self.args["resize"], workers=self.workers, progress=self.progress,
             desc=f"prepare {self.source.benchmark}",
         )  # fmt: skip
 
@@ -413,15 +371,13 @@ def prepare(
     progress: bool = True,
     max_missing: int = 0,
     subset: bool = False,
-    layout: str = "class",
 ) -> Manifest:
     """Write ``benchmark`` read from ``root`` as per-task shards under ``out``; returns the manifest.
 
     ``tasks``/``seed`` default to the paper's setting for the benchmark. Refuses an ``out`` that holds a different
     shard set; on one that holds this shard set, verifies every checksum and rewrites damaged or missing shards;
     resumes an interrupted run from ``<out>.partial``. Listed images that are missing are an error beyond
-    ``max_missing``; fewer classes than the benchmark defines are an error unless ``subset``. ``layout="task"``
-    writes the format-1 layout of earlier versions (one folder per task; kept for comparisons and tests).
+    ``max_missing``; fewer classes than the benchmark defines are an error unless ``subset``.
     """
     if resize < 0:
         raise UserError(f"--resize must be >= 0 (0 keeps the original size; got {resize})")
@@ -430,16 +386,14 @@ def prepare(
     args = {"benchmark": benchmark, "root": str(Path(root).absolute()) if root is not None else None, "tasks": tasks,
             "seed": seed, "resize": resize, "shard_size": shard_size, "split_seed": split_seed,
             "max_missing": max_missing, "subset": subset}  # fmt: skip
-    if layout not in LAYOUTS:
-        raise UserError(f"unknown shard layout {layout!r}: valid are {', '.join(LAYOUTS)}")
-    job = _plan_job(args, workers or os.cpu_count() or 1, progress, layout)
+    job = _plan_job(args, workers or os.cpu_count() or 1, progress)
     out = Path(out)
-    if _check_out(out, job.fingerprint, benchmark, layout):
+    if _check_out(out, job.fingerprint, benchmark):
         return _repair(out, job)
     return _write_new(out, job)
 
 
-def _plan_job(args: dict[str, Any], workers: int, progress: bool, layout: str) -> _Job:
+def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
     """Read and check the source, fill in the paper's defaults, fingerprint the input and plan every shard."""
     benchmark = args["benchmark"]
     source = read_source(benchmark, args["root"], args["split_seed"], subset=args["subset"])
@@ -449,18 +403,14 @@ def _plan_job(args: dict[str, Any], workers: int, progress: bool, layout: str) -
         raise UserError(f"benchmark {benchmark!r} has no default task count: pass --tasks")
     args["seed"] = default_seed if args["seed"] is None else args["seed"]
     per_task = split_classes(len(source.class_names), args["tasks"])
-    options = {k: args[k] for k in ("tasks", "seed", "resize", "shard_size", "split_seed")}
-    if layout == "class":  # format-1 fingerprints stay as they were: an old shard set is still recognised
-        options["layout"] = layout
+    # "layout" stays in the options so fingerprints of shard sets already written keep matching
+    options = {**{k: args[k] for k in ("tasks", "seed", "resize", "shard_size", "split_seed")}, "layout": "class"}
     fingerprint = dataset_fingerprint(source, options)  # the listing as the metadata gives it, missing files too
     missing = drop_missing(source, args["max_missing"])
     check_classes_complete(source)
     order = class_order(len(source.class_names), args["seed"])
-    if layout == "class":
-        plans = plan_class_shards(source, args["shard_size"])
-    else:
-        plans = plan_shards(source, order, per_task, args["seed"], args["shard_size"])
-    return _Job(source, args, order, per_task, plans, fingerprint, missing, workers, progress, layout)
+    plans = plan_class_shards(source, args["shard_size"])
+    return _Job(source, args, order, per_task, plans, fingerprint, missing, workers, progress)
 
 
 def _write_new(out: Path, job: _Job) -> Manifest:
@@ -474,8 +424,7 @@ def _write_new(out: Path, job: _Job) -> Manifest:
         shutil.rmtree(stage)  # the same input fails the same way: nothing worth resuming
         raise
     skipped = job.source.ignored + [{"path": it.path, "reason": MISSING_REASON} for it in job.missing] + skipped
-    write_layout = _class_manifest if job.layout == "class" else _task_manifest
-    manifest = write_layout(job, records, skipped)
+    manifest = _class_manifest(job, records, skipped)
     _clear_done_records(stage)
     (stage / STATE_NAME).unlink()
     write_manifest(manifest, stage)
@@ -484,26 +433,6 @@ def _write_new(out: Path, job: _Job) -> Manifest:
     os.replace(stage, out)
     _report_skipped(skipped)
     return manifest
-
-
-def _task_manifest(job: _Job, records: dict[str, ShardInfo], skipped: list[dict[str, str]]) -> Manifest:
-    """The format-1 manifest of a shard set with one folder per task (the layout of earlier versions)."""
-    return Manifest(
-        benchmark=job.source.benchmark,
-        class_names=[job.source.class_names[n] for n in job.order],
-        classes_per_task=job.per_task,
-        seed=job.args["seed"],
-        class_order=job.order,
-        shards=_shard_lists(job.plans, records, range(len(job.per_task))),
-        fingerprint=job.fingerprint,
-        resize=job.args["resize"],
-        shard_size=job.args["shard_size"],
-        split_seed=job.args["split_seed"],
-        skipped=skipped,
-        missing=len(job.missing),
-        prepare_args=job.args,
-        format=1,
-    )
 
 
 def _class_manifest(job: _Job, records: dict[str, ShardInfo], skipped: list[dict[str, str]]) -> Manifest:
@@ -596,7 +525,7 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
     manifest = load_manifest(out)
     source = read_image_folder(Path(root), manifest.split_seed, benchmark="add-task")
     check_classes_complete(source)
-    known = manifest.stored_names if manifest.stored_names is not None else manifest.class_names
+    known = manifest.stored_names
     clash = sorted(set(source.class_names) & set(known))
     if clash:
         raise UserError(
@@ -606,17 +535,12 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
     task = manifest.num_tasks()
     order = class_order(len(source.class_names), manifest.seed + task)
     offset = len(known)
-    if manifest.stored_names is not None:
-        plans = plan_class_shards(source, manifest.shard_size, first_class=offset)
-        folders = [f"class_{offset + n:04d}" for n in range(len(source.class_names))]
-        label_offset = 0
-    else:
-        plans = plan_shards(source, order, [len(order)], manifest.seed, manifest.shard_size, first_task=task)
-        folders, label_offset = [f"task_{task:03d}"], offset
+    plans = plan_class_shards(source, manifest.shard_size, first_class=offset)
+    folders = [f"class_{offset + n:04d}" for n in range(len(source.class_names))]
     stage = out / f".add-task-{task:03d}.partial"
     _open_stage(stage, fingerprint)
     records, skipped = write_shards(
-        plans, stage, label_offset=label_offset, resize=manifest.resize, workers=workers or os.cpu_count() or 1,
+        plans, stage, resize=manifest.resize, workers=workers or os.cpu_count() or 1,
         progress=progress, desc=f"add task {task}",
     )  # fmt: skip
     _clear_done_records(stage)
@@ -640,22 +564,13 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
 
 def _append_task(manifest: Manifest, source: Source, order: list[int], offset: int, plans: list[ShardPlan],
                  records: dict[str, ShardInfo]) -> None:  # fmt: skip
-    """Record the new classes (in ``order``) as the last task, in the manifest's own format."""
-    task = manifest.num_tasks()
-    if manifest.stored_names is not None:
-        lists = _shard_lists(plans, records, range(offset, offset + len(order)))
-        for split in SPLITS:
-            manifest.class_shards[split] += lists[split]
-        manifest.stored_names += list(source.class_names)
-        manifest.default_order += [offset + n for n in order]
-        manifest.default_split.append(len(order))
-        return
-    lists = _shard_lists(plans, records, range(task, task + 1))
+    """Record the new classes (in ``order``) as the last task of the default split."""
+    lists = _shard_lists(plans, records, range(offset, offset + len(order)))
     for split in SPLITS:
-        manifest.shards[split].append(lists[split][0])
-    manifest.class_names += [source.class_names[n] for n in order]
-    manifest.class_order += [offset + n for n in order]
-    manifest.classes_per_task.append(len(order))
+        manifest.class_shards[split] += lists[split]
+    manifest.stored_names += list(source.class_names)
+    manifest.default_order += [offset + n for n in order]
+    manifest.default_split.append(len(order))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -685,8 +600,7 @@ def inspect_table(shards_dir: str | Path, *, verify: bool = False) -> str:
     total_train = sum(manifest.num_samples("train", t) for t in range(manifest.num_tasks()))
     total_test = sum(manifest.num_samples("test", t) for t in range(manifest.num_tasks()))
     lines.append(f"{'all':>4}  {'':>11}  {len(manifest.class_names):>7}  {total_train:>8}  {total_test:>8}")
-    if manifest.stored_names is not None:
-        lines.append(_class_index_line(manifest.stored_names))
+    lines.append(_class_index_line(manifest.stored_names))
     if manifest.skipped:
         lines.append(f"{len(manifest.skipped)} source file(s) were unreadable at prepare time and skipped")
     if manifest.missing:
