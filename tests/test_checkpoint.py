@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import INPUTS, LABELS_PER_TASK, set_current_in_span, train_task
 from safetensors.torch import save_file
-from test_core import INPUTS, LABELS_PER_TASK, _set_current_in_span, train_task
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.errors import UserError
@@ -35,7 +35,7 @@ def next_task(model: SDLoRAViT, task: int, *, in_span: bool = False) -> None:
     model.add_task(LABELS_PER_TASK)
     train_task(model, task)
     if in_span:  # KD will absorb this pair when the next task opens
-        _set_current_in_span(model, {k: 0.5 - 0.2 * i for i, k in enumerate(model.frozen_keys)})
+        set_current_in_span(model, {k: 0.5 - 0.2 * i for i, k in enumerate(model.frozen_keys)})
 
 
 def test_load_state_dict_alone_rebuilds_past_bank_and_norms(tiny_cfg):

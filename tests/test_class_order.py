@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from cli_helpers import TINY, metrics, sdlora, sets
 from data_fixtures import make_class_folders, read_shard_set
-from test_train import TINY, metrics, sdlora, sets
 
 from sdlora_dist.data import load_manifest, make_eval_loader, prepare
 from sdlora_dist.data.classes import resolve_split, seeded_order, task_view
@@ -50,12 +50,11 @@ def ir_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def digits_both(tmp_path_factory) -> tuple[Path, Path]:
-    """digits prepared twice with the defaults: class-grouped (this version) and one folder per task (format 1)."""
-    root = tmp_path_factory.mktemp("digits")
-    prepare("digits", None, root / "class", progress=False, workers=1)
-    prepare("digits", None, root / "task", progress=False, workers=1, layout="task")
-    return root / "class", root / "task"
+def digits_format1(tmp_path_factory) -> Path:
+    """digits prepared with the defaults in one folder per task (format 1, the layout of earlier versions)."""
+    out = tmp_path_factory.mktemp("digits") / "task"
+    prepare("digits", None, out, progress=False, workers=1, layout="task")
+    return out
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 1993, 1995, 2**31 + 5])
@@ -106,7 +105,7 @@ def test_a_task_reads_only_its_classes_shards(ir_shards, tasks):
         assert set(labels) == set(view.task_labels(t))
 
 
-def test_default_reproduces_todays_order_and_evaluation(digits_both):
+def test_default_reproduces_todays_order_and_evaluation(digits_shards, digits_format1):
     """The default view of a class-grouped set is the format-1 set's order, split and test sets, sample for sample.
 
     So a model scores the same on both (evaluation reads each test sample once; the counts are compared exactly).
@@ -118,12 +117,13 @@ def test_default_reproduces_todays_order_and_evaluation(digits_both):
     from sdlora_dist.config import load_config
     from sdlora_dist.model import build_model
 
-    grouped, tasked = (load_manifest(p) for p in digits_both)
+    both = (digits_shards, digits_format1)
+    grouped, tasked = (load_manifest(p) for p in both)
     view = task_view(grouped, resolve_split(grouped, split_of()))
     old = task_view(tasked, resolve_split(tasked, split_of(tasks=5)))  # a recipe's data.tasks equal to the set's
     assert tasked.format == 1 and view.class_names == old.class_names == [str(c) for c in seeded_order(10, 1993)]
     assert view.classes_per_task == old.classes_per_task == [2] * 5
-    by_path = [{s["meta"]["path"]: s["label"] for s in read_shard_set(p)["test"]} for p in digits_both]
+    by_path = [{s["meta"]["path"]: s["label"] for s in read_shard_set(p)["test"]} for p in both]
     assert by_path[0] == by_path[1]  # every test image under the same global label
     torch.manual_seed(0)
     cfg = load_config(overrides=[*TINY, "model.weights=random", "model.name=vit_tiny_patch16_224"])
@@ -134,7 +134,7 @@ def test_default_reproduces_todays_order_and_evaluation(digits_both):
         model.add_task(2)
     model.eval()
     counts = []
-    for path, manifest in zip(digits_both, (view, old), strict=True):
+    for path, manifest in zip(both, (view, old), strict=True):
         correct = [0] * 5
         for x, y in make_eval_loader(path, list(range(5)), spec=SPEC, batch_size=64, manifest=manifest):
             with torch.no_grad():
@@ -145,24 +145,24 @@ def test_default_reproduces_todays_order_and_evaluation(digits_both):
     assert counts[0] == counts[1] and sum(counts[0]) > 0
 
 
-def test_format1_set_refuses_another_order_in_one_line(digits_both, tmp_path):
-    from test_report import cli
+def test_format1_set_refuses_another_order_in_one_line(digits_format1, tmp_path):
+    from cli_helpers import cli
 
-    code, _, err = cli("train", "-b", "digits", "--data", str(digits_both[1]), "--run-dir", str(tmp_path / "r"),
+    code, _, err = cli("train", "-b", "digits", "--data", str(digits_format1), "--run-dir", str(tmp_path / "r"),
                        "--set", "data.class_order_seed=7", "--dry-run")  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "data.class_order_seed=7" in err and "re-prepare" in err
     assert not (tmp_path / "r").exists()
-    code, out, err = cli("train", "-b", "digits", "--data", str(digits_both[1]), "--run-dir", str(tmp_path / "r"),
+    code, out, err = cli("train", "-b", "digits", "--data", str(digits_format1), "--run-dir", str(tmp_path / "r"),
                          "--dry-run")  # fmt: skip
     assert code == 0, err  # the recipe's data.tasks: 5 is the set's own split
 
 
 @pytest.mark.slow
-def test_two_seeds_record_two_orders_and_report_the_split(digits_both, tmp_path):
+def test_two_seeds_record_two_orders_and_report_the_split(digits_shards, tmp_path):
     runs = {}
     for seed in (1, 2):
         run = tmp_path / f"seed{seed}"
-        res = sdlora("train", "-b", "digits", "--data", str(digits_both[0]), "--run-dir", str(run),
+        res = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run),
                      *sets("train.tasks=1", f"data.class_order_seed={seed}"))  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
         runs[seed] = json.loads((run / "run.json").read_text())
@@ -170,7 +170,7 @@ def test_two_seeds_record_two_orders_and_report_the_split(digits_both, tmp_path)
         assert split["class_order"] == seeded_order(10, seed) and split["class_order_seed"] == seed
         assert runs[seed]["class_names"] == [str(c) for c in seeded_order(10, seed)]
         assert metrics(run)["accuracy"]["totals"][0] == sum(
-            1 for s in read_shard_set(digits_both[0])["test"] if s["stored"] in split["class_order"][:2]
+            1 for s in read_shard_set(digits_shards)["test"] if s["stored"] in split["class_order"][:2]
         )
     assert runs[1]["task_split"]["fingerprint"] != runs[2]["task_split"]["fingerprint"]
     report = sdlora("report", str(tmp_path / "seed1"))
@@ -229,10 +229,10 @@ MAIN_DIGITS_TOTALS = [71, 72, 73, 71, 72]
 
 
 @pytest.mark.slow
-def test_format1_shards_train_exactly_as_before(digits_both, tmp_path):
+def test_format1_shards_train_exactly_as_before(digits_format1, tmp_path):
     """A shard set written before this change trains to the very accuracy matrix main's code gave."""
     run = tmp_path / "run"
-    res = sdlora("train", "-b", "digits", "--data", str(digits_both[1]), "--run-dir", str(run), *sets())
+    res = sdlora("train", "-b", "digits", "--data", str(digits_format1), "--run-dir", str(run), *sets())
     assert res.returncode == 0, res.stderr[-3000:]
     accuracy = metrics(run)["accuracy"]
     assert accuracy["correct"] == MAIN_DIGITS_CORRECT and accuracy["totals"] == MAIN_DIGITS_TOTALS
@@ -267,7 +267,7 @@ def test_an_older_shard_set_is_repaired_in_its_own_layout(tmp_path):
     """The advice `data inspect --verify` prints for a damaged per-task set works as printed; no silent relayout."""
     import shlex
 
-    from test_report import cli
+    from cli_helpers import cli
 
     old = tmp_path / "old"
     prepare("digits", None, old, progress=False, workers=1, layout="task")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
+from cli_helpers import cli
 from PIL import Image
 
 from sdlora_dist import report as rep
@@ -33,15 +32,6 @@ def make_run(run_dir, tasks: int = 3) -> dict:
     (run_dir / "metrics.json").write_text(json.dumps(data))
     (run_dir / "run.json").write_text(json.dumps({"benchmark": "digits", "config_hash": "abc", "version": "0.1.0"}))
     return data
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    from sdlora_dist.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_report_writes_plots_and_summary(tmp_path):
