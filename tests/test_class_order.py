@@ -105,6 +105,7 @@ def test_a_task_reads_only_its_classes_shards(ir_shards, tasks):
         assert set(labels) == set(view.task_labels(t))
 
 
+@pytest.mark.slow  # prepares a second digits set and evaluates both: over 2 s
 def test_default_reproduces_todays_order_and_evaluation(digits_shards, digits_format1):
     """The default view of a class-grouped set is the format-1 set's order, split and test sets, sample for sample.
 

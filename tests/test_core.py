@@ -25,6 +25,7 @@ def run_tasks(model, n: int, *, steps: int = 3) -> None:
         train_task(model, t, steps)
 
 
+@pytest.mark.slow  # several trained tasks: over 2 s
 @pytest.mark.parametrize("compute", ["dense", "lowrank"])
 @pytest.mark.parametrize("magnitude", ["shared", "per_layer"])
 def test_merge_equals_adapter_model_with_rr_ranks(tiny_cfg, compute, magnitude):
@@ -129,6 +130,7 @@ def test_paper_per_layer_boundary_keeps_function(tiny_cfg):
     assert (after_add - before).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow  # several trained tasks: over 2 s
 def test_training_moves_only_current_task_state(tiny_cfg):
     model = build_model(tiny_cfg())
     run_tasks(model, 2)

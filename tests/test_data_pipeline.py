@@ -103,6 +103,7 @@ def test_eval_exactly_once_over_ranks(digits_shards: Path) -> None:
     assert len(seen) == manifest.num_samples("test", 0) + manifest.num_samples("test", 2)
 
 
+@pytest.mark.slow  # several full epochs: over 2 s
 def test_corrupt_samples_skipped_and_counted(digits_shards: Path, shards_copy: Path) -> None:
     manifest = load_manifest(digits_shards)
     train_shard, test_shard = manifest.task_shards("train", 0)[1], manifest.task_shards("test", 0)[0]
@@ -202,6 +203,7 @@ def test_task_with_fewer_samples_than_streams_fills_every_stream(tmp_path: Path)
     assert [k for h in halves for k in h[2]] == one[0][2]  # the same global batch on two ranks
 
 
+@pytest.mark.slow  # several full epochs: over 2 s
 def test_a_local_shard_is_entered_mid_way_by_its_headers_only(digits_shards: Path) -> None:
     """A stream whose piece starts inside a local shard skips the earlier samples by seeking over their data."""
     from sdlora_dist.data import urls

@@ -33,6 +33,7 @@ def _same(a: list[tuple], b: list[tuple]) -> None:
         assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
+@pytest.mark.slow  # servers and several full epochs: over 2 s
 def test_http_and_pipe_match_local(digits_shards: Path) -> None:
     local, local_eval = _train(digits_shards), _eval_keys(digits_shards)
     with http_server(digits_shards.parent) as server:
@@ -48,6 +49,7 @@ def test_http_and_pipe_match_local(digits_shards: Path) -> None:
     _same(_train(f"file://{digits_shards}"), local)
 
 
+@pytest.mark.slow  # servers and several full epochs: over 2 s
 def test_s3_through_moto_server(digits_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with s3_server(digits_shards, "bucket", "sets/digits") as endpoint:
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)

@@ -94,6 +94,7 @@ def _biased_two_task_head(d: int = 6) -> tuple[torch.Tensor, torch.Tensor, list[
     return w.detach(), b.detach(), tasks
 
 
+@pytest.mark.slow  # trains three task groups of a tiny ViT: over 2 s
 @pytest.mark.parametrize("cov", ha.COV_MODES)
 def test_alignment_removes_the_bias_between_task_groups(cov):
     w, b, tasks = _biased_two_task_head()

@@ -34,6 +34,7 @@ def make_run(run_dir, tasks: int = 3) -> dict:
     return data
 
 
+@pytest.mark.slow  # renders plots: over 2 s
 def test_report_writes_plots_and_summary(tmp_path):
     data = make_run(tmp_path / "run")
     code, out, err = cli("report", str(tmp_path / "run"))
@@ -152,6 +153,7 @@ def test_per_layer_magnitudes_are_plotted_as_their_mean(tmp_path):
         assert img.format == "PNG" and img.width >= 800
 
 
+@pytest.mark.slow  # renders plots: over 2 s
 def test_failed_report_leaves_the_previous_one_untouched(tmp_path, monkeypatch):
     make_run(tmp_path / "run")
     before = rep.write_report(tmp_path / "run").markdown.read_text()
