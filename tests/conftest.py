@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded tiny ViTs (img 32, a few blocks), CPU only."""
+"""Shared fixtures: seeded tiny ViTs (img 32, a few blocks), CPU only, and one digits shard set per session."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(2)
 
-DIGITS_SHARD_SIZE = 37
+DIGITS_SHARD_SIZE = 37  # 287 train samples per digits task = 7 x 37 + 28: uneven shards in every task
 TINY_VIT = "{img_size: 32, patch_size: 8, depth: 3, embed_dim: 48, num_heads: 3}"
 
 
