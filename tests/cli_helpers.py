@@ -3,6 +3,8 @@ engine checkpoint, and the one ``error:`` line a user's mistake must produce."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -70,3 +72,13 @@ def error_line(err: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """``sdlora ARGS`` in this process with its output captured: (exit code, stdout, stderr)."""
+    from sdlora_dist.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()

@@ -1,8 +1,9 @@
-"""Shared fixtures: seeded tiny ViTs (img 32, a few blocks), CPU only."""
+"""Shared fixtures: seeded tiny ViTs (img 32, a few blocks), CPU only, and one digits shard set per session."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(2)
 
+DIGITS_SHARD_SIZE = 37  # 287 train samples per digits task = 7 x 37 + 28: uneven shards in every task
 TINY_VIT = "{img_size: 32, patch_size: 8, depth: 3, embed_dim: 48, num_heads: 3}"
 
 
@@ -27,3 +29,15 @@ def tiny_cfg():
         return load_config(overrides=tiny_overrides(*extra))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits (bundled in scikit-learn) prepared once per session with the paper's split (5 tasks, seed 1993) in
+    shards of 37 samples, so every task has a short last shard (287 = 7 x 37 + 28). Read-only: a test that damages
+    or extends shards works on its own copy (``shutil.copytree``) or prepares its own set."""
+    from sdlora_dist.data import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    prepare("digits", None, out, shard_size=DIGITS_SHARD_SIZE, progress=False, workers=2)
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_core import INPUTS, LABELS_PER_TASK, _set_current_in_span, train_task
+from model_helpers import INPUTS, LABELS_PER_TASK, set_current_in_span, train_task
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.errors import UserError
@@ -35,9 +35,10 @@ def next_task(model: SDLoRAViT, task: int, *, in_span: bool = False) -> None:
     model.add_task(LABELS_PER_TASK)
     train_task(model, task)
     if in_span:  # KD will absorb this pair when the next task opens
-        _set_current_in_span(model, {k: 0.5 - 0.2 * i for i, k in enumerate(model.frozen_keys)})
+        set_current_in_span(model, {k: 0.5 - 0.2 * i for i, k in enumerate(model.frozen_keys)})
 
 
+@pytest.mark.slow  # many tasks of a tiny ViT: over 2 s
 def test_load_state_dict_alone_rebuilds_past_bank_and_norms(tiny_cfg):
     cfg = tiny_cfg("adapter.rank_schedule=[[0,4],[2,2]]")
     source = build_model(cfg)
@@ -53,6 +54,7 @@ def test_load_state_dict_alone_rebuilds_past_bank_and_norms(tiny_cfg):
         assert torch.equal(got.past_A, want.past_A) and torch.equal(got.past_inv_norm, want.past_inv_norm)
 
 
+@pytest.mark.slow  # many tasks of a tiny ViT: over 2 s
 def test_fifty_task_checkpoints_grow_linearly(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
     model = build_model(cfg)
@@ -83,6 +85,7 @@ def run_recipe(model: SDLoRAViT, run_dir: Path, tasks: range) -> None:
         ckpt.save_task_checkpoint(run_dir, t, model, {"task": t})
 
 
+@pytest.mark.slow  # many tasks of a tiny ViT: over 2 s
 def test_resume_from_any_task_folder_reproduces_the_run(tiny_cfg, tmp_path):
     """KD absorbs task 2's pair, RR lowers the rank from task 2: both must survive any split of the run."""
     cfg = tiny_cfg("adapter.rank_schedule=[[0,4],[2,2]]", "adapter.kd=true")
@@ -157,6 +160,7 @@ def test_damaged_earlier_folder_is_named(tiny_cfg, tmp_path, damage):
         ckpt.load_task_model(tmp_path, 1)
 
 
+@pytest.mark.slow  # many tasks of a tiny ViT: over 2 s
 def test_lora_seq_rewrites_its_one_open_pair_every_task(tiny_cfg, tmp_path):
     """lora-seq trains the same pair in every task: each folder must hold it, and every task loads exactly."""
     cfg = tiny_cfg("train.method=lora-seq")

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from cli_helpers import metrics, sdlora, sets
 from data_fixtures import make_class_folders, read_shard_set
-from test_train import metrics, sdlora, sets
 
 from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, prepare
 from sdlora_dist.data.classes import resolve_split, seeded_order, task_view
@@ -46,14 +46,6 @@ def ir_shards(tmp_path_factory) -> Path:
     make_class_folders(root / "src", {f"n{c:08d}": 5 for c in range(IR_CLASSES)}, size=(24, 20))
     prepare("imagenet-r", root / "src", root / "shards", progress=False, workers=1, subset=True)
     return root / "shards"
-
-
-@pytest.fixture(scope="module")
-def digits_shards(tmp_path_factory) -> Path:
-    """digits prepared with the defaults."""
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    prepare("digits", None, out, progress=False, workers=1)
-    return out
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7, 1993, 1995, 2**31 + 5])

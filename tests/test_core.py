@@ -8,30 +8,13 @@ import math
 import pytest
 import torch
 from conftest import tiny_overrides
+from model_helpers import INPUTS, LABELS_PER_TASK, set_current_in_span, train_task
 from torch import nn
 
 from sdlora_dist.checkpoint import load_task_model, save_task_checkpoint, write_run_header
 from sdlora_dist.config import ConfigError, load_config
 from sdlora_dist.errors import UserError
-from sdlora_dist.model import build_model, masked_cross_entropy
-
-X = torch.Generator().manual_seed(0)
-INPUTS = torch.randn(6, 3, 32, 32, generator=X)
-LABELS_PER_TASK = 4
-
-
-def train_task(model, task: int, steps: int = 3, lr: float = 0.05) -> None:
-    """A few SGD steps with the masked CE on random data for ``task`` (deterministic)."""
-    g = torch.Generator().manual_seed(100 + task)
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=lr, momentum=0.9)
-    offset = model.class_offset(task)
-    for _ in range(steps):
-        x = torch.randn(8, 3, 32, 32, generator=g)
-        y = offset + torch.randint(0, LABELS_PER_TASK, (8,), generator=g)
-        loss = masked_cross_entropy(model(x), y, offset, LABELS_PER_TASK)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+from sdlora_dist.model import build_model
 
 
 def run_tasks(model, n: int, *, steps: int = 3) -> None:
@@ -42,6 +25,7 @@ def run_tasks(model, n: int, *, steps: int = 3) -> None:
         train_task(model, t, steps)
 
 
+@pytest.mark.slow  # several trained tasks: over 2 s
 @pytest.mark.parametrize("compute", ["dense", "lowrank"])
 @pytest.mark.parametrize("magnitude", ["shared", "per_layer"])
 def test_merge_equals_adapter_model_with_rr_ranks(tiny_cfg, compute, magnitude):
@@ -146,6 +130,7 @@ def test_paper_per_layer_boundary_keeps_function(tiny_cfg):
     assert (after_add - before).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow  # several trained tasks: over 2 s
 def test_training_moves_only_current_task_state(tiny_cfg):
     model = build_model(tiny_cfg())
     run_tasks(model, 2)
@@ -167,27 +152,12 @@ def test_training_moves_only_current_task_state(tiny_cfg):
     assert {"head.weight.task_02", "head.bias.task_02"} <= moved
 
 
-def _set_current_in_span(model, coeffs: dict[str, float]) -> None:
-    """Make the open pair's B A equal sum_k c_k D_k in every adapted matrix, D_k = B_k A_k / n_k (the past unit
-    directions), so it lies exactly in their span with coefficients shared by all matrices."""
-    key = model.current_key
-    with torch.no_grad():
-        for wrapper in model.adapters:
-            a = torch.cat([wrapper.lora_A[k] for k in coeffs], dim=1)
-            b = torch.cat(
-                [wrapper.lora_B[k] * (c / wrapper.pair_norms(k))[:, None, None] for k, c in coeffs.items()], 2
-            )
-            wrapper.lora_A[key] = nn.Parameter(a.clone())
-            wrapper.lora_B[key] = nn.Parameter(b.clone())
-        model._sync_layout()
-
-
 def test_kd_absorbs_direction_in_span_and_keeps_logits(tiny_cfg):
     model = build_model(tiny_cfg("adapter.kd=true"))
     run_tasks(model, 2)
     model.consolidate()
     model.add_task(LABELS_PER_TASK)
-    _set_current_in_span(model, {"task_00": 0.7, "task_01": -0.3})
+    set_current_in_span(model, {"task_00": 0.7, "task_01": -0.3})
     with torch.no_grad():
         model.magnitudes.values["task_02"].fill_(1.3)
         before = model(INPUTS)

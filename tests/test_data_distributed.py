@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from data_fixtures import read_shard_set, train_loader
 from shard_servers import http_server
 
-from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, prepare
+from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader
 
 SPEC = TransformSpec(img_size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 WORLD = 2
@@ -62,12 +62,11 @@ def _rank_main(rank: int, port: int, shards: str, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_ranks_two_workers(tmp_path: Path) -> None:
-    shards = tmp_path / "digits"
-    prepare("digits", None, shards, shard_size=37, progress=False, workers=2)  # 287 = 7 x 37 + 28: uneven
+def test_two_ranks_two_workers(digits_shards: Path, tmp_path: Path) -> None:
+    shards = digits_shards  # 287 = 7 x 37 + 28 train samples per task: uneven shards
     manifest = load_manifest(shards)
     assert len({s.count for s in manifest.task_shards("train", 0)}) > 1
-    with http_server(tmp_path) as server:  # the ranks and their workers stream every shard over HTTP
+    with http_server(shards.parent) as server:  # the ranks and their workers stream every shard over HTTP
         mp.spawn(_rank_main, args=(_free_port(), f"{server.url}/digits", str(tmp_path)), nprocs=WORLD, join=True)
         assert any(p.endswith(".tar") for p in server.requests)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]

@@ -151,6 +151,7 @@ def _prepare_fails(capsys: pytest.CaptureFixture, out: Path, *argv: str) -> str:
     return error_line(err)
 
 
+@pytest.mark.slow  # prepares a 200-class source: over 2 s
 def test_imagenet_r_root_one_level_too_high(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     wnids = make_imagenet_r(tmp_path / "data" / "imagenet-r")
     # the folder that holds imagenet-r/: found one level down, all 200 classes

@@ -26,55 +26,47 @@ from sdlora_dist.errors import UserError
 SPEC = TransformSpec(img_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits, 5 tasks, shards of 40 samples (so every task has a short last shard)."""
-    out = tmp_path_factory.mktemp("pipe") / "digits"
-    prepare("digits", None, out, shard_size=40, progress=False, workers=2)
-    return out
-
-
 @pytest.fixture
-def shards_copy(shards: Path, tmp_path: Path) -> Path:
+def shards_copy(digits_shards: Path, tmp_path: Path) -> Path:
     """A private copy to damage."""
-    return Path(shutil.copytree(shards, tmp_path / "copy"))
+    return Path(shutil.copytree(digits_shards, tmp_path / "copy"))
 
 
-def _epoch(shards: Path, **kw) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def _epoch(digits_shards: Path, **kw) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     args = {"task": 1, "spec": SPEC, "batch_size": 16, "epoch": 0, "seed": 1, "with_keys": True} | kw
-    return list(train_loader(shards, **args))
+    return list(train_loader(digits_shards, **args))
 
 
-def test_train_exact_full_batches_every_rank(shards: Path) -> None:
-    manifest = load_manifest(shards)
+def test_train_exact_full_batches_every_rank(digits_shards: Path) -> None:
+    manifest = load_manifest(digits_shards)
     n = manifest.num_samples("train", 1)
     steps = train_steps_per_epoch(manifest, 1, 3 * 16)
     assert steps == math.ceil(n / 48)
     keys = []
     for rank in range(3):
-        batches = _epoch(shards, rank=rank, world_size=3)
+        batches = _epoch(digits_shards, rank=rank, world_size=3)
         assert len(batches) == steps
         for images, labels, k in batches:
             assert images.shape == (16, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
             assert set(labels.tolist()) <= set(manifest.task_labels(1))
             keys += k
-    task_keys = {s["key"] for s in read_shard_set(shards)["train"] if s["task"] == 1}
+    task_keys = {s["key"] for s in read_shard_set(digits_shards)["train"] if s["task"] == 1}
     assert set(keys) == task_keys and len(keys) == steps * 48  # all covered, the wrap-around fills the last batches
 
 
-def test_train_stream_deterministic_whatever_the_workers(shards: Path) -> None:
-    ref = _epoch(shards, rank=1, world_size=2, num_workers=0, shuffle_buffer=64)
-    two = _epoch(shards, rank=1, world_size=2, num_workers=2, shuffle_buffer=64)
+def test_train_stream_deterministic_whatever_the_workers(digits_shards: Path) -> None:
+    ref = _epoch(digits_shards, rank=1, world_size=2, num_workers=0, shuffle_buffer=64)
+    two = _epoch(digits_shards, rank=1, world_size=2, num_workers=2, shuffle_buffer=64)
     assert len(ref) == len(two)
     for (xa, ya, ka), (xb, yb, kb) in zip(ref, two, strict=True):
         assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
-    other = _epoch(shards, rank=1, world_size=2, epoch=1, shuffle_buffer=64)
+    other = _epoch(digits_shards, rank=1, world_size=2, epoch=1, shuffle_buffer=64)
     assert [k for *_, k in other] != [k for *_, k in ref]  # reshuffled per epoch
     first_keys = [k[0] for *_, k in ref]
     assert len(set(first_keys)) > 1
 
 
-def test_pipeline_opens_only_its_task_shards(shards: Path) -> None:
+def test_pipeline_opens_only_its_task_shards(digits_shards: Path) -> None:
     """An audit hook records every file the process opens while a task's train and eval loaders run."""
     opened: list[str] = []
     recording = [True]
@@ -85,21 +77,22 @@ def test_pipeline_opens_only_its_task_shards(shards: Path) -> None:
 
     sys.addaudithook(hook)
     try:
-        _epoch(shards, task=3)
-        list(make_eval_loader(shards, [3], spec=SPEC, batch_size=32))
+        _epoch(digits_shards, task=3)
+        list(make_eval_loader(digits_shards, [3], spec=SPEC, batch_size=32))
     finally:
         recording[0] = False
-    manifest = load_manifest(shards)
-    own = {str(shards / s.path) for split in ("train", "test") for s in manifest.task_shards(split, 3)}
+    manifest = load_manifest(digits_shards)
+    own = {str(digits_shards / s.path) for split in ("train", "test") for s in manifest.task_shards(split, 3)}
     assert set(opened) == own
 
 
-def test_eval_exactly_once_over_ranks(shards: Path) -> None:
-    manifest = load_manifest(shards)
-    expected = {s["key"]: s["label"] for s in read_shard_set(shards)["test"] if s["task"] in (0, 2)}
+def test_eval_exactly_once_over_ranks(digits_shards: Path) -> None:
+    manifest = load_manifest(digits_shards)
+    expected = {s["key"]: s["label"] for s in read_shard_set(digits_shards)["test"] if s["task"] in (0, 2)}
     seen: list[str] = []
     for rank in range(3):
-        loader = make_eval_loader(shards, [0, 2], spec=SPEC, batch_size=10, rank=rank, world_size=3, with_keys=True)
+        loader = make_eval_loader(digits_shards, [0, 2], spec=SPEC, batch_size=10, rank=rank, world_size=3,
+                                  with_keys=True)  # fmt: skip
         for images, labels, keys in loader:
             assert images.shape[1:] == (3, 16, 16)
             assert [expected[k] for k in keys] == labels.tolist()
@@ -109,15 +102,16 @@ def test_eval_exactly_once_over_ranks(shards: Path) -> None:
     assert len(seen) == manifest.num_samples("test", 0) + manifest.num_samples("test", 2)
 
 
-def test_corrupt_samples_skipped_and_counted(shards: Path, shards_copy: Path) -> None:
-    manifest = load_manifest(shards)
+@pytest.mark.slow  # several full epochs: over 2 s
+def test_corrupt_samples_skipped_and_counted(digits_shards: Path, shards_copy: Path) -> None:
+    manifest = load_manifest(digits_shards)
     train_shard, test_shard = manifest.task_shards("train", 0)[1], manifest.task_shards("test", 0)[0]
-    train_keys = [s["key"] for s in read_shard_set(shards)["train"] if s["task"] == 0][40:42]  # in shard 1
-    test_keys = {s["key"] for s in read_shard_set(shards)["test"] if s["task"] == 0}
+    train_keys = [s["key"] for s in read_shard_set(digits_shards)["train"] if s["task"] == 0][40:42]  # in shard 1
+    test_keys = {s["key"] for s in read_shard_set(digits_shards)["test"] if s["task"] == 0}
     bad_test = sorted(k for k in test_keys if k.startswith(f"test-c{test_shard.path.split('_')[1][:4]}"))[:3]
     rewrite_shard(shards_copy, train_shard.path, set(train_keys))
     rewrite_shard(shards_copy, test_shard.path, set(bad_test))
-    clean_stream = [k for *_, ks in _epoch(shards, task=0, num_workers=2) for k in ks]
+    clean_stream = [k for *_, ks in _epoch(digits_shards, task=0, num_workers=2) for k in ks]
     loader = train_loader(shards_copy, 0, spec=SPEC, batch_size=16, epoch=0, seed=1, num_workers=2)
     batches = list(loader)
     assert all(x.shape[0] == 16 for x, _ in batches) and len(batches) == len(loader)
@@ -132,8 +126,8 @@ def test_corrupt_samples_skipped_and_counted(shards: Path, shards_copy: Path) ->
         list(make_eval_loader(shards_copy, [0], spec=SPEC, batch_size=8, corrupt="error"))
 
 
-def test_truncated_shard_named_or_skipped(shards: Path, shards_copy: Path) -> None:
-    manifest = load_manifest(shards)
+def test_truncated_shard_named_or_skipped(digits_shards: Path, shards_copy: Path) -> None:
+    manifest = load_manifest(digits_shards)
     victim = manifest.task_shards("train", 2)[2]
     path = shards_copy / victim.path
     path.write_bytes(path.read_bytes()[: victim.bytes // 2])
@@ -145,16 +139,16 @@ def test_truncated_shard_named_or_skipped(shards: Path, shards_copy: Path) -> No
     steps = train_steps_per_epoch(manifest, 2, 16)
     assert len(batches) == steps and all(x.shape[0] == 16 for x, *_ in batches)  # same step count: no hang
     assert loader.stats.bad_shards == [victim.path]
-    victim_keys = {s["key"] for s in read_shard_set(shards)["train"] if s["task"] == 2}
+    victim_keys = {s["key"] for s in read_shard_set(digits_shards)["train"] if s["task"] == 2}
     with pytest.raises(UserError, match="missing"):
         (shards_copy / manifest.task_shards("test", 2)[0].path).unlink()
         make_eval_loader(shards_copy, [2], spec=SPEC, batch_size=8)
     assert {k for *_, ks in batches for k in ks} <= victim_keys
 
 
-def test_shard_with_garbage_inside_is_named(shards: Path, shards_copy: Path) -> None:
+def test_shard_with_garbage_inside_is_named(digits_shards: Path, shards_copy: Path) -> None:
     """Same size as the manifest says, but zeroed tar headers: the reader names the shard."""
-    victim = load_manifest(shards).task_shards("test", 4)[0]
+    victim = load_manifest(digits_shards).task_shards("test", 4)[0]
     path = shards_copy / victim.path
     data = bytearray(path.read_bytes())
     data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
@@ -163,13 +157,17 @@ def test_shard_with_garbage_inside_is_named(shards: Path, shards_copy: Path) -> 
         list(make_eval_loader(shards_copy, [4], spec=SPEC, batch_size=8, num_workers=1))
     loader = make_eval_loader(shards_copy, [4], spec=SPEC, batch_size=8, bad_shard="skip")
     n = sum(len(y) for _, y in loader)
-    assert 0 < n < load_manifest(shards).num_samples("test", 4) and loader.stats.corrupt > 0
+    total = load_manifest(digits_shards).num_samples("test", 4)
+    assert 0 < n < total and loader.stats.corrupt > 0
+    assert n + loader.stats.corrupt == total, (n, loader.stats.corrupt, total)  # every sample read or counted
 
 
-def test_a_workers_user_error_reaches_the_caller_by_type_with_its_message(shards: Path, shards_copy: Path) -> None:
+def test_a_workers_user_error_reaches_the_caller_by_type_with_its_message(
+    digits_shards: Path, shards_copy: Path
+) -> None:
     """A DataLoader worker's UserError crosses as a record (kind + message): the caller gets a UserError whose text is
     exactly what the same failure says without workers, not torch's re-raise with the worker's traceback."""
-    victim = load_manifest(shards).task_shards("test", 4)[0]
+    victim = load_manifest(digits_shards).task_shards("test", 4)[0]
     path = shards_copy / victim.path
     path.write_bytes(path.read_bytes()[: victim.bytes // 2] + bytes(victim.bytes - victim.bytes // 2))
     messages = []
@@ -222,13 +220,14 @@ def test_task_with_fewer_samples_than_streams_fills_every_stream(tmp_path: Path)
     assert [k for h in halves for k in h[2]] == one[0][2]  # the same global batch on two ranks
 
 
-def test_a_local_shard_is_entered_mid_way_by_its_headers_only(shards: Path) -> None:
+@pytest.mark.slow  # several full epochs: over 2 s
+def test_a_local_shard_is_entered_mid_way_by_its_headers_only(digits_shards: Path) -> None:
     """A stream whose piece starts inside a local shard skips the earlier samples by seeking over their data."""
     from sdlora_dist.data import urls
     from sdlora_dist.data.reading import tar_samples
 
-    info = load_manifest(shards).task_shards("train", 1)[0]
-    path = str(shards / info.path)
+    info = load_manifest(digits_shards).task_shards("train", 1)[0]
+    path = str(digits_shards / info.path)
     everything = [s["__key__"] for s in tar_samples(path)]
     assert len(everything) == info.count
     read: list[int] = []

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import DIGITS_SHARD_SIZE
 from data_fixtures import (
     cifar_arrays,
     make_cifar,
@@ -106,20 +107,12 @@ def test_cub200_tree(tmp_path: Path) -> None:
     _check_round_trip(tmp_path / "out", base, n_train, n_test, class_of)
 
 
-@pytest.fixture(scope="module")
-def digits_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits with the paper-style defaults (5 tasks, seed 1993), shards of 60."""
-    out = tmp_path_factory.mktemp("digits") / "out"
-    prepare("digits", None, out, shard_size=60, progress=False, workers=2)
-    return out
-
-
-def test_digits_native_8x8(digits_out: Path) -> None:
+def test_digits_native_8x8(digits_shards: Path) -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    manifest = load_manifest(digits_out)
-    samples = read_shard_set(digits_out)
+    manifest = load_manifest(digits_shards)
+    samples = read_shard_set(digits_shards)
     assert len(samples["train"]) + len(samples["test"]) == len(digits.target) == 1797
     assert manifest.num_tasks() == 5 and manifest.seed == 1993
     expected = np.clip(np.rint(digits.images * 255 / 16), 0, 255).astype(np.uint8)
@@ -169,13 +162,13 @@ def test_webdataset_reads_the_shards(tmp_path: Path) -> None:
         assert img.size == (20, 16) and label == meta["label"] and manifest.class_names[label] == meta["class"]
 
 
-def test_resume_reuses_finished_shards(tmp_path: Path, digits_out: Path) -> None:
+def test_resume_reuses_finished_shards(tmp_path: Path, digits_shards: Path) -> None:
     """An interrupted prepare (some shards done, one half-written temp) resumes and ends byte-identical."""
     out = tmp_path / "out"
     stage = tmp_path / "out.partial"
-    fresh = load_manifest(digits_out)
+    fresh = load_manifest(digits_shards)
     source = read_source("digits", None, 0)
-    plans = plan_class_shards(source, 60)
+    plans = plan_class_shards(source, DIGITS_SHARD_SIZE)
     _open_stage(stage, fresh.fingerprint)  # what the interrupted run had done: stage, 3 shards, one partial temp
     write_shards(plans[:3], stage, resize=256, workers=1, progress=False, desc="")
     half = stage / (plans[3].path + ".tmp")
@@ -183,12 +176,13 @@ def test_resume_reuses_finished_shards(tmp_path: Path, digits_out: Path) -> None
     half.write_bytes(b"half a tar")
     done_mtime = {p.path: os.stat(stage / p.path).st_mtime_ns for p in plans[:3]}
     assert not out.exists()  # nothing at --out while interrupted
-    manifest = prepare("digits", None, out, shard_size=60, progress=False, workers=1)
+    manifest = prepare("digits", None, out, shard_size=DIGITS_SHARD_SIZE, progress=False, workers=1)
     assert not stage.exists() and not list(out.rglob("*.tmp")) and not list(out.rglob(".*.done.json"))
     assert {p: os.stat(out / p).st_mtime_ns for p in done_mtime} == done_mtime  # not rewritten
     assert manifest.to_json() == fresh.to_json()
     assert inspect_table(out, verify=True).startswith(f"verified {len(plans)} shards")
-    assert prepare("digits", None, out, shard_size=60, progress=False).to_json() == fresh.to_json()  # no-op
+    again = prepare("digits", None, out, shard_size=DIGITS_SHARD_SIZE, progress=False)
+    assert again.to_json() == fresh.to_json()  # no-op
 
 
 def test_add_task_appends_new_classes(tmp_path: Path) -> None:
@@ -210,9 +204,9 @@ def test_add_task_appends_new_classes(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob(".add-task*"))
 
 
-def test_tar_headers_are_fixed(digits_out: Path) -> None:
-    manifest = load_manifest(digits_out)
-    with tarfile.open(digits_out / manifest.task_shards("train", 0)[0].path) as tar:
+def test_tar_headers_are_fixed(digits_shards: Path) -> None:
+    manifest = load_manifest(digits_shards)
+    with tarfile.open(digits_shards / manifest.task_shards("train", 0)[0].path) as tar:
         members = tar.getmembers()
     assert {(m.mtime, m.uid, m.mode) for m in members} == {(0, 0, 0o644)}
     assert [m.name.split(".", 1)[1] for m in members[:3]] == ["png", "cls", "json"]

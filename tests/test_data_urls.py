@@ -10,19 +10,11 @@ from data_fixtures import read_shard_set, train_loader
 from shard_servers import http_server, s3_server
 
 from sdlora_dist.cli.main import main
-from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, prepare, urls
+from sdlora_dist.data import TransformSpec, load_manifest, make_eval_loader, urls
 from sdlora_dist.data.planning import cut_pieces
 from sdlora_dist.errors import UserError
 
 SPEC = TransformSpec(img_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """digits, 5 tasks, shards of 37 samples (uneven: every task has a short last shard)."""
-    out = tmp_path_factory.mktemp("urls") / "digits"
-    prepare("digits", None, out, shard_size=37, progress=False, workers=2)
-    return out
 
 
 def _train(location: str | Path, **kw) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -41,45 +33,47 @@ def _same(a: list[tuple], b: list[tuple]) -> None:
         assert ka == kb and torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
-def test_http_and_pipe_match_local(shards: Path) -> None:
-    local, local_eval = _train(shards), _eval_keys(shards)
-    with http_server(shards.parent) as server:
+@pytest.mark.slow  # servers and several full epochs: over 2 s
+def test_http_and_pipe_match_local(digits_shards: Path) -> None:
+    local, local_eval = _train(digits_shards), _eval_keys(digits_shards)
+    with http_server(digits_shards.parent) as server:
         url = f"{server.url}/digits"
-        assert load_manifest(url) == load_manifest(shards)
+        assert load_manifest(url) == load_manifest(digits_shards)
         _same(_train(url, num_workers=2), local)
-        assert _eval_keys(url, num_workers=2) == _eval_keys(shards, num_workers=2)
+        assert _eval_keys(url, num_workers=2) == _eval_keys(digits_shards, num_workers=2)
         assert sorted(_eval_keys(url)) == sorted(local_eval)
-        manifest = load_manifest(shards)
+        manifest = load_manifest(digits_shards)
         own = manifest.task_shards("train", 2) + manifest.task_shards("test", 1) + manifest.task_shards("test", 3)
         assert set(server.requests) == {f"/digits/{s.path}" for s in own} | {"/digits/manifest.json"}  # no others
-    _same(_train(f"pipe:cat {shards}"), local)
-    _same(_train(f"file://{shards}"), local)
+    _same(_train(f"pipe:cat {digits_shards}"), local)
+    _same(_train(f"file://{digits_shards}"), local)
 
 
-def test_s3_through_moto_server(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with s3_server(shards, "bucket", "sets/digits") as endpoint:
+@pytest.mark.slow  # servers and several full epochs: over 2 s
+def test_s3_through_moto_server(digits_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with s3_server(digits_shards, "bucket", "sets/digits") as endpoint:
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
         url = "s3://bucket/sets/digits"
-        assert load_manifest(url) == load_manifest(shards)
-        _same(_train(url), _train(shards))
-        assert sorted(_eval_keys(url)) == sorted(_eval_keys(shards))
+        assert load_manifest(url) == load_manifest(digits_shards)
+        _same(_train(url), _train(digits_shards))
+        assert sorted(_eval_keys(url)) == sorted(_eval_keys(digits_shards))
         with pytest.raises(UserError, match="no readable manifest.json at s3://bucket/nothing"):
             load_manifest("s3://bucket/nothing")
 
 
-def test_dropped_connection_retried_then_named(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dropped_connection_retried_then_named(digits_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(urls, "BACKOFF_S", 0.01)
-    with http_server(shards.parent) as server:
+    with http_server(digits_shards.parent) as server:
         _train(f"{server.url}/digits")
         clean = sorted(server.requests)
-    with http_server(shards.parent, drops=1) as server:  # the first shard download is cut in the middle
-        _same(_train(f"{server.url}/digits"), _train(shards))
+    with http_server(digits_shards.parent, drops=1) as server:  # the first shard download is cut in the middle
+        _same(_train(f"{server.url}/digits"), _train(digits_shards))
         first = server.requests[1]
         assert sorted(server.requests) == sorted(clean + [first])  # that shard fetched once more: the retry
-    with http_server(shards.parent, drops=100) as server:
+    with http_server(digits_shards.parent, drops=100) as server:
         url = f"{server.url}/digits"
         with pytest.raises(UserError, match=rf"unreadable after {urls.RETRIES + 1} attempt\(s\) .* at {url}/test/"):
             _eval_keys(url)
@@ -88,10 +82,10 @@ def test_dropped_connection_retried_then_named(shards: Path, monkeypatch: pytest
             load_manifest("http://127.0.0.1:1/x")
 
 
-def test_cache_dir_checked_against_sha256(shards: Path, tmp_path: Path) -> None:
+def test_cache_dir_checked_against_sha256(digits_shards: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    manifest = load_manifest(shards)
-    with http_server(shards.parent) as server:
+    manifest = load_manifest(digits_shards)
+    with http_server(digits_shards.parent) as server:
         url = f"{server.url}/digits"
         first = _train(url, cache_dir=cache)
         assert sorted(p.name for p in cache.iterdir()) == sorted(
@@ -100,11 +94,11 @@ def test_cache_dir_checked_against_sha256(shards: Path, tmp_path: Path) -> None:
         n_requests = len(server.requests)
         _same(_train(url, cache_dir=cache), first)  # served from the cache: only the manifest is fetched again
         assert server.requests[n_requests:] == ["/digits/manifest.json"]
-    _same(first, _train(shards))
+    _same(first, _train(digits_shards))
     copy = tmp_path / "served" / "digits"  # the same shards behind a manifest whose sha256 for one shard is wrong
-    for path in shards.rglob("*.tar"):
-        (copy / path.relative_to(shards)).parent.mkdir(parents=True, exist_ok=True)
-        (copy / path.relative_to(shards)).symlink_to(path)
+    for path in digits_shards.rglob("*.tar"):
+        (copy / path.relative_to(digits_shards)).parent.mkdir(parents=True, exist_ok=True)
+        (copy / path.relative_to(digits_shards)).symlink_to(path)
     bad = manifest.task_shards("test", 0)[0]
     bad.sha256 = "0" * 64
     (copy / "manifest.json").write_text(manifest.to_json())
@@ -115,17 +109,17 @@ def test_cache_dir_checked_against_sha256(shards: Path, tmp_path: Path) -> None:
     assert not (cache / f"{bad.sha256}.tar").exists() and not list(cache.glob(".*"))  # nothing half-written
 
 
-def test_global_batches_independent_of_world_size(shards: Path) -> None:
-    one = _train(shards, batch_size=32, shuffle_buffer=64)
+def test_global_batches_independent_of_world_size(digits_shards: Path) -> None:
+    one = _train(digits_shards, batch_size=32, shuffle_buffer=64)
     for world, workers in ((2, 0), (2, 2), (4, 1)):
-        per_rank = [_train(shards, batch_size=32 // world, rank=r, world_size=world, num_workers=workers,
+        per_rank = [_train(digits_shards, batch_size=32 // world, rank=r, world_size=world, num_workers=workers,
                            shuffle_buffer=64) for r in range(world)]  # fmt: skip
         assert all(len(p) == len(one) for p in per_rank)
         for step, (x, y, keys) in enumerate(one):
             assert keys == [k for p in per_rank for k in p[step][2]]
             assert torch.equal(x, torch.cat([p[step][0] for p in per_rank]))
             assert torch.equal(y, torch.cat([p[step][1] for p in per_rank]))
-    task_keys = {s["key"] for s in read_shard_set(shards)["train"] if s["task"] == 2}
+    task_keys = {s["key"] for s in read_shard_set(digits_shards)["train"] if s["task"] == 2}
     assert {k for *_, ks in one for k in ks} == task_keys  # every sample at least once per epoch
 
 
@@ -140,14 +134,16 @@ def test_cut_pieces_balanced_and_exact() -> None:
     assert [[(i, a, b) for i, a, b in p] for p in whole] == [[(2 * k, 0, 10), (2 * k + 1, 0, 10)] for k in range(4)]
 
 
-def test_data_inspect_over_http(shards: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_inspect_over_http(
+    digits_shards: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(urls, "BACKOFF_S", 0.01)
-    with http_server(shards.parent) as server:
+    with http_server(digits_shards.parent) as server:
         assert main(["data", "inspect", "--verify", f"{server.url}/digits"]) == 0
     out = capsys.readouterr().out
-    n = sum(len(load_manifest(shards).shards[s][t]) for s in ("train", "test") for t in range(5))
+    n = sum(len(load_manifest(digits_shards).shards[s][t]) for s in ("train", "test") for t in range(5))
     assert f"verified {n} shards" in out and "benchmark digits" in out
-    with http_server(shards.parent / "nowhere") as server:
+    with http_server(digits_shards.parent / "nowhere") as server:
         assert main(["data", "inspect", f"{server.url}/digits"]) == 2
     assert "no readable manifest.json" in capsys.readouterr().err
 

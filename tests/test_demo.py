@@ -42,6 +42,7 @@ def test_demo_end_to_end(tmp_path):
     assert [line["top_k"][0]["class"] for line in lines] == [names[i] for i in torch_logits.argmax(1)]
 
 
+@pytest.mark.slow  # builds the demo backbone: over 2 s
 def test_toy_backbone_loads_as_local_weights(tmp_path):
     """The glyph-pretrained file is a plain timm state dict that model.weights accepts, and training changed it."""
     from safetensors.torch import load_file

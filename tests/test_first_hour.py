@@ -71,6 +71,7 @@ def ci_commands() -> list[str]:
     return [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("README command")]
 
 
+@pytest.mark.slow
 def test_ci_runs_the_readme_commands_verbatim():
     readme = readme_setup_commands()
     assert len(readme) == 2 and all("\n" not in c for c in readme)
@@ -85,10 +86,67 @@ def test_ci_runs_the_readme_commands_verbatim():
     assert list(assigned.values()) == readme
 
 
-def test_ci_checks_outputs_and_pytest_exit_5():
-    script = (REPO / ".ci" / "run").read_text()
-    assert '"$rc" -eq 5' in script and "model.onnx predictions.jsonl" in script
-    assert "python3 -m venv" in script and "< /dev/null" in script and "CI=true" in script
+# A stand-in ``python3`` for .ci/run: ``python3 -m venv DIR`` makes a fake virtual environment whose ``pip`` does
+# nothing, whose ``sdlora demo --out demo`` writes the two demo outputs unless FAKE_DEMO_OUTPUTS=0, and whose
+# ``python -m pytest`` exits with FAKE_PYTEST_RC. Each stand-in logs its arguments, $CI and its stdin to FAKE_LOG.
+FAKE_PYTHON3 = r"""#!/usr/bin/env bash
+[ "$1 $2" = "-m venv" ] || { echo "fake python3: unexpected $*" >&2; exit 3; }
+mkdir -p "$3/bin"
+printf 'export PATH="%s/bin:$PATH"\n' "$3" > "$3/bin/activate"
+log='echo "$(basename "$0") $* CI=$CI stdin=$(readlink /proc/self/fd/0)" >> "$FAKE_LOG"'
+printf '#!/usr/bin/env bash\n%s\n' "$log" > "$3/bin/pip"
+demo='[ "$FAKE_DEMO_OUTPUTS" = 0 ] || { mkdir -p demo; echo x > demo/model.onnx; echo x > demo/predictions.jsonl; }'
+printf '#!/usr/bin/env bash\n%s\n%s\n' "$log" "$demo" > "$3/bin/sdlora"
+printf '#!/usr/bin/env bash\n%s\nexit "$FAKE_PYTEST_RC"\n' "$log" > "$3/bin/python"
+chmod +x "$3/bin/pip" "$3/bin/sdlora" "$3/bin/python"
+"""
+
+
+def run_ci_with_stubs(tmp_path: Path, pytest_rc: int, demo_outputs: bool) -> tuple[subprocess.CompletedProcess, str]:
+    """``.ci/run`` for real, with the stand-in ``python3`` first on PATH: (its result, the stand-ins' log)."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "python3").write_text(FAKE_PYTHON3)
+    (stubs / "python3").chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    work = tmp_path / "tmp"
+    work.mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "TMPDIR": str(work), "FAKE_LOG": str(log),
+           "FAKE_PYTEST_RC": str(pytest_rc), "FAKE_DEMO_OUTPUTS": "1" if demo_outputs else "0"}  # fmt: skip
+    env.pop("CI", None)
+    env.pop("SDLORA_CI_DRY_RUN", None)
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "run")], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+    assert not list(work.iterdir()), "the CI work folder was left behind"
+    return proc, log.read_text()
+
+
+@pytest.mark.slow
+def test_ci_fails_when_pytest_collects_nothing(tmp_path):
+    proc, log = run_ci_with_stubs(tmp_path, pytest_rc=5, demo_outputs=True)
+    assert proc.returncode != 0 and "pytest collected no tests" in proc.stderr, proc.stdout + proc.stderr
+    calls = log.splitlines()
+    assert [c.split(" CI=")[0] for c in calls] == [
+        "pip install -e .[cpu]", "sdlora demo --out demo", "pip install -e .[cpu,tensorboard,dev]",
+        "python -m pytest -q",
+    ]  # fmt: skip
+    assert all(c.endswith("CI=true stdin=/dev/null") for c in calls), log  # no stdin, CI=true
+
+
+@pytest.mark.slow
+def test_ci_fails_when_the_demo_writes_no_outputs(tmp_path):
+    proc, log = run_ci_with_stubs(tmp_path, pytest_rc=0, demo_outputs=False)
+    assert proc.returncode != 0 and "the demo did not write demo/model.onnx" in proc.stderr, proc.stderr
+    assert "python -m pytest" not in log  # stopped before the tests
+
+
+@pytest.mark.slow
+def test_ci_passes_when_both_commands_succeed(tmp_path):
+    """The control for the two failures above: the same stand-ins with outputs and exit 0 pass."""
+    proc, log = run_ci_with_stubs(tmp_path, pytest_rc=0, demo_outputs=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "README command (tests): exit 0" in proc.stdout and "python -m pytest -q" in log
 
 
 def test_runtime_extras_install_what_commands_import():
@@ -101,6 +159,7 @@ def test_runtime_extras_install_what_commands_import():
     assert names["dev"] == {"pytest", "ruff", "boto3", "moto[server]"} and "boto3" in names["s3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package", ["onnxruntime", "onnxscript"])
 def test_missing_optional_package_is_one_line_naming_the_extra(tmp_path, package):
     from sdlora_dist.cli.main import missing_package_message
@@ -297,16 +356,8 @@ def test_safetensors_metadata_preprocessing(tmp_path):
 # Failed starts leave nothing behind
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    from sdlora_dist.data import prepare
-
-    out = tmp_path_factory.mktemp("shards") / "digits"
-    prepare("digits", None, out, progress=False)
-    return out
-
-
-def test_failed_start_leaves_no_run_directory(digits, tmp_path):
+@pytest.mark.slow
+def test_failed_start_leaves_no_run_directory(digits_shards, tmp_path):
     import torch
 
     run_dir = tmp_path / "runs" / "r"
@@ -316,26 +367,26 @@ def test_failed_start_leaves_no_run_directory(digits, tmp_path):
         (f"model.weights={tmp_path / 'missing.safetensors'}", "does not exist"),
         (f"model.weights={unsafe}", "refused unread"),
     ):
-        proc = sdlora("train", "-b", "digits", "--data", str(digits), "--run-dir", str(run_dir), "--set", setting)
+        proc = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir),
+                      "--set", setting)  # fmt: skip
         assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and not run_dir.exists()
-    proc = sdlora("train", "-b", "digits", "--data", str(digits), "--run-dir", str(run_dir), "--nodes", "2",
+    proc = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir), "--nodes", "2",
                   "--hostfile", str(tmp_path / "no-hostfile"), "--set", "model.weights=random")  # fmt: skip
     assert proc.returncode == 2 and not run_dir.exists(), proc.stderr
     # an existing empty folder given as --run-dir is kept, emptied of what the failed start wrote
     run_dir.mkdir(parents=True)
-    proc = sdlora(
-        "train", "-b", "digits", "--data", str(digits), "--run-dir", str(run_dir), "--set", f"model.weights={unsafe}"
-    )
+    proc = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir),
+                  "--set", f"model.weights={unsafe}")  # fmt: skip
     assert proc.returncode == 2 and run_dir.is_dir() and not any(run_dir.iterdir())
 
 
 @pytest.mark.slow
-def test_rerun_after_failed_start_trains(digits, tmp_path):
+def test_rerun_after_failed_start_trains(digits_shards, tmp_path):
     run_dir = tmp_path / "r"
-    bad = sdlora("train", "--data", str(digits), "--run-dir", str(run_dir), "--set", "model.weights=/nope.pth")
+    bad = sdlora("train", "--data", str(digits_shards), "--run-dir", str(run_dir), "--set", "model.weights=/nope.pth")
     assert bad.returncode == 2 and not run_dir.exists()
-    good = sdlora("train", "--data", str(digits), "--run-dir", str(run_dir),
+    good = sdlora("train", "--data", str(digits_shards), "--run-dir", str(run_dir),
                   *with_sets("model.weights=random", "train.tasks=1", "train.epochs=1",
                              "train.max_steps_per_epoch=2", "data.num_workers=0"))  # fmt: skip
     assert good.returncode == 0, good.stderr[-3000:]
@@ -346,7 +397,7 @@ def test_rerun_after_failed_start_trains(digits, tmp_path):
 # --gpus-per-node default
 
 
-def dry_run(digits: Path, monkeypatch, gpus: int) -> str:
+def dry_run(digits_shards: Path, monkeypatch, gpus: int) -> str:
     import torch
 
     from sdlora_dist.cli.main import main
@@ -355,13 +406,13 @@ def dry_run(digits: Path, monkeypatch, gpus: int) -> str:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["train", "--data", str(digits), "--set", "model.weights=random", "--dry-run"])
+        code = main(["train", "--data", str(digits_shards), "--set", "model.weights=random", "--dry-run"])
     assert code == 0
     return out.getvalue()
 
 
-def test_gpus_per_node_defaults_to_every_visible_gpu(digits, monkeypatch):
-    four = dry_run(digits, monkeypatch, 4)
+def test_gpus_per_node_defaults_to_every_visible_gpu(digits_shards, monkeypatch):
+    four = dry_run(digits_shards, monkeypatch, 4)
     assert "--gpus-per-node 4 (every visible GPU)" in four and "--nproc-per-node=4" in four
-    cpu = dry_run(digits, monkeypatch, 0)
+    cpu = dry_run(digits_shards, monkeypatch, 0)
     assert "--gpus-per-node 1 (no GPU visible" in cpu and "--nproc-per-node=4" not in cpu

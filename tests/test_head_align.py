@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from cli_helpers import kill_at_engine_checkpoint, metrics, sdlora, sets
 from safetensors.torch import load_file
-from test_train import digits_shards  # noqa: F401, F811  (a fixture)
 
 from sdlora_dist import head_align as ha
 
@@ -95,6 +94,7 @@ def _biased_two_task_head(d: int = 6) -> tuple[torch.Tensor, torch.Tensor, list[
     return w.detach(), b.detach(), tasks
 
 
+@pytest.mark.slow  # trains three task groups of a tiny ViT: over 2 s
 @pytest.mark.parametrize("cov", ha.COV_MODES)
 def test_alignment_removes_the_bias_between_task_groups(cov):
     w, b, tasks = _biased_two_task_head()
@@ -174,7 +174,7 @@ def _head(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_two_ranks_two_workers_stats_equal_one_direct_pass_and_heads_agree(digits_shards, tmp_path):  # noqa: F811
+def test_two_ranks_two_workers_stats_equal_one_direct_pass_and_heads_agree(digits_shards, tmp_path):
     from sdlora_dist.checkpoint import load_run_config, load_task_model
     from sdlora_dist.data import load_manifest, make_eval_loader
     from sdlora_dist.preprocess import transform_spec
@@ -210,7 +210,7 @@ def test_two_ranks_two_workers_stats_equal_one_direct_pass_and_heads_agree(digit
 
 
 @pytest.fixture(scope="module")
-def gaussian_run(digits_shards, tmp_path_factory) -> Path:  # noqa: F811
+def gaussian_run(digits_shards, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ha") / "ref"
     ref = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir),
                  *sets(*GAUSSIAN, *KILLABLE))  # fmt: skip
@@ -219,7 +219,7 @@ def gaussian_run(digits_shards, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_resume_after_kill_gives_the_same_statistics_and_head(digits_shards, gaussian_run, tmp_path):  # noqa: F811
+def test_resume_after_kill_gives_the_same_statistics_and_head(digits_shards, gaussian_run, tmp_path):
     run_dir = tmp_path / "killed"
     extra = sets(*GAUSSIAN, *KILLABLE)
     args = ["train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir), *extra]
@@ -244,7 +244,7 @@ def test_resume_after_kill_gives_the_same_statistics_and_head(digits_shards, gau
 
 
 @pytest.mark.slow
-def test_none_trains_exactly_what_gaussian_trains_apart_from_the_head(digits_shards, gaussian_run, tmp_path):  # noqa: F811
+def test_none_trains_exactly_what_gaussian_trains_apart_from_the_head(digits_shards, gaussian_run, tmp_path):
     """The masked loss never reads old rows, so alignment must not change any adapter tensor; 'none' adds nothing.
 
     Adapter factors and magnitudes of every task are bit-identical between the two runs: the alignment step draws

@@ -19,6 +19,8 @@ from sdlora_dist.export.preprocess import image_to_uint8, normalize
 
 NAMES = [f"digit_{i}" for i in range(10)]
 
+pytestmark = pytest.mark.slow  # the module fixture exports two ONNX models (~15 s on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
+from cli_helpers import cli
 from PIL import Image
 
 from sdlora_dist import report as rep
@@ -37,15 +36,7 @@ def make_run(run_dir, tasks: int = 3) -> dict:
     return data
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    from sdlora_dist.cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
-
-
+@pytest.mark.slow  # renders plots: over 2 s
 def test_report_writes_plots_and_summary(tmp_path):
     data = make_run(tmp_path / "run")
     code, out, err = cli("report", str(tmp_path / "run"))
@@ -164,6 +155,7 @@ def test_per_layer_magnitudes_are_plotted_as_their_mean(tmp_path):
         assert img.format == "PNG" and img.width >= 800
 
 
+@pytest.mark.slow  # renders plots: over 2 s
 def test_failed_report_leaves_the_previous_one_untouched(tmp_path, monkeypatch):
     make_run(tmp_path / "run")
     before = rep.write_report(tmp_path / "run").markdown.read_text()

@@ -41,6 +41,7 @@ def test_second_holder_is_refused_with_the_holder_named(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_dead_pid_on_this_host_is_taken_over(tmp_path):
     write_lock(tmp_path, host=socket.gethostname(), pid=dead_pid(), heartbeat_age_s=1)
     lock = RunLock(tmp_path)
@@ -62,6 +63,7 @@ def test_old_heartbeat_on_another_host_is_taken_over_and_a_fresh_one_is_not(tmp_
     assert read_holder(tmp_path / LOCK_FILE).host == "node-7"  # a refused job leaves the lock alone
 
 
+@pytest.mark.slow
 def test_live_pid_on_this_host_with_fresh_heartbeat_is_not_taken_over(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

@@ -6,21 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from cli_helpers import TINY, kill_at_engine_checkpoint, metrics, sdlora, sets  # noqa: F401 (re-exported)
+from cli_helpers import TINY, kill_at_engine_checkpoint, metrics, sdlora, sets
 
 from sdlora_dist.metrics import AccuracyLog, summary
-
-
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> Path:
-    from sdlora_dist.data import prepare
-
-    out = tmp_path_factory.mktemp("shards") / "digits"
-    prepare("digits", None, out, progress=False)
-    return out
 
 
 def test_metrics_from_hand_made_matrix():
@@ -53,6 +43,9 @@ def test_forgetting_uses_numeric_task_order():
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(digits_shards, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
     one = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(tmp_path / "one"),
                  *sets("train.tasks=3"))  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
@@ -64,7 +57,18 @@ def test_two_ranks_match_one_rank(digits_shards, tmp_path):
     assert [t["world_size"] for t in m2["tasks"]] == [2, 2, 2]
     # every test sample counted exactly once across ranks
     assert m2["accuracy"]["totals"] == m1["accuracy"]["totals"]
-    assert abs(m2["accuracy"]["acc"] - m1["accuracy"]["acc"]) <= 5.0
+    # The pipeline gives each step the same global batch on 1 and 2 ranks, so both train the same model. Only the
+    # float summation order differs (one 16-sample mean vs the all-reduced mean of two 8-sample means): the adapters
+    # agree to ~3e-8 after 3 tasks (measured), far below any logit margin here, so every prediction is the same.
+    for task in range(3):
+        one_w, two_w = (load_file(tmp_path / r / "tasks" / f"task_{task:02d}" / "adapters.safetensors") for r in
+                        ("one", "two"))  # fmt: skip
+        assert one_w.keys() == two_w.keys()
+        for key in one_w:
+            torch.testing.assert_close(two_w[key], one_w[key], rtol=0, atol=1e-6, msg=f"task {task} {key}")
+    flat1, flat2 = ([a for row in m["accuracy"]["matrix"] for a in row if a is not None] for m in (m1, m2))
+    assert flat2 == pytest.approx(flat1, abs=1e-9), (m1["accuracy"]["matrix"], m2["accuracy"]["matrix"])
+    assert m2["accuracy"]["correct"] == m1["accuracy"]["correct"]
 
 
 @pytest.mark.slow

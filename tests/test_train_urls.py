@@ -5,16 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_helpers import metrics, sdlora, sets
 from shard_servers import http_server
-from test_train import metrics, sdlora, sets
 
 
 @pytest.mark.slow
-def test_two_ranks_over_http_match_local(tmp_path: Path) -> None:
-    from sdlora_dist.data import prepare
-
-    shards = tmp_path / "shards" / "digits"
-    prepare("digits", None, shards, shard_size=60, progress=False, workers=2)
+def test_two_ranks_over_http_match_local(digits_shards: Path, tmp_path: Path) -> None:
+    shards = digits_shards
     args = ["--gpus-per-node", "2", *sets("train.tasks=2", "data.num_workers=2")]
     local = sdlora("train", "-b", "digits", "--data", str(shards), "--run-dir", str(tmp_path / "local"), *args)
     assert local.returncode == 0, local.stderr[-3000:]
