@@ -1,4 +1,9 @@
-"""sdlora-dist: SD-LoRA class-incremental learning on Vision Transformers, distributed and exportable."""
+"""sdlora-dist: SD-LoRA class-incremental learning on Vision Transformers, distributed and exportable.
+
+Where things are (one line per module and the path of a training step: docs/architecture.md): the ML core and the
+run at this level, job control across processes in ``jobs/``, shards and streaming in ``data/``; the CLI installs
+as ``sdlora_dist.cli`` and export/serving as ``sdlora_dist.export``.
+"""
 
 from sdlora_dist._compat import ensure_torchvision_importable
 
