@@ -169,19 +169,23 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(path: Path, samples: list[tuple[str, bytes, str, int, dict]]) -> ShardInfo:
-    """Write ``(key, image bytes, ext, label, meta)`` samples to ``path`` atomically; returns the shard's record."""
+    """Write ``(key, image bytes, ext, label, meta)`` samples to ``path`` atomically; returns the shard's record
+    (with the byte offset where each sample starts, for ranged reads)."""
     tmp = path.with_name(path.name + ".tmp")
+    offsets = []
     with open(tmp, "wb") as fh:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, data, ext, label, meta in samples:
+                offsets.append(tar.offset)  # where this sample's first header goes
                 _tar_add(tar, f"{key}.{ext}", data)
                 _tar_add(tar, f"{key}.cls", str(label).encode())
                 _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            offsets.append(tar.offset)  # the end of the last sample (the end-of-archive blocks follow)
         fh.flush()
         os.fsync(fh.fileno())
     sha, size = file_sha256(tmp), tmp.stat().st_size
     os.replace(tmp, path)
-    return ShardInfo(path="", count=len(samples), bytes=size, sha256=sha)
+    return ShardInfo(path="", count=len(samples), bytes=size, sha256=sha, offsets=offsets)
 
 
 def plan_class_shards(source: Source, shard_size: int, first_class: int = 0) -> list[ShardPlan]:

@@ -1,8 +1,10 @@
 """Reading shards: forward-only streams of tar samples, the local cache of remote shards, counted decoding.
 
 Shards are read through ``webdataset.gopen`` (``urls.open_stream``) and webdataset's tar iterators
-(``tar_file_expander`` -> ``group_by_keys``) from a folder or any URL ``urls`` lists; no seeking except over the
-headers of a local file's skipped prefix. A remote read that fails mid-shard is re-opened up to ``urls.RETRIES``
+(``tar_file_expander`` -> ``group_by_keys``) from a folder or any URL ``urls`` lists. A segment of a shard whose
+manifest entry has per-sample byte offsets is opened at its first sample and stops after its last (a seek, an HTTP
+``Range`` or S3 ranged GET: ``byteranges``); without offsets, a local file's skipped prefix costs its tar headers
+and a remote stream reads and drops it. A remote read that fails mid-shard is re-opened up to ``urls.RETRIES``
 times with backoff, resuming after the last sample it got; then a UserError names the shard and URL
 (``bad_shard="error"``) or its missing samples come back as error items, counted as corrupt (``"skip"``). Local
 shards are checked for existence and size first (no hashing). ``cache_dir``: a remote shard is downloaded once to
@@ -28,7 +30,7 @@ import webdataset.tariterators as wds_tar
 from PIL import Image
 
 from sdlora_dist.config import ShardPolicy
-from sdlora_dist.data import urls
+from sdlora_dist.data import byteranges, urls
 from sdlora_dist.data.images import open_rgb
 from sdlora_dist.data.manifest import ShardInfo, shard_problem
 from sdlora_dist.data.planning import Piece, Segment
@@ -87,11 +89,15 @@ class Item:
     error: str | None = None
 
 
-def tar_samples(url: str, first: int = 0) -> Iterator[dict[str, Any]]:
+def tar_samples(url: str, first: int = 0, span: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
     """The samples of one tar from sample ``first`` on, in order: ``webdataset.gopen`` -> ``tar_file_expander`` ->
-    ``group_by_keys``. A local file (or a cached copy) skips the samples before ``first`` by reading their tar
-    headers only; a remote stream reads them and drops them."""
-    stream = urls.open_stream(url)
+    ``group_by_keys``. With ``span`` (the byte offsets where sample ``first`` starts and the last wanted sample
+    ends, from the manifest) only those bytes are read: a seek or a ranged GET (``byteranges.open_span``).
+    Without it, a local file (or a cached copy) skips the samples before ``first`` by reading their tar headers
+    only; a remote stream reads them and drops them."""
+    stream = urls.open_stream(url) if span is None else byteranges.open_span(url, *span)
+    if span is not None:
+        first = 0  # the stream starts at sample ``first``
     try:
         if first and urls.is_local(url):
             # headers through the unbuffered file: a buffered one would read a whole buffer after every seek
@@ -196,8 +202,10 @@ class ShardSource:
     def _read(url: str, seg: Segment, done: int) -> Iterator[Item]:
         start = seg.first + done
         index = start - 1
+        offsets = seg.shard.offsets
+        span = None if offsets is None else (offsets[start], offsets[seg.stop])
         try:
-            for index, sample in enumerate(tar_samples(url, start), start=start):
+            for index, sample in enumerate(tar_samples(url, start, span), start=start):
                 if index >= seg.stop:
                     return
                 files = {k: v for k, v in sample.items() if not k.startswith("__")}
