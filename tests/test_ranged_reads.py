@@ -5,17 +5,19 @@ forward and give the same samples."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import DIGITS_SHARD_SIZE
 from data_fixtures import train_loader
 from shard_servers import http_server, s3_server
 
-from sdlora_dist.data import TransformSpec, byteranges, load_manifest, urls
+from sdlora_dist.data import TransformSpec, byteranges, load_manifest, prepare, urls
 from sdlora_dist.data.manifest import MANIFEST_NAME, ShardInfo
 from sdlora_dist.data.planning import Segment
-from sdlora_dist.data.reading import Item, ShardSource
+from sdlora_dist.data.reading import Item, ShardSource, sample_offsets
 from sdlora_dist.errors import UserError
 
 SPEC = TransformSpec(img_size=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -147,3 +149,20 @@ def test_offsets_checked_when_the_manifest_loads(digits_shards: Path, tmp_path: 
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(raw))
     with pytest.raises(UserError, match=rf"manifest.json is corrupt .*{shard['path']}: offsets must be"):
         load_manifest(tmp_path)
+
+
+def test_prepare_again_records_the_offsets_of_an_old_shard_set(
+    digits_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    old = tmp_path / "digits"
+    shutil.copytree(digits_shards, old)
+    raw = json.loads((old / MANIFEST_NAME).read_text())
+    for shard in (s for split in raw["class_shards"].values() for c in split for s in c):
+        del shard["offsets"]
+    (old / MANIFEST_NAME).write_text(json.dumps(raw))
+    assert all(s.offsets is None for shards in load_manifest(old).all_shards() for s in shards)
+    prepare("digits", None, old, shard_size=DIGITS_SHARD_SIZE, progress=False, workers=1)
+    assert "recorded the sample offsets of" in capsys.readouterr().err
+    written = load_manifest(digits_shards).all_shards()
+    assert load_manifest(old).all_shards() == written  # read from the tar headers: what prepare recorded
+    assert [sample_offsets(old / s.path) for s in written[0]] == [s.offsets for s in written[0]]

@@ -115,21 +115,41 @@ def tar_samples(url: str, first: int = 0, span: tuple[int, int] | None = None) -
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: names that belong to no sample
 
 
-def _sample_offset(stream: Any, first: int) -> int:
-    """Byte offset of the header that starts sample ``first`` of a seekable tar (webdataset's grouping: a sample is
-    a run of regular members with one ``base_plus_ext`` key). tarfile's seekable mode reads each header and seeks
-    over the member's data, so the samples before ``first`` cost their headers only."""
+def _sample_starts(stream: Any) -> Iterator[tuple[int, int]]:
+    """``(header offset, data end)`` of each sample of a seekable tar (webdataset's grouping: a sample is a run of
+    regular members with one ``base_plus_ext`` key); the data end is where the sample's last member ends, padded
+    to the tar block. tarfile's seekable mode reads each header and seeks over the member's data, so a sample costs
+    its headers only."""
     tar = tarfile.open(fileobj=stream, mode="r:")
-    key, count = None, 0
+    key, start, end = None, None, 0
     while (member := tar.next()) is not None:
         if not member.isreg() or _META.match(member.name):
             continue
         prefix = wds_tar.base_plus_ext(member.name)[0]
         if prefix is not None and prefix != key:
-            if count == first:
-                return member.offset
-            key, count = prefix, count + 1
+            if start is not None:
+                yield start, end
+            key, start = prefix, member.offset
+        end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if start is not None:
+        yield start, end
+
+
+def _sample_offset(stream: Any, first: int) -> int:
+    """Byte offset of the header that starts sample ``first`` of a seekable tar."""
+    count = 0
+    for count, (start, _) in enumerate(_sample_starts(stream), start=1):
+        if count == first + 1:
+            return start
     raise ShardError(f"ends after {count} samples, fewer than the {first + 1} the manifest promises")
+
+
+def sample_offsets(path: str | Path) -> list[int]:
+    """The manifest's ``offsets`` of a local shard: where each sample's first header starts, then where the last
+    sample ends (read from the tar headers; for shard sets written before ``prepare`` recorded them)."""
+    with open(path, "rb", buffering=0) as stream:  # unbuffered: a buffered file reads a buffer after every seek
+        starts = list(_sample_starts(stream))
+    return [start for start, _ in starts] + [starts[-1][1] if starts else 0]
 
 
 class ShardSource:
