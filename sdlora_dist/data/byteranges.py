@@ -17,6 +17,7 @@ which the shard reader retries like any remote failure.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import urllib.error
@@ -114,14 +115,14 @@ def _range_start(content_range: str | None) -> int | None:
 
 def _s3_ranged(url: str, begin: int, end: int) -> tuple[IO[bytes], int]:
     try:
-        import boto3
+        import boto3  # noqa: F401  (imported here to give the install hint)
         import botocore.exceptions
     except ImportError as exc:
         raise UserError(f"{url}: s3:// needs boto3; install it with pip install 'sdlora-dist[s3]'") from exc
     parsed = urlparse(url)
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
     try:
-        client = boto3.client("s3", endpoint_url=endpoint)
+        client = _s3_client(os.getpid(), endpoint)
         answer = client.get_object(Bucket=parsed.netloc, Key=parsed.path[1:], Range=f"bytes={begin}-{end - 1}")
     except botocore.exceptions.ClientError as exc:
         raise FileNotFoundError(f"{url}: {exc}") from exc
@@ -129,6 +130,16 @@ def _s3_ranged(url: str, begin: int, end: int) -> tuple[IO[bytes], int]:
         raise OSError(f"{url}: {exc}") from exc
     start = _range_start(answer.get("ContentRange"))
     return answer["Body"], begin if start == begin else 0
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(pid: int, endpoint: str | None) -> Any:
+    """One boto3 client per process and endpoint: making one takes tens of milliseconds, and every segment of every
+    shard opens a ranged GET. Keyed by the pid so a forked loader worker never shares its parent's connections."""
+    import boto3  # present: the caller checked
+
+    del pid  # part of the cache key only
+    return boto3.client("s3", endpoint_url=endpoint)
 
 
 def _drop(stream: Any, count: int, url: str) -> None:
