@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,15 @@ class Manifest:
         data = {k: v for k, v in data.items() if k not in (*view_only, "class_names", "shards")}
         data.update(classes=self.stored_names, class_shards=dataclasses.asdict(self)["class_shards"],
                     class_order=self.default_order, classes_per_task=self.default_split)  # fmt: skip
-        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+        # each shard's offsets on one line: indented one number per line, they would take 2-3x the bytes
+        compact = []
+        for shard in (s for split in data["class_shards"].values() for c in split for s in c):
+            if shard.get("offsets") is not None:
+                compact.append(json.dumps(shard["offsets"], separators=(",", ":")))
+                shard["offsets"] = f"\0offsets{len(compact) - 1}\0"
+        text = json.dumps(data, indent=1, sort_keys=True)
+        text = re.sub(r'"\\u0000offsets(\d+)\\u0000"', lambda m: compact[int(m[1])], text)
+        return text + "\n"
 
 
 def _class_grouped(raw: dict[str, Any]) -> Manifest:
