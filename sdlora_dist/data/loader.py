@@ -13,8 +13,9 @@ counts gives what it cannot:
   ``T = steps * G / S`` samples, else it falls inside a shard: the later stream opens that shard at its first
   sample from the manifest's per-sample byte offsets (a seek, an HTTP ``Range`` or S3 ranged GET:
   ``byteranges``), so no byte is read twice; a shard set without offsets, a ``pipe:`` URL or a server ignoring
-  Range skips the prefix instead (its tar headers from a local file, the whole prefix from a remote stream). Every stream reads its piece in order through a shuffle buffer seeded by
-  ``(seed, t, e, stream)``, then fills up to exactly T samples by drawing again from the last samples it emitted
+  Range skips the prefix instead (its tar headers from a local file, the whole prefix from a remote stream).
+  Every stream reads its piece in order through a shuffle buffer seeded by ``(seed, t, e, stream)``, then fills
+  up to exactly T samples by drawing again from the last samples it emitted
   (no byte is re-read). Global step i is the concatenation over streams of each stream's i-th chunk of G / S
   samples, so it is a function of (seed, t, e) only. Rank r owns streams ``[r*S/W, (r+1)*S/W)`` and yields
   exactly ``steps`` batches of G / W samples: equal step counts on every rank whatever the shard sizes, and the
