@@ -5,10 +5,13 @@ train transform; plus time to the first batch and bytes read per epoch.
     python bench/bench_loader.py [--root DIR] [--images 400] [--reps 5] [--shard-size 50]
                                  [--out bench/results/bench_loader.json]
 
-The HTTP server is ``python -m http.server`` in its own process on 127.0.0.1 (curl, started by webdataset's opener,
-reads it). Bytes read are counted on the streams ``sdlora_dist.data.urls.open_stream`` returns, for one epoch of
+HTTP, two servers, each in its own process on 127.0.0.1: ``http``: werkzeug's file server (``send_from_directory``,
+which answers Range with 206), read with ranged GETs from the manifest's per-sample offsets
+(``sdlora_dist.data.byteranges``); ``http_forward``: the same shards behind a manifest without offsets, served by
+``python -m http.server`` and read forward through curl (webdataset's opener): the reader before ranged reads.
+Bytes read are counted on the streams ``urls.open_stream`` and ``byteranges.open_ranged`` return, for one epoch of
 the task, against the sum of the task's shard sizes; they are given for ``--shard-size`` and for one shard holding
-the whole task (where the 8 streams share one shard and read its prefixes: see data/loader.py).
+the whole task (where the 8 streams share one shard: see data/loader.py).
 
 Without ``--root`` it makes a synthetic source: ``--images`` JPEGs at 500x375 (quality 90, smooth colour fields plus
 noise, so they compress like photos) in 10 class folders ``train/<class>/`` (+ a small ``test/``). The shard set is
@@ -42,7 +45,7 @@ import torch
 from PIL import Image
 
 from sdlora_dist.config import DataConfig
-from sdlora_dist.data import TransformSpec, load_manifest, make_train_loader, prepare, urls
+from sdlora_dist.data import TransformSpec, byteranges, load_manifest, make_train_loader, prepare, urls
 from sdlora_dist.data.transforms import normalize_batch, sample_rng, to_uint8_chw, train_crop
 
 SPEC = TransformSpec(img_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -140,24 +143,66 @@ class _Counting:
         self.stream.close()
 
 
-def bytes_ratio(shards: Path) -> float:
-    """Shard bytes read in one train epoch of task 0 / the task's shard bytes."""
-    counter, original = [0], urls.open_stream
-    urls.open_stream = lambda url: _Counting(original(url), counter)
+def bytes_ratio(shards: str | Path) -> float:
+    """Shard bytes read in one train epoch of task 0 / the task's shard bytes (local or URL: the bytes returned by
+    every stream ``urls.open_stream`` and ``byteranges.open_ranged`` open)."""
+    counter, original, ranged = [0], urls.open_stream, byteranges.open_ranged
+    task_bytes = sum(s.bytes for s in load_manifest(shards).task_shards("train", 0))  # before counting starts
+    # shard streams only: the manifest, read once per run, is not part of an epoch
+    urls.open_stream = lambda url: _Counting(original(url), counter) if url.endswith(".tar") else original(url)
+
+    def counted_ranged(url: str, begin: int, end: int) -> tuple[_Counting, int]:
+        stream, start = ranged(url, begin, end)
+        return _Counting(stream, counter), start
+
+    byteranges.open_ranged = counted_ranged
     try:
         shard_epoch(shards, 0)
     finally:
-        urls.open_stream = original
-    return counter[0] / sum(s.bytes for s in load_manifest(shards).task_shards("train", 0))
+        urls.open_stream, byteranges.open_ranged = original, ranged
+    return counter[0] / task_bytes
+
+
+def without_offsets(shards: Path, dest: Path) -> Path:
+    """The same shards (symlinked) behind a manifest without per-sample offsets: a shard set written before they
+    were recorded, read forward as before this change."""
+    for path in shards.rglob("*.tar"):
+        (dest / path.relative_to(shards)).parent.mkdir(parents=True, exist_ok=True)
+        (dest / path.relative_to(shards)).symlink_to(path)
+    raw = json.loads((shards / "manifest.json").read_text())
+    for shard in (s for split in raw["class_shards"].values() for c in split for s in c):
+        shard.pop("offsets")
+    (dest / "manifest.json").write_text(json.dumps(raw))
+    return dest
+
+
+def serve_with_ranges(root: str, port: int) -> None:
+    """Serve ``root`` on 127.0.0.1:``port`` with werkzeug's ``send_file`` (answers Range with 206), until killed."""
+    from werkzeug.exceptions import NotFound
+    from werkzeug.serving import make_server
+    from werkzeug.utils import send_from_directory
+
+    def app(environ: dict, start_response):  # noqa: ANN202
+        try:
+            response = send_from_directory(root, environ["PATH_INFO"].lstrip("/"), environ, conditional=True)
+        except NotFound as exc:
+            response = exc
+        return response(environ, start_response)
+
+    make_server("127.0.0.1", port, app, threaded=True).serve_forever()
 
 
 @contextlib.contextmanager
-def http_served(root: Path) -> Iterator[str]:
-    """``python -m http.server`` on 127.0.0.1 in its own process; yields its URL."""
+def http_served(root: Path, ranges: bool) -> Iterator[str]:
+    """An HTTP server for ``root`` on 127.0.0.1 in its own process; yields its URL. ``ranges``: werkzeug's file
+    server (Range answered with 206); else ``python -m http.server`` (ignores Range: 200 and the whole file)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
+    if ranges:
+        cmd = [sys.executable, __file__, "--serve", str(root), "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
@@ -190,18 +235,24 @@ def measure(root: Path, tmp: Path, shard_size: int, reps: int) -> dict:
     prepare("imagefolder", root, shards, tasks=1, shard_size=shard_size, progress=False)
     one_shard = tmp / "one_shard"
     prepare("imagefolder", root, one_shard, tasks=1, shard_size=10**6, progress=False)
+    forward = without_offsets(shards, tmp / "forward")
     baseline_pipeline()  # read out of git before any timing
-    runs: dict[str, list] = {"plain": [], "legacy": [], "local": [], "http": []}
+    # http: ranged GETs from a server with Range support; http_forward: the shard set without offsets from
+    # python -m http.server, read forward through curl (the reader before ranged reads)
+    runs: dict[str, list] = {"plain": [], "legacy": [], "local": [], "http": [], "http_forward": []}
     firsts: dict[str, list] = {"local": [], "http": []}
-    with http_served(tmp) as server:
-        url = f"{server}/shards"
+    with http_served(tmp, ranges=True) as server, http_served(tmp, ranges=False) as plain_server:
+        url, forward_url = f"{server}/shards", f"{plain_server}/forward"
         for rep in range(reps):
             runs["plain"].append(_timed(plain_imagefolder_epoch, root, rep))
             runs["legacy"].append(_timed(legacy_epoch, shards, rep))
             runs["local"].append(_timed(shard_epoch, shards, rep))
             runs["http"].append(_timed(shard_epoch, url, rep))
+            runs["http_forward"].append(_timed(shard_epoch, forward_url, rep))
             firsts["local"].append(first_batch_s(shards))
             firsts["http"].append(first_batch_s(url))
+        http_bytes = {"http": bytes_ratio(url), "http_forward": bytes_ratio(forward_url),
+                      "http_one_shard": bytes_ratio(f"{server}/one_shard")}  # fmt: skip
     best = {k: _best(v) for k, v in runs.items()}
     med = {k: _median(v) for k, v in runs.items()}
     return {
@@ -211,10 +262,14 @@ def measure(root: Path, tmp: Path, shard_size: int, reps: int) -> dict:
         "stream_local_vs_legacy_median": round(med["local"] / med["legacy"], 3),
         "stream_http_vs_local": round(best["http"] / best["local"], 3),
         "stream_http_vs_local_median": round(med["http"] / med["local"], 3),
+        "stream_http_forward_vs_local": round(best["http_forward"] / best["local"], 3),
+        "stream_http_forward_vs_local_median": round(med["http_forward"] / med["local"], 3),
         "stream_local_vs_plain_imagefolder": round(best["local"] / best["plain"], 3),
         "first_batch_s_median": {k: round(statistics.median(v), 4) for k, v in firsts.items()},
         "bytes_read_vs_task_shard_bytes": round(bytes_ratio(shards), 4),
         "bytes_read_vs_task_shard_bytes_one_shard": round(bytes_ratio(one_shard), 4),
+        "bytes_read_vs_task_shard_bytes_forward": round(bytes_ratio(forward), 4),
+        **{f"bytes_read_vs_task_shard_bytes_{k}": round(v, 4) for k, v in http_bytes.items()},
         "shards": len(load_manifest(shards).task_shards("train", 0)),
         "train_images": load_manifest(shards).num_samples("train", 0),
         "shard_mb": round(sum(p.stat().st_size for p in shards.rglob("*.tar")) / 2**20, 2),
@@ -230,7 +285,12 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--size", default="500x375", help="Synthetic source image size WxH (originals).")
     parser.add_argument("--out", default="bench/results/bench_loader.json")
+    parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # internal: the Range-capable server
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve_with_ranges(args.serve, args.port)
+        return
     torch.set_num_threads(1)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -152,7 +152,8 @@ def read_shard_set(shards_dir: Path) -> dict[str, list[dict]]:
 
 
 def rewrite_shard(shards_dir: Path, rel: str, corrupt_keys: set[str]) -> None:
-    """Replace the image bytes of ``corrupt_keys`` in one shard by garbage and update the manifest's size/sha."""
+    """Replace the image bytes of ``corrupt_keys`` in one shard by garbage and update the manifest's size, sha256
+    and sample offsets."""
     path = shards_dir / rel
     members = []
     with tarfile.open(path) as tar:
@@ -162,17 +163,22 @@ def rewrite_shard(shards_dir: Path, rel: str, corrupt_keys: set[str]) -> None:
             if key in corrupt_keys and ext in ("jpg", "png"):
                 data = b"\x89PNG this is not an image" * 3
             members.append((m.name, data))
+    offsets, key = [], None  # where each sample starts, then the end of the last one (the manifest's offsets)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
+            if name.split(".", 1)[0] != key:
+                key = name.split(".", 1)[0]
+                offsets.append(tar.offset)
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        offsets.append(tar.offset)
     manifest = load_manifest(shards_dir)
     for split in manifest.shards.values():
         for shards in split:
             for s in shards:
                 if s.path == rel:
-                    s.bytes, s.sha256 = path.stat().st_size, file_sha256(path)
+                    s.bytes, s.sha256, s.offsets = path.stat().st_size, file_sha256(path), offsets
     write_manifest(manifest, shards_dir)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -12,7 +13,9 @@ from pathlib import Path
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Serves ``directory``; the first ``server.drops`` GETs of a .tar send half the body, then close."""
+    """Serves ``directory``; .tar files are sent here, answering a single ``Range: bytes=A-B`` with 206 when
+    ``server.ranges`` (Python's own handler ignores Range); the first ``server.drops`` GETs of a .tar send half the
+    body, then close."""
 
     def log_message(self, *args) -> None:  # noqa: ANN002
         pass
@@ -23,25 +26,50 @@ class _Handler(SimpleHTTPRequestHandler):
             server.requests.append(self.path)
             drop = self.path.endswith(".tar") and server.drops > 0
             server.drops -= drop
-        if not drop:
+        path = Path(self.directory, self.path.lstrip("/"))
+        if not (self.path.endswith(".tar") and path.is_file()):
             return super().do_GET()
-        data = Path(self.directory, self.path.lstrip("/")).read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
+        data = path.read_bytes()
+        span = _byte_range(self.headers.get("Range"), len(data)) if server.ranges else None
+        if span is not None and span[0] >= len(data):
+            return self.send_error(416)  # Range Not Satisfiable, as real servers answer
+        begin, end = span or (0, len(data))
+        self.send_response(200 if span is None else 206)
+        if span is not None:
+            self.send_header("Content-Range", f"bytes {begin}-{end - 1}/{len(data)}")
+        self.send_header("Content-Length", str(end - begin))
         self.end_headers()
-        self.wfile.write(data[: len(data) // 2])
-        self.wfile.flush()
-        self.close_connection = True
-        self.connection.shutdown(2)
+        body = data[begin : (begin + end) // 2 if drop else end]
+        with server.lock:
+            server.shard_bytes_sent += len(body)
+        try:
+            self.wfile.write(body)
+            self.wfile.flush()
+        except OSError:  # a reader that had all it wanted closed the connection (a whole body to a range reader)
+            self.close_connection = True
+            return
+        if drop:
+            self.close_connection = True
+            self.connection.shutdown(2)
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``[begin, end)`` of a single ``bytes=A-B`` (or ``A-``) range of a file of ``size``, None without one."""
+    match = re.fullmatch(r"bytes=(\d+)-(\d*)", header or "")
+    if match is None:
+        return None
+    return int(match[1]), min(int(match[2] or size - 1) + 1, size)
 
 
 @contextlib.contextmanager
-def http_server(root: Path, drops: int = 0) -> Iterator[ThreadingHTTPServer]:
+def http_server(root: Path, drops: int = 0, ranges: bool = True) -> Iterator[ThreadingHTTPServer]:
     """Serve ``root`` at ``server.url``; ``server.requests`` lists the paths asked for; ``server.drops`` shard
-    downloads are cut in the middle (then served normally)."""
+    downloads are cut in the middle (then served normally); ``ranges=False``: Range headers are ignored (200 and
+    the whole file, as ``python -m http.server`` does); ``server.shard_bytes_sent`` counts the .tar bytes sent."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     server.daemon_threads = True
-    server.lock, server.requests, server.drops = threading.Lock(), [], drops
+    server.lock, server.requests, server.drops, server.ranges = threading.Lock(), [], drops, ranges
+    server.shard_bytes_sent = 0
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -10,10 +10,12 @@ counts gives what it cannot:
   shards (``manifest.task_shards``: the one place that says which shards a task reads), permuted with
   ``(seed, t, e)``, are cut into S contiguous *streams* (``streams``, default 8) of near-equal length; a cut snaps
   to a shard boundary when that keeps the pieces balanced (within half a piece) and no longer than
-  ``T = steps * G / S`` samples, else it falls inside a shard: the later stream skips that shard's prefix, reading
-  only its tar headers from a local file or cached copy, and reading and dropping it from a remote stream (the only
-  bytes read twice). Every stream reads its piece in order through a shuffle buffer seeded by
-  ``(seed, t, e, stream)``, then fills up to exactly T samples by drawing again from the last samples it emitted
+  ``T = steps * G / S`` samples, else it falls inside a shard: the later stream opens that shard at its first
+  sample from the manifest's per-sample byte offsets (a seek, an HTTP ``Range`` or S3 ranged GET:
+  ``byteranges``), so no byte is read twice; a shard set without offsets, a ``pipe:`` URL or a server ignoring
+  Range skips the prefix instead (its tar headers from a local file, the whole prefix from a remote stream).
+  Every stream reads its piece in order through a shuffle buffer seeded by ``(seed, t, e, stream)``, then fills
+  up to exactly T samples by drawing again from the last samples it emitted
   (no byte is re-read). Global step i is the concatenation over streams of each stream's i-th chunk of G / S
   samples, so it is a function of (seed, t, e) only. Rank r owns streams ``[r*S/W, (r+1)*S/W)`` and yields
   exactly ``steps`` batches of G / W samples: equal step counts on every rank whatever the shard sizes, and the

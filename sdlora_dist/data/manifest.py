@@ -3,8 +3,10 @@
 Schema (``format`` 2, class-grouped: the class order and task split are chosen at train time)::
 
     {"format": 2, "benchmark": "digits", "fingerprint": "...", "classes": [...],   # the stored class index = position
-     "class_shards": {"train": [[{"path": "train/class_0003/shard-000000.tar", ...}]], "test": [[...]]},
-                                      # class_shards[split][c] = the shards of stored class c; a sample's .cls is c
+     "class_shards": {"train": [[{"path": "train/class_0003/shard-000000.tar", "count": 2, "bytes": 20480,
+                                  "sha256": "...", "offsets": [0, 7168, 14336]}]], "test": [[...]]},
+                                      # class_shards[split][c] = the shards of stored class c; a sample's .cls is c;
+                                      # offsets: where each sample's tar header starts, then where the data ends
      "class_order": [...], "classes_per_task": [...],   # the default order (stored indices) and split
      "seed": 1993, "split_seed": 0, "resize": 256, "shard_size": 1000,
      "skipped": [{"path": "...", "reason": "..."}],   # source files that could not be read at prepare time
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +41,18 @@ SPLITS = ("train", "test")
 
 @dataclass
 class ShardInfo:
-    """One tar file of a task's split: its path relative to the shard directory, sample count, size and sha256."""
+    """One tar file of a task's split: its path relative to the shard directory, sample count, size and sha256.
+
+    ``offsets``: the byte offset of each sample's first tar header, then the end of the last sample's data
+    (``count + 1`` numbers), so a stream can open a shard at any sample with one seek or ranged GET
+    (``data.byteranges``); None in shard sets written before they were recorded (read forward from byte 0).
+    """
 
     path: str
     count: int
     bytes: int
     sha256: str
+    offsets: list[int] | None = None
 
 
 @dataclass
@@ -112,7 +121,15 @@ class Manifest:
         data = {k: v for k, v in data.items() if k not in (*view_only, "class_names", "shards")}
         data.update(classes=self.stored_names, class_shards=dataclasses.asdict(self)["class_shards"],
                     class_order=self.default_order, classes_per_task=self.default_split)  # fmt: skip
-        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+        # each shard's offsets on one line: indented one number per line, they would take 2-3x the bytes
+        compact = []
+        for shard in (s for split in data["class_shards"].values() for c in split for s in c):
+            if shard.get("offsets") is not None:
+                compact.append(json.dumps(shard["offsets"], separators=(",", ":")))
+                shard["offsets"] = f"\0offsets{len(compact) - 1}\0"
+        text = json.dumps(data, indent=1, sort_keys=True)
+        text = re.sub(r'"\\u0000offsets(\d+)\\u0000"', lambda m: compact[int(m[1])], text)
+        return text + "\n"
 
 
 def _class_grouped(raw: dict[str, Any]) -> Manifest:
@@ -121,6 +138,8 @@ def _class_grouped(raw: dict[str, Any]) -> Manifest:
     class_shards = {split: [[ShardInfo(**s) for s in c] for c in raw["class_shards"][split]] for split in SPLITS}
     if any(len(class_shards[split]) != len(names) for split in SPLITS):
         raise ValueError("the class shard lists do not have one entry per class")
+    for shard in (s for split in SPLITS for c in class_shards[split] for s in c):
+        _check_offsets(shard)
     order, per_task = list(raw["class_order"]), list(raw["classes_per_task"])
     if sorted(order) != list(range(len(names))) or sum(per_task) != len(names):
         raise ValueError("classes, class_order and classes_per_task disagree")
@@ -135,6 +154,16 @@ def _class_grouped(raw: dict[str, Any]) -> Manifest:
     return Manifest(class_names=[names[c] for c in order], class_order=order, classes_per_task=per_task,
                     shards=shards, stored_names=names, class_shards=class_shards, default_order=list(order),
                     default_split=list(per_task), label_map=label_map, **kwargs)  # fmt: skip
+
+
+def _check_offsets(shard: ShardInfo) -> None:
+    """ValueError unless ``shard.offsets`` (when present) holds count + 1 ascending offsets within the file."""
+    offsets = shard.offsets
+    if offsets is None:
+        return
+    ascending = all(isinstance(o, int) and 0 <= o for o in offsets) and offsets == sorted(offsets)
+    if len(offsets) != shard.count + 1 or not ascending or offsets[-1] > shard.bytes:
+        raise ValueError(f"{shard.path}: offsets must be {shard.count + 1} ascending byte offsets within the shard")
 
 
 def manifest_from_dict(raw: dict[str, Any]) -> Manifest:

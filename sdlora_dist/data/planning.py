@@ -18,7 +18,7 @@ from sdlora_dist.logs import log_rank_zero
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples ``[first, stop)`` of one shard, read by one stream (``first > 0``: the prefix is skipped)."""
+    """Samples ``[first, stop)`` of one shard, read by one stream (``first > 0``: it starts inside the shard)."""
 
     shard: ShardInfo
     first: int
@@ -34,7 +34,7 @@ def cut_pieces(counts: list[int], pieces: int, cap: int | None = None) -> list[l
     Returns per piece its ``(shard index, first, stop)`` runs. Cut k aims at ``k * N / pieces`` and snaps to the
     nearest shard boundary within half a piece, so most pieces are whole shards (read once). ``cap`` bounds every
     piece (train: the samples a stream emits per epoch); a cut that cannot snap inside the bounds falls inside a
-    shard, whose prefix the later piece skips (``reading.tar_samples``).
+    shard, which the later piece opens at its first sample (``reading.tar_samples``).
     """
     total = sum(counts)
     bounds = np.cumsum([0] + list(counts))

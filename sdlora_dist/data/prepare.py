@@ -56,6 +56,7 @@ from sdlora_dist.data.manifest import (
     verify_shards,
     write_manifest,
 )
+from sdlora_dist.data.reading import sample_offsets
 from sdlora_dist.data.sources import (
     DEFAULTS,
     Source,
@@ -169,19 +170,23 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(path: Path, samples: list[tuple[str, bytes, str, int, dict]]) -> ShardInfo:
-    """Write ``(key, image bytes, ext, label, meta)`` samples to ``path`` atomically; returns the shard's record."""
+    """Write ``(key, image bytes, ext, label, meta)`` samples to ``path`` atomically; returns the shard's record
+    (with the byte offset where each sample starts, for ranged reads)."""
     tmp = path.with_name(path.name + ".tmp")
+    offsets = []
     with open(tmp, "wb") as fh:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, data, ext, label, meta in samples:
+                offsets.append(tar.offset)  # where this sample's first header goes
                 _tar_add(tar, f"{key}.{ext}", data)
                 _tar_add(tar, f"{key}.cls", str(label).encode())
                 _tar_add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+            offsets.append(tar.offset)  # the end of the last sample (the end-of-archive blocks follow)
         fh.flush()
         os.fsync(fh.fileno())
     sha, size = file_sha256(tmp), tmp.stat().st_size
     os.replace(tmp, path)
-    return ShardInfo(path="", count=len(samples), bytes=size, sha256=sha)
+    return ShardInfo(path="", count=len(samples), bytes=size, sha256=sha, offsets=offsets)
 
 
 def plan_class_shards(source: Source, shard_size: int, first_class: int = 0) -> list[ShardPlan]:
@@ -470,6 +475,9 @@ def _repair(out: Path, job: _Job) -> Manifest:
     manifest = load_manifest(out)
     checked, damaged = damaged_shards(manifest, out)
     if not damaged:
+        if _fill_offsets(manifest, out):
+            write_manifest(manifest, out)
+            return manifest
         log_rank_zero(f"{out} already holds this shard set (fingerprint {job.fingerprint[:12]}) and its {checked} "
                       "shards verify: nothing to do")  # fmt: skip
         return manifest
@@ -487,9 +495,22 @@ def _repair(out: Path, job: _Job) -> Manifest:
     manifest.prepare_args = manifest.prepare_args or job.args  # a shard set from before they were recorded
     for shards in manifest.all_shards():
         shards[:] = [records.get(shard.path, shard) for shard in shards]
+    _fill_offsets(manifest, out)
     write_manifest(manifest, out)
     log_rank_zero(f"rewrote {len(plans)} damaged or missing shard(s) in {out}: {', '.join(records)}")
     return manifest
+
+
+def _fill_offsets(manifest: Manifest, out: Path) -> int:
+    """Fill in the per-sample byte offsets of verified shards written before ``prepare`` recorded them (read from
+    their tar headers), so remote streams can open them at any sample; returns how many shards lacked them."""
+    lacking = [shard for shards in manifest.all_shards() for shard in shards if shard.offsets is None]
+    for shard in lacking:
+        shard.offsets = sample_offsets(out / shard.path)
+    if lacking:
+        log_rank_zero(f"{out}: recorded the sample offsets of {len(lacking)} verified shard(s) in {MANIFEST_NAME} "
+                      "(streams open a shard at their first sample)")  # fmt: skip
+    return len(lacking)
 
 
 def _open_stage(stage: Path, fingerprint: str) -> None:

@@ -1,8 +1,10 @@
 """Reading shards: forward-only streams of tar samples, the local cache of remote shards, counted decoding.
 
 Shards are read through ``webdataset.gopen`` (``urls.open_stream``) and webdataset's tar iterators
-(``tar_file_expander`` -> ``group_by_keys``) from a folder or any URL ``urls`` lists; no seeking except over the
-headers of a local file's skipped prefix. A remote read that fails mid-shard is re-opened up to ``urls.RETRIES``
+(``tar_file_expander`` -> ``group_by_keys``) from a folder or any URL ``urls`` lists. A segment of a shard whose
+manifest entry has per-sample byte offsets is opened at its first sample and stops after its last (a seek, an HTTP
+``Range`` or S3 ranged GET: ``byteranges``); without offsets, a local file's skipped prefix costs its tar headers
+and a remote stream reads and drops it. A remote read that fails mid-shard is re-opened up to ``urls.RETRIES``
 times with backoff, resuming after the last sample it got; then a UserError names the shard and URL
 (``bad_shard="error"``) or its missing samples come back as error items, counted as corrupt (``"skip"``). Local
 shards are checked for existence and size first (no hashing). ``cache_dir``: a remote shard is downloaded once to
@@ -28,7 +30,7 @@ import webdataset.tariterators as wds_tar
 from PIL import Image
 
 from sdlora_dist.config import ShardPolicy
-from sdlora_dist.data import urls
+from sdlora_dist.data import byteranges, urls
 from sdlora_dist.data.images import open_rgb
 from sdlora_dist.data.manifest import ShardInfo, shard_problem
 from sdlora_dist.data.planning import Piece, Segment
@@ -87,11 +89,15 @@ class Item:
     error: str | None = None
 
 
-def tar_samples(url: str, first: int = 0) -> Iterator[dict[str, Any]]:
+def tar_samples(url: str, first: int = 0, span: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
     """The samples of one tar from sample ``first`` on, in order: ``webdataset.gopen`` -> ``tar_file_expander`` ->
-    ``group_by_keys``. A local file (or a cached copy) skips the samples before ``first`` by reading their tar
-    headers only; a remote stream reads them and drops them."""
-    stream = urls.open_stream(url)
+    ``group_by_keys``. With ``span`` (the byte offsets where sample ``first`` starts and the last wanted sample
+    ends, from the manifest) only those bytes are read: a seek or a ranged GET (``byteranges.open_span``).
+    Without it, a local file (or a cached copy) skips the samples before ``first`` by reading their tar headers
+    only; a remote stream reads them and drops them."""
+    stream = urls.open_stream(url) if span is None else byteranges.open_span(url, *span)
+    if span is not None:
+        first = 0  # the stream starts at sample ``first``
     try:
         if first and urls.is_local(url):
             # headers through the unbuffered file: a buffered one would read a whole buffer after every seek
@@ -109,21 +115,41 @@ def tar_samples(url: str, first: int = 0) -> Iterator[dict[str, Any]]:
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: names that belong to no sample
 
 
-def _sample_offset(stream: Any, first: int) -> int:
-    """Byte offset of the header that starts sample ``first`` of a seekable tar (webdataset's grouping: a sample is
-    a run of regular members with one ``base_plus_ext`` key). tarfile's seekable mode reads each header and seeks
-    over the member's data, so the samples before ``first`` cost their headers only."""
+def _sample_starts(stream: Any) -> Iterator[tuple[int, int]]:
+    """``(header offset, data end)`` of each sample of a seekable tar (webdataset's grouping: a sample is a run of
+    regular members with one ``base_plus_ext`` key); the data end is where the sample's last member ends, padded
+    to the tar block. tarfile's seekable mode reads each header and seeks over the member's data, so a sample costs
+    its headers only."""
     tar = tarfile.open(fileobj=stream, mode="r:")
-    key, count = None, 0
+    key, start, end = None, None, 0
     while (member := tar.next()) is not None:
         if not member.isreg() or _META.match(member.name):
             continue
         prefix = wds_tar.base_plus_ext(member.name)[0]
         if prefix is not None and prefix != key:
-            if count == first:
-                return member.offset
-            key, count = prefix, count + 1
+            if start is not None:
+                yield start, end
+            key, start = prefix, member.offset
+        end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    if start is not None:
+        yield start, end
+
+
+def _sample_offset(stream: Any, first: int) -> int:
+    """Byte offset of the header that starts sample ``first`` of a seekable tar."""
+    count = 0
+    for count, (start, _) in enumerate(_sample_starts(stream), start=1):
+        if count == first + 1:
+            return start
     raise ShardError(f"ends after {count} samples, fewer than the {first + 1} the manifest promises")
+
+
+def sample_offsets(path: str | Path) -> list[int]:
+    """The manifest's ``offsets`` of a local shard: where each sample's first header starts, then where the last
+    sample ends (read from the tar headers; for shard sets written before ``prepare`` recorded them)."""
+    with open(path, "rb", buffering=0) as stream:  # unbuffered: a buffered file reads a buffer after every seek
+        starts = list(_sample_starts(stream))
+    return [start for start, _ in starts] + [starts[-1][1] if starts else 0]
 
 
 class ShardSource:
@@ -196,8 +222,10 @@ class ShardSource:
     def _read(url: str, seg: Segment, done: int) -> Iterator[Item]:
         start = seg.first + done
         index = start - 1
+        offsets = seg.shard.offsets
+        span = None if offsets is None else (offsets[start], offsets[seg.stop])
         try:
-            for index, sample in enumerate(tar_samples(url, start), start=start):
+            for index, sample in enumerate(tar_samples(url, start, span), start=start):
                 if index >= seg.stop:
                     return
                 files = {k: v for k, v in sample.items() if not k.startswith("__")}
