@@ -41,13 +41,15 @@ class MagnitudeBank(nn.Module):
         super().__init__()
         self.num_slots = num_slots
         self.values = nn.ParameterDict()
+        # Empty, never saved: it follows ``.to()``, so a magnitude added after a move gets the new device and dtype.
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     def add(self, key: str, value: float, *, trainable: bool = True) -> None:
         """Create the magnitude of a new task, filled with ``value``."""
         if key in self.values:
             raise RuntimeError(f"magnitude {key} already exists")
-        device = next((p.device for p in self.values.values()), None)
-        self.values[key] = nn.Parameter(torch.full((self.num_slots,), float(value), device=device), trainable)
+        value_t = self.anchor.new_full((self.num_slots,), float(value))
+        self.values[key] = nn.Parameter(value_t, trainable)
 
     def stacked(self, keys: list[str]) -> torch.Tensor:
         """Magnitudes of ``keys`` as a [len(keys), num_slots] tensor (autograd flows to each task's parameter)."""
@@ -86,8 +88,11 @@ class SDLoRAQKV(nn.Module):
         self.__dict__["_bank"] = bank  # not a submodule: the model registers the bank once
         self.frozen_keys: list[str] = []
         self.current_key: str | None = None
-        self._inv_norms: dict[str, torch.Tensor] = {}  # frozen key -> 1/n per q, v; factors never change once frozen
-        # Derived state (rebuilt by set_layout): the concatenated bank of past factors.
+        # Derived state (rebuilt by set_layout), all non-persistent buffers so that ``.to()`` moves them: 1/n per
+        # frozen task (computed once per key: frozen factors never change; rows named by _norm_keys) and the
+        # concatenated bank of past factors.
+        self._norm_keys: list[str] = []
+        self.register_buffer("frozen_inv_norm", torch.empty(0, 2), persistent=False)  # [T_past, 2]: q, v
         self.register_buffer("past_A", torch.empty(0), persistent=False)  # [2, R, d]
         self.register_buffer("past_B", torch.empty(0), persistent=False)  # [2, d, R]
         self.register_buffer("past_inv_norm", torch.empty(0), persistent=False)  # [2, R]
@@ -114,24 +119,31 @@ class SDLoRAQKV(nn.Module):
         """Remove task ``key``'s pair (KD absorbed it into the past directions)."""
         del self.lora_A[key]
         del self.lora_B[key]
-        self._inv_norms.pop(key, None)
+        keep = [i for i, k in enumerate(self._norm_keys) if k != key]
+        self.frozen_inv_norm = self.frozen_inv_norm[keep]
+        self._norm_keys = [self._norm_keys[i] for i in keep]
 
     def forget_norms(self) -> None:
         """Drop cached normalisers (after the factors were overwritten, e.g. by ``load_state_dict``)."""
-        self._inv_norms.clear()
+        self.frozen_inv_norm = self.frozen_inv_norm.new_empty(0, 2)
+        self._norm_keys = []
 
     def rebuild_derived_state(self) -> None:
         """Recompute the cached normalisers and the past bank from the current factors (same layout)."""
         self.forget_norms()
         self.set_layout(self.frozen_keys, self.current_key)
 
-    def _inv_norm(self, key: str) -> torch.Tensor:
-        """``1 / n`` of a frozen pair for q and v -> [2] (0 for an all-zero pair), computed once per key."""
-        if key not in self._inv_norms:
-            norm = self.pair_norms(key)
-            tiny = torch.finfo(norm.dtype).tiny
-            self._inv_norms[key] = torch.where(norm > 0, 1.0 / norm.clamp_min(tiny), torch.zeros_like(norm))
-        return self._inv_norms[key]
+    def _inv_norms(self, keys: list[str]) -> torch.Tensor:
+        """``1 / n`` of frozen pairs for q and v -> [len(keys), 2] (0 for an all-zero pair); cached rows are reused."""
+        cached = dict(zip(self._norm_keys, self.frozen_inv_norm, strict=True))
+        rows = []
+        for key in keys:
+            if key not in cached:
+                norm = self.pair_norms(key)
+                tiny = torch.finfo(norm.dtype).tiny
+                cached[key] = torch.where(norm > 0, 1.0 / norm.clamp_min(tiny), torch.zeros_like(norm))
+            rows.append(cached[key])
+        return torch.stack(rows)
 
     def pair_norms(self, key: str) -> torch.Tensor:
         """Normaliser ``n_p`` of task ``key``'s pair for q and v -> [2], by the preset's rule."""
@@ -151,6 +163,7 @@ class SDLoRAQKV(nn.Module):
             self.lora_B[key].requires_grad_(trainable)
         w = self.base_layer.weight
         if not frozen_keys:
+            self.forget_norms()
             self.past_A = w.new_empty(2, 0, self.dim)
             self.past_B = w.new_empty(2, self.dim, 0)
             self.past_inv_norm = w.new_empty(2, 0)
@@ -158,7 +171,12 @@ class SDLoRAQKV(nn.Module):
             return
         self.past_A = torch.cat([self.lora_A[k].detach() for k in frozen_keys], dim=1).contiguous()
         self.past_B = torch.cat([self.lora_B[k].detach() for k in frozen_keys], dim=2).contiguous()
-        inv = [self._inv_norm(k)[:, None].expand(2, self.lora_A[k].shape[1]) for k in frozen_keys]
+        self.frozen_inv_norm = self._inv_norms(frozen_keys).contiguous()  # [T_past, 2]
+        self._norm_keys = list(frozen_keys)
+        inv = [
+            n[:, None].expand(2, self.lora_A[k].shape[1])
+            for n, k in zip(self.frozen_inv_norm, frozen_keys, strict=True)
+        ]
         self.past_inv_norm = torch.cat(inv, dim=1).contiguous()
         self.past_col_task = torch.cat(
             [torch.full((self.lora_A[k].shape[1],), i, dtype=torch.long) for i, k in enumerate(frozen_keys)]
