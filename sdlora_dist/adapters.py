@@ -196,13 +196,16 @@ class SDLoRAQKV(nn.Module):
         return bank.slot_pair(bank.values[self.current_key], self.block_slot)  # [2]
 
     def delta_weight(self) -> torch.Tensor | None:
-        """``dW`` for q and v -> [2, d, d] (None when nothing is adapted yet)."""
+        """``dW`` for q and v -> [2, d, d] in the base weight's dtype (None when nothing is adapted yet)."""
         delta = None
+        dtype = self.base_layer.weight.dtype
         if self.frozen_keys:
-            scaled_a = self.past_A * self._past_scales()[:, :, None].to(self.past_A.dtype)  # [2, R, d]
-            delta = torch.bmm(self.past_B, scaled_a)  # [2, d, d]
+            # The bank is a buffer built in the model's dtype (fp32 outside a bf16 engine, which casts parameters
+            # only): compute in the parameters' dtype, as the base layer does.
+            scaled_a = self.past_A.to(dtype) * self._past_scales()[:, :, None].to(dtype)  # [2, R, d]
+            delta = torch.bmm(self.past_B.to(dtype), scaled_a)  # [2, d, d]
         if self.current_key is not None:
-            alpha = self._current_alpha().to(self.base_layer.weight.dtype)
+            alpha = self._current_alpha().to(dtype)
             current = torch.bmm(self.lora_B[self.current_key], self.lora_A[self.current_key]) * alpha[:, None, None]
             delta = current if delta is None else delta + current
         return delta
@@ -228,8 +231,8 @@ class SDLoRAQKV(nn.Module):
         out = F.linear(x, self.base_layer.weight, self.base_layer.bias)
         delta = None
         if self.frozen_keys:  # own matmuls: autograd never forms gradients for the frozen bank
-            u = torch.einsum("...d,prd->...pr", x, self.past_A) * self._past_scales().to(x.dtype)  # [..., 2, R]
-            delta = torch.einsum("...pr,pdr->...pd", u, self.past_B)  # [..., 2, d]
+            u = torch.einsum("...d,prd->...pr", x, self.past_A.to(x.dtype)) * self._past_scales().to(x.dtype)
+            delta = torch.einsum("...pr,pdr->...pd", u, self.past_B.to(x.dtype))  # u [..., 2, R] -> [..., 2, d]
         if self.current_key is not None:
             a_cur, b_cur = self.lora_A[self.current_key], self.lora_B[self.current_key]
             u = torch.einsum("...d,prd->...pr", x, a_cur)  # [..., 2, r]

@@ -255,8 +255,9 @@ def train_task(ctx: TaskContext) -> dict[str, Any]:
             f"task {ctx.task}: resumed from engine checkpoint {tag} (epoch {start['epoch']}, step {start['step']})"
         )
     stats = _run_epochs(ctx, engine, start)
-    dist.release_engine(engine)
-    return stats
+    dist.release_engine(engine)  # the model is float32 again: what follows (eval, consolidation, saving) runs in it
+    model.rebuild_derived_state()  # a mid-task engine load rebuilt the past bank from bf16 factors: redo it in fp32
+    return {**stats, "precision": precision, "device": env.device.type}
 
 
 class StepMonitor:

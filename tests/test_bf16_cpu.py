@@ -1,0 +1,77 @@
+"""``train.precision=bf16`` on CPU: DeepSpeed's bf16 engine (the GPU path, on the CPU accelerator) against fp32.
+
+The engine casts the model's parameters to bf16 and keeps float32 masters; low precision lives only inside the
+engine (``distributed.release_engine``), so evaluation, consolidation and checkpoints are float32. A backbone
+pre-trained on glyphs (``toy_backbone``, 150 steps) makes the runs learn enough for the comparison to mean
+something: with a random backbone both runs sit at chance and would agree trivially.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from cli_helpers import metrics, sdlora, sets
+
+pytestmark = pytest.mark.slow
+
+# A test image is 1/71 of a task's test set (1.4 points): bf16 may flip a couple of images per task.
+TOLERANCE_POINTS = 3.0
+
+
+@pytest.fixture(scope="module")
+def shards_and_backbone(tmp_path_factory) -> tuple[Path, Path]:
+    """Digits shards and a tiny ViT (TINY's shape) pre-trained on glyphs, both built locally."""
+    from sdlora_dist.config import ModelConfig
+    from sdlora_dist.data import prepare
+    from sdlora_dist.toy_backbone import pretrain_toy_backbone
+
+    root = tmp_path_factory.mktemp("bf16")
+    prepare("digits", None, root / "digits", progress=False)
+    kwargs = {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    model_cfg = ModelConfig(name="vit_tiny_patch16_224", weights="random", kwargs=kwargs)
+    backbone = pretrain_toy_backbone(model_cfg, root / "toy.safetensors", steps=150, batch_size=64)
+    return root / "digits", backbone
+
+
+def _train(shards: Path, backbone: Path, run_dir: Path, precision: str) -> dict:
+    settings = (f"model.weights={backbone}", "train.tasks=2", "train.lr=0.02", "train.epochs=10",
+                "train.max_steps_per_epoch=30", f"train.precision={precision}")  # fmt: skip
+    out = sdlora("train", "-b", "digits", "--data", str(shards), "--run-dir", str(run_dir), *sets(*settings))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return metrics(run_dir)
+
+
+def test_bf16_matches_fp32_and_its_checkpoint_resumes_in_fp32(shards_and_backbone, tmp_path):
+    from safetensors import safe_open
+
+    shards, backbone = shards_and_backbone
+    fp32 = _train(shards, backbone, tmp_path / "fp32", "fp32")
+    bf16 = _train(shards, backbone, tmp_path / "bf16", "bf16")
+    assert [t["train"]["precision"] for t in bf16["tasks"]] == ["bf16", "bf16"]
+    # the runs really computed differently (bf16 arithmetic), yet learned the same
+    assert [t["train"]["final_loss"] for t in bf16["tasks"]] != [t["train"]["final_loss"] for t in fp32["tasks"]]
+    assert fp32["accuracy"]["matrix"][0][0] >= 60.0  # well above chance (50 %): the comparison can fail
+    for row_bf16, row_fp32 in zip(bf16["accuracy"]["matrix"], fp32["accuracy"]["matrix"], strict=True):
+        for a, b in zip(row_bf16, row_fp32, strict=True):
+            assert (a is None and b is None) or abs(a - b) <= TOLERANCE_POINTS, (bf16["accuracy"], fp32["accuracy"])
+    for task in (0, 1):
+        with safe_open(str(tmp_path / "bf16" / "tasks" / f"task_{task:02d}" / "adapters.safetensors"), "pt") as fh:
+            assert {str(fh.get_tensor(k).dtype) for k in fh.keys()} == {"torch.float32"}
+
+    # The run moves to a machine where precision 'auto' means fp32 (a CPU) and goes on for one more task: this is
+    # what a GPU run (auto = bf16) resumed on a CPU does. Only the config differs; the checkpoints are the bf16 run's.
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "bf16", moved)
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    config["train"] |= {"precision": "auto", "tasks": 3}
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    resumed = sdlora("train", "--resume", str(moved))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = metrics(moved)
+    assert [t["train"]["precision"] for t in after["tasks"]] == ["bf16", "bf16", "fp32"]
+    assert after["tasks"][:2] == bf16["tasks"]
+    assert [row[:2] for row in after["accuracy"]["matrix"][:2]] == bf16["accuracy"]["matrix"]  # rows pad to 3 tasks
+    assert len(after["accuracy"]["matrix"][2]) == 3
