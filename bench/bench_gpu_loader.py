@@ -5,7 +5,8 @@ each batch copied to the GPU, as the recipe consumes it.
 
 Synthetic photo-like JPEGs (``bench_loader.make_synthetic_source``, 500x375) are written as shards by ``prepare``
 (256 short side), then one task's epochs are read at batch 128, 224 px. The decode is the pipeline's own (PIL, the
-one the recipe uses): images/s per GPU is what ``--workers`` decode processes sustain. Needs CUDA.
+one the recipe uses): images/s per GPU is what ``--workers`` decode processes sustain. ``--device cpu`` is only a
+smoke run of the script itself.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from sdlora_dist.data import make_train_loader, prepare  # noqa: E402
 BATCH = 128
 
 
-def epoch_images_per_s(shards: Path, workers: int, epoch: int) -> float:
-    """One epoch of task 0 at ``workers`` decode processes, every batch on the GPU before the next is taken."""
+def epoch_images_per_s(shards: Path, workers: int, epoch: int, device: str) -> float:
+    """One epoch of task 0 at ``workers`` decode processes, every batch on ``device`` before the next is taken."""
     start = time.perf_counter()
     images = 0
     loader = make_train_loader(shards, 0, spec=SPEC, batch_size=BATCH, epoch=epoch, seed=0, num_workers=workers)
     for x, y in loader:
-        x.to("cuda", non_blocking=True), y.to("cuda", non_blocking=True)
+        x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         images += x.shape[0]
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - start)
 
 
@@ -48,17 +50,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=sorted({4, 8, os.cpu_count() or 8}))
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per worker count (after one warm-up)")
     parser.add_argument("--out", default="bench/results/loader_gpu.json")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench_gpu_loader.py needs a CUDA device")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: bench_gpu_loader.py needs a CUDA device (--device cpu: smoke run only)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = make_synthetic_source(Path(tmp) / "src", args.images)
         shards = Path(tmp) / "shards"
         prepare("imagefolder", root, shards, tasks=1, shard_size=256, progress=False)
         for workers in args.workers:
-            epoch_images_per_s(shards, workers, 0)  # warm-up: worker start, page cache
-            rates = [epoch_images_per_s(shards, workers, e + 1) for e in range(args.epochs)]
+            epoch_images_per_s(shards, workers, 0, args.device)  # warm-up: worker start, page cache
+            rates = [epoch_images_per_s(shards, workers, e + 1, args.device) for e in range(args.epochs)]
             rows.append(
                 {"workers": workers, "images_per_s": [round(r, 1) for r in rates], "best": round(max(rates), 1)}
             )
@@ -68,7 +71,11 @@ def main() -> None:
         "command": "python bench/bench_gpu_loader.py " + " ".join(sys.argv[1:]),
         "source": f"synthetic: {args.images} JPEGs 500x375 q90, shards at 256 short side",
         "results": rows,
-        "machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+            "platform": platform.platform(),
+        },
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
