@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -338,7 +338,7 @@ def release_engine(engine: Any) -> None:
     engine.destroy()
 
 
-def _master_weights(engine: Any) -> Any:
+def _master_weights(engine: Any) -> Callable[[nn.Parameter], torch.Tensor | None]:
     """``param -> its float32 master tensor`` (None where the optimizer keeps none, e.g. plain fp32 training)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
