@@ -405,6 +405,8 @@ def run_task(
     times: dict[str, float] = {}
     decision = None
     with timed(times, "consolidate"):
+        # float32 here whatever train.precision (release_engine): the frozen directions' norms and KD's
+        # least-squares fit must not inherit bf16's 8 significant bits
         if model.current_key is not None:
             decision = consolidate_everywhere(model)
     torch.manual_seed(cfg.train.seed * 1000 + task)  # the new pair's init does not depend on earlier tasks' RNG use

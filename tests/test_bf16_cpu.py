@@ -8,14 +8,18 @@ something: with a random backbone both runs sit at chance and would agree trivia
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from cli_helpers import metrics, sdlora, sets
+from torch import nn
 
-pytestmark = pytest.mark.slow
+import sdlora_dist.distributed as D  # noqa: N812
+from sdlora_dist.config import TrainConfig
 
 # A test image is 1/71 of a task's test set (1.4 points): bf16 may flip a couple of images per task.
 TOLERANCE_POINTS = 3.0
@@ -44,6 +48,41 @@ def _train(shards: Path, backbone: Path, run_dir: Path, precision: str) -> dict:
     return metrics(run_dir)
 
 
+@pytest.fixture
+def one_process(monkeypatch):
+    """No launcher variables: build_engine makes a one-rank group, torn down afterwards."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    D.shutdown()
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+
+
+def test_release_engine_gives_back_float32_masters_and_untouched_frozen_weights(one_process):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[0].requires_grad_(False)
+    frozen_before = model[0].weight.detach().clone()
+    assert not torch.equal(frozen_before, frozen_before.bfloat16().float())  # it has bits bf16 would drop
+    trained = list(model[2].parameters())
+    trained_before = trained[0].detach().clone()
+    cfg = D.deepspeed_config(TrainConfig(), micro_batch_per_rank=8, world_size=1, precision="bf16")
+    engine = D.build_engine(model, trained, torch.optim.SGD(trained, lr=0.1), None, cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # DeepSpeed casts every parameter
+    x, y = torch.randn(8, 8).bfloat16(), torch.randint(0, 4, (8,))
+    for _ in range(3):
+        engine.backward(nn.functional.cross_entropy(engine(x).float(), y))
+        engine.step()
+    D.release_engine(engine)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert torch.equal(model[0].weight, frozen_before)  # frozen weights never took the bf16 rounding
+    weight = model[2].weight.detach()
+    assert not torch.equal(weight, trained_before)
+    assert not torch.equal(weight, weight.bfloat16().float())  # float32 masters, not the bf16 copies
+
+
+@pytest.mark.slow
 def test_bf16_matches_fp32_and_its_checkpoint_resumes_in_fp32(shards_and_backbone, tmp_path):
     from safetensors import safe_open
 
