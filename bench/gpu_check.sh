@@ -7,8 +7,9 @@
 # Without a visible GPU it prints one line and exits 0. The Python environment, first that works:
 #   1. $SDLORA_PYTHON, or the python3 on PATH, when it imports torch with CUDA and imports this tree's sdlora_dist;
 #   2. .venv-gpu/ in the repository (made by an earlier run);
-#   3. a new .venv-gpu/ on top of the system's packages (--system-site-packages: a preinstalled CUDA torch is
-#      reused), this tree installed into it; pip fetches only what is missing, the full '.[gpu,dev]' set last.
+#   3. a new .venv-gpu/ on top of the system's packages (--system-site-packages): with a preinstalled CUDA torch,
+#      pip adds the package's other requirements and this tree (editable); otherwise, or if that is not enough,
+#      pip installs '.[gpu,dev]' (torch included).
 set -uo pipefail
 
 gpu_visible() {
@@ -44,11 +45,29 @@ PY=""
 for candidate in "${SDLORA_PYTHON:-}" "$(command -v python3 || true)" "$ROOT/.venv-gpu/bin/python"; do
   if [ -n "$candidate" ] && [ -x "$candidate" ] && usable "$candidate"; then PY=$candidate; break; fi
 done
+deps_but_torch() {  # the package's requirements ([gpu,dev] included) except torch, one per line
+  "$1" - <<'PY'
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+for req in project["dependencies"] + extras["gpu"] + extras["dev"]:
+    if re.split(r"[<>=!~\[ ;]", req)[0].lower() != "torch":
+        print(req)
+PY
+}
+
 if [ -z "$PY" ]; then
   echo "gpu_check: setting up .venv-gpu (system packages visible, this tree installed editable)"
   [ -x .venv-gpu/bin/python ] || python3 -m venv --system-site-packages .venv-gpu || exit 2
   PY=$ROOT/.venv-gpu/bin/python
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || "$PY" -m pip install -q --no-deps -e .
+  if "$PY" -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1 && mapfile -t DEPS < <(deps_but_torch "$PY") \
+    && [ "${#DEPS[@]}" -gt 0 ]; then
+    # keep the machine's CUDA torch (no multi-GB download): pinned by a constraint, so torchvision (from timm) is
+    # chosen to match it; DeepSpeed builds against it, hence no build isolation
+    "$PY" -c 'import torch; print(f"torch=={torch.__version__}")' > .venv-gpu/torch-constraint.txt
+    "$PY" -m pip install -q --no-build-isolation -c .venv-gpu/torch-constraint.txt "${DEPS[@]}"
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e . || "$PY" -m pip install -q --no-deps -e .
+  fi
   usable "$PY" || "$PY" -m pip install -q -e '.[gpu,dev]'
   usable "$PY" || { echo "gpu_check: error: $PY cannot import CUDA torch, onnxruntime-gpu and sdlora_dist"; exit 2; }
 fi
