@@ -81,10 +81,11 @@ step() {  # step NAME COMMAND...: run, keep going on failure, record the exit co
   t0=$(date +%s)
   "$@"
   rc=$?
-  echo "$name $rc $(( $(date +%s) - t0 ))" >> "$RESULTS/.gpu_check_steps"
+  echo "$name $rc $(( $(date +%s) - t0 ))" >> "$RESULTS/.gpu_check_steps.tmp"
 }
 
-rm -f "$RESULTS/.gpu_check_steps"
+# a step that fails leaves no file: the summary must not pick up an older run's
+rm -f "$RESULTS/.gpu_check_steps.tmp" "$RESULTS"/{gpu_tests.xml,adapters_cuda_bf16.json,onnx_cuda.json,loader_gpu.json}
 step pytest "$PY" -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider --junitxml "$RESULTS/gpu_tests.xml"
 step adapters "$PY" bench/bench_adapters.py --device cuda --dtype bf16 --batch 128 --model vit_base_patch16_224 \
   --past 0 10 100 --kinds frozen lora dense --no-prototype --warmup 3 --rounds 3 --steps 5 --threads 8 \
@@ -92,8 +93,8 @@ step adapters "$PY" bench/bench_adapters.py --device cuda --dtype bf16 --batch 1
 step onnx "$PY" bench/bench_onnx.py --device cuda --model vit_base_patch16_224 --batches 1 64 --reps 30 \
   --out "$RESULTS/onnx_cuda.json"
 step loader "$PY" bench/bench_gpu_loader.py --out "$RESULTS/loader_gpu.json"
-"$PY" bench/gpu_summary.py --steps "$RESULTS/.gpu_check_steps" --setup-s "$SETUP_S" --out "$RESULTS/gpu_check.json"
+"$PY" bench/gpu_summary.py --steps "$RESULTS/.gpu_check_steps.tmp" --setup-s "$SETUP_S" --out "$RESULTS/gpu_check.json"
 rc=$?
-rm -f "$RESULTS/.gpu_check_steps"
+rm -f "$RESULTS/.gpu_check_steps.tmp"
 echo "gpu_check: done in $(( $(date +%s) - STARTED )) s; summary in $RESULTS/gpu_check.json"
 exit $rc

@@ -1,6 +1,6 @@
 """Collect what ``bench/gpu_check.sh`` produced into one ``bench/results/gpu_check.json`` and print the headlines.
 
-    python bench/gpu_summary.py --steps bench/results/.gpu_check_steps --setup-s 0 --out bench/results/gpu_check.json
+    python bench/gpu_summary.py --steps STEPS_FILE --setup-s 0 --out bench/results/gpu_check.json
 
 Reads the pytest JUnit file and the benchmark JSONs in the same folder; a missing file is reported as missing (its
 step failed), never filled in. Exit code 1 when a step failed or a GPU test failed, else 0.
