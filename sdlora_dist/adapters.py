@@ -98,7 +98,10 @@ class SDLoRAQKV(nn.Module):
         self.register_buffer("past_inv_norm", torch.empty(0), persistent=False)  # [2, R]
         self.register_buffer("past_col_task", torch.empty(0, dtype=torch.long), persistent=False)  # [R]
         # Loading weights overwrites the frozen factors the bank and the cached norms derive from: rebuild them then,
-        # so no caller has to remember to (a stale bank would silently give wrong outputs).
+        # so no caller has to remember to (a stale bank would silently give wrong outputs). Only the norms of the
+        # pairs the load overwrote are recomputed: a mid-task engine load inside a bf16 engine brings the trained
+        # pair only, and the frozen pairs' float32 norms must survive it (else a resumed run is not the same run).
+        self.register_load_state_dict_pre_hook(_note_loaded_pairs)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -119,14 +122,13 @@ class SDLoRAQKV(nn.Module):
         """Remove task ``key``'s pair (KD absorbed it into the past directions)."""
         del self.lora_A[key]
         del self.lora_B[key]
-        keep = [i for i, k in enumerate(self._norm_keys) if k != key]
+        self.forget_norms({key})
+
+    def forget_norms(self, keys: set[str] | None = None) -> None:
+        """Drop cached normalisers of ``keys`` (all by default) after their factors were overwritten or removed."""
+        keep = [i for i, k in enumerate(self._norm_keys) if keys is not None and k not in keys]
         self.frozen_inv_norm = self.frozen_inv_norm[keep]
         self._norm_keys = [self._norm_keys[i] for i in keep]
-
-    def forget_norms(self) -> None:
-        """Drop cached normalisers (after the factors were overwritten, e.g. by ``load_state_dict``)."""
-        self.frozen_inv_norm = self.frozen_inv_norm.new_empty(0, 2)
-        self._norm_keys = []
 
     def rebuild_derived_state(self) -> None:
         """Recompute the cached normalisers and the past bank from the current factors (same layout)."""
@@ -253,9 +255,16 @@ class SDLoRAQKV(nn.Module):
         return w.clone() if delta is None else w + self._pad_qv(delta).to(w.dtype)
 
 
+def _note_loaded_pairs(module: SDLoRAQKV, state_dict: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """``load_state_dict`` pre-hook: remember which pairs' factors this load overwrites (``lora_A.task_03``...)."""
+    names = (k[len(prefix) :].split(".") for k in state_dict if k.startswith(prefix))
+    module.__dict__["_loaded_pairs"] = {n[1] for n in names if len(n) == 2 and n[0] in ("lora_A", "lora_B")}
+
+
 def _rebuild_after_load(module: SDLoRAQKV, incompatible_keys: object) -> None:
-    """``load_state_dict`` post-hook: the factors may have changed, so the derived state must follow."""
-    module.rebuild_derived_state()
+    """``load_state_dict`` post-hook: the loaded factors may have changed, so the derived state must follow."""
+    module.forget_norms(module.__dict__.pop("_loaded_pairs", None))
+    module.set_layout(module.frozen_keys, module.current_key)
 
 
 def product_frobenius_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import metrics, sdlora, sets
+from cli_helpers import kill_at_engine_checkpoint, metrics, sdlora, sets
 from torch import nn
 
 import sdlora_dist.distributed as D  # noqa: N812
@@ -114,3 +114,28 @@ def test_bf16_matches_fp32_and_its_checkpoint_resumes_in_fp32(shards_and_backbon
     assert after["tasks"][:2] == bf16["tasks"]
     assert [row[:2] for row in after["accuracy"]["matrix"][:2]] == bf16["accuracy"]["matrix"]  # rows pad to 3 tasks
     assert len(after["accuracy"]["matrix"][2]) == 3
+
+
+@pytest.mark.slow
+def test_bf16_kill_then_resume_replays_the_uninterrupted_run(shards_and_backbone, tmp_path):
+    # The mid-task engine load brings back the trained pair and its float32 masters; the frozen pairs' float32
+    # normalisers survive it, so the resumed run is the same computation, bit for bit, on CPU.
+    from safetensors.torch import load_file
+
+    shards, backbone = shards_and_backbone
+    extra = sets(f"model.weights={backbone}", "train.tasks=2", "train.checkpoint_every=2", "train.epochs=2",
+                 "train.max_steps_per_epoch=12", "train.precision=bf16")  # fmt: skip
+    base = ["train", "-b", "digits", "--data", str(shards)]
+    ref = sdlora(*base, "--run-dir", str(tmp_path / "ref"), *extra)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "killed"
+    kill_at_engine_checkpoint([*base, "--run-dir", str(run), *extra], run, task=1)
+    assert (run / "tasks" / "task_00").is_dir() and not (run / "tasks" / "task_01").exists()
+    resumed = sdlora("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from engine checkpoint" in resumed.stderr
+    got, want = metrics(run), metrics(tmp_path / "ref")
+    assert got["accuracy"]["correct"] == want["accuracy"]["correct"]
+    assert [t["train"]["final_loss"] for t in got["tasks"]] == [t["train"]["final_loss"] for t in want["tasks"]]
+    a, b = (load_file(str(d / "tasks" / "task_01" / "adapters.safetensors")) for d in (tmp_path / "ref", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
