@@ -49,7 +49,8 @@ def test_bf16_kill_resume_continue_on_cuda(cuda_cli, gpu_digits_shards, tmp_path
     got, want = metrics(run), metrics(tmp_path / "ref")
     assert [(t["train"]["device"], t["train"]["precision"]) for t in got["tasks"]] == [("cuda", "bf16")] * 2
     assert got["accuracy"]["totals"] == want["accuracy"]["totals"]
-    # bf16 CUDA kernels are not bit-reproducible across a mid-task restart: a few test images may flip
+    # On CPU the resumed bf16 run is bit-identical (test_bf16_cpu.py); CUDA kernels that accumulate with atomics
+    # are not reproducible run to run, so a few test images may flip
     assert abs(got["accuracy"]["acc"] - want["accuracy"]["acc"]) <= 5.0
     with safe_open(str(run / "tasks" / "task_01" / "adapters.safetensors"), framework="pt") as fh:
         # low precision lives inside the engine only: checkpoints hold float32
