@@ -1,6 +1,11 @@
 """onnxruntime (CPU provider) vs PyTorch eager latency for a merged ViT-S/16 at 224, and the fp16 file size ratio.
 
     python bench/bench_onnx.py [--reps 15] [--batches 1 32] [--threads N] [--out bench/results/onnx.json]
+    python bench/bench_onnx.py --device cuda --model vit_base_patch16_224 --batches 1 64 --out OUT.json
+
+With ``--device cuda`` (run by ``bench/gpu_check.sh``) both files run on ORT's CUDA provider and PyTorch runs eager
+on the GPU in the matching precision; latencies include copying the numpy input to the GPU and the logits back
+(what a serving call costs), PyTorch's side likewise.
 
 The model is ``vit_small_patch16_224`` with random weights (a merged SD-LoRA model is exactly this graph with other
 initializer values). Both sides get the same thread count (default: all cores) and a warm-up; ORT runs with
@@ -13,10 +18,13 @@ The fp16 variant is exported and verified as ``sdlora export --fp16`` does; only
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
+import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +47,41 @@ def _ort_session(path: Path, threads: int, level: ort.GraphOptimizationLevel) ->
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def _cuda_rows(model: torch.nn.Module, files: dict[str, Path], batches: list[int], reps: int) -> list[dict]:
+    """ORT CUDA provider vs PyTorch eager on the GPU, fp32 and fp16, per batch size (medians of interleaved calls)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sessions = {p: ort.InferenceSession(str(f), sess_options=opts, providers=["CUDAExecutionProvider"])
+                for p, f in files.items()}  # fmt: skip
+    gpu = {"fp32": model.cuda().eval(), "fp16": copy.deepcopy(model).half().cuda().eval()}
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+        runners = {}
+        for precision in ("fp32", "fp16"):
+            runners[f"ort_cuda_{precision}"] = lambda s=sessions[precision], x=x: s.run(None, {"pixel_values": x})
+            dtype = torch.float16 if precision == "fp16" else torch.float32
+
+            def run_torch(m: torch.nn.Module = gpu[precision], dtype: torch.dtype = dtype, x: np.ndarray = x) -> None:
+                with torch.inference_mode():
+                    m(torch.from_numpy(x).to("cuda", dtype)).float().cpu()
+
+            runners[f"pytorch_cuda_{precision}"] = run_torch
+        for fn in runners.values():  # warm-up: cuDNN/cuBLAS autotuning, ORT arena
+            for _ in range(3):
+                fn()
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        for _ in range(reps):
+            for name, fn in runners.items():
+                times[name] += _time(fn, 1)
+        med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        row = {"batch": batch, "reps": reps, "median_ms": {k: round(v, 3) for k, v in med.items()}}
+        row["images_per_s"] = {k: round(batch / (v / 1000), 1) for k, v in med.items()}
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
 def _time(fn, reps: int) -> list[float]:
     out = []
     for _ in range(reps):
@@ -56,6 +99,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="bench/results/onnx.json")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ORT provider and PyTorch device")
     args = parser.parse_args()
 
     import timm
@@ -71,6 +115,20 @@ def main() -> None:
     fp32 = export_onnx(model, tmp / "fp32.onnx", metadata=meta)
     export_s = time.perf_counter() - t0
     fp16 = export_onnx(model, tmp / "fp16.onnx", metadata=meta, fp16=True)
+    if args.device == "cuda":
+        report = {
+            "benchmark": "onnxruntime CUDA provider vs PyTorch eager on the GPU, merged ViT forward, fp32 and fp16",
+            "model": args.model,
+            "command": "python bench/bench_onnx.py " + " ".join(sys.argv[1:]),
+            "results": _cuda_rows(model, {"fp32": fp32.path, "fp16": fp16.path}, args.batches, args.reps),
+            "export": {"verify_max_abs_diff_fp16": fp16.checks[0].max_abs_diff,
+                       "fp16_tolerance": fp16.checks[0].tolerance},
+            "machine": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                        "onnxruntime": ort.__version__},
+        }  # fmt: skip
+        _write(Path(args.out), report)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
 
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
     sessions = {name: _ort_session(fp32.path, args.threads, lvl) for name, lvl in levels.items()}
@@ -141,14 +199,15 @@ def main() -> None:
             "onnxruntime": ort.__version__,
         },
     }
-    out = Path(args.out)
+    _write(Path(args.out), report)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp_out, out)
-    for f in tmp.iterdir():
-        f.unlink()
-    tmp.rmdir()
     print(f"wrote {out}")
 
 

@@ -41,13 +41,15 @@ class MagnitudeBank(nn.Module):
         super().__init__()
         self.num_slots = num_slots
         self.values = nn.ParameterDict()
+        # Empty, never saved: it follows ``.to()``, so a magnitude added after a move gets the new device and dtype.
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     def add(self, key: str, value: float, *, trainable: bool = True) -> None:
         """Create the magnitude of a new task, filled with ``value``."""
         if key in self.values:
             raise RuntimeError(f"magnitude {key} already exists")
-        device = next((p.device for p in self.values.values()), None)
-        self.values[key] = nn.Parameter(torch.full((self.num_slots,), float(value), device=device), trainable)
+        value_t = self.anchor.new_full((self.num_slots,), float(value))
+        self.values[key] = nn.Parameter(value_t, trainable)
 
     def stacked(self, keys: list[str]) -> torch.Tensor:
         """Magnitudes of ``keys`` as a [len(keys), num_slots] tensor (autograd flows to each task's parameter)."""
@@ -86,14 +88,20 @@ class SDLoRAQKV(nn.Module):
         self.__dict__["_bank"] = bank  # not a submodule: the model registers the bank once
         self.frozen_keys: list[str] = []
         self.current_key: str | None = None
-        self._inv_norms: dict[str, torch.Tensor] = {}  # frozen key -> 1/n per q, v; factors never change once frozen
-        # Derived state (rebuilt by set_layout): the concatenated bank of past factors.
+        # Derived state (rebuilt by set_layout), all non-persistent buffers so that ``.to()`` moves them: 1/n per
+        # frozen task (computed once per key: frozen factors never change; rows named by _norm_keys) and the
+        # concatenated bank of past factors.
+        self._norm_keys: list[str] = []
+        self.register_buffer("frozen_inv_norm", torch.empty(0, 2), persistent=False)  # [T_past, 2]: q, v
         self.register_buffer("past_A", torch.empty(0), persistent=False)  # [2, R, d]
         self.register_buffer("past_B", torch.empty(0), persistent=False)  # [2, d, R]
         self.register_buffer("past_inv_norm", torch.empty(0), persistent=False)  # [2, R]
         self.register_buffer("past_col_task", torch.empty(0, dtype=torch.long), persistent=False)  # [R]
         # Loading weights overwrites the frozen factors the bank and the cached norms derive from: rebuild them then,
-        # so no caller has to remember to (a stale bank would silently give wrong outputs).
+        # so no caller has to remember to (a stale bank would silently give wrong outputs). Only the norms of the
+        # pairs the load overwrote are recomputed: a mid-task engine load inside a bf16 engine brings the trained
+        # pair only, and the frozen pairs' float32 norms must survive it (else a resumed run is not the same run).
+        self.register_load_state_dict_pre_hook(_note_loaded_pairs)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -114,24 +122,30 @@ class SDLoRAQKV(nn.Module):
         """Remove task ``key``'s pair (KD absorbed it into the past directions)."""
         del self.lora_A[key]
         del self.lora_B[key]
-        self._inv_norms.pop(key, None)
+        self.forget_norms({key})
 
-    def forget_norms(self) -> None:
-        """Drop cached normalisers (after the factors were overwritten, e.g. by ``load_state_dict``)."""
-        self._inv_norms.clear()
+    def forget_norms(self, keys: set[str] | None = None) -> None:
+        """Drop cached normalisers of ``keys`` (all by default) after their factors were overwritten or removed."""
+        keep = [i for i, k in enumerate(self._norm_keys) if keys is not None and k not in keys]
+        self.frozen_inv_norm = self.frozen_inv_norm[keep]
+        self._norm_keys = [self._norm_keys[i] for i in keep]
 
     def rebuild_derived_state(self) -> None:
         """Recompute the cached normalisers and the past bank from the current factors (same layout)."""
         self.forget_norms()
         self.set_layout(self.frozen_keys, self.current_key)
 
-    def _inv_norm(self, key: str) -> torch.Tensor:
-        """``1 / n`` of a frozen pair for q and v -> [2] (0 for an all-zero pair), computed once per key."""
-        if key not in self._inv_norms:
-            norm = self.pair_norms(key)
-            tiny = torch.finfo(norm.dtype).tiny
-            self._inv_norms[key] = torch.where(norm > 0, 1.0 / norm.clamp_min(tiny), torch.zeros_like(norm))
-        return self._inv_norms[key]
+    def _inv_norms(self, keys: list[str]) -> torch.Tensor:
+        """``1 / n`` of frozen pairs for q and v -> [len(keys), 2] (0 for an all-zero pair); cached rows are reused."""
+        cached = dict(zip(self._norm_keys, self.frozen_inv_norm, strict=True))
+        rows = []
+        for key in keys:
+            if key not in cached:
+                norm = self.pair_norms(key)
+                tiny = torch.finfo(norm.dtype).tiny
+                cached[key] = torch.where(norm > 0, 1.0 / norm.clamp_min(tiny), torch.zeros_like(norm))
+            rows.append(cached[key])
+        return torch.stack(rows)
 
     def pair_norms(self, key: str) -> torch.Tensor:
         """Normaliser ``n_p`` of task ``key``'s pair for q and v -> [2], by the preset's rule."""
@@ -151,6 +165,7 @@ class SDLoRAQKV(nn.Module):
             self.lora_B[key].requires_grad_(trainable)
         w = self.base_layer.weight
         if not frozen_keys:
+            self.forget_norms()
             self.past_A = w.new_empty(2, 0, self.dim)
             self.past_B = w.new_empty(2, self.dim, 0)
             self.past_inv_norm = w.new_empty(2, 0)
@@ -158,7 +173,12 @@ class SDLoRAQKV(nn.Module):
             return
         self.past_A = torch.cat([self.lora_A[k].detach() for k in frozen_keys], dim=1).contiguous()
         self.past_B = torch.cat([self.lora_B[k].detach() for k in frozen_keys], dim=2).contiguous()
-        inv = [self._inv_norm(k)[:, None].expand(2, self.lora_A[k].shape[1]) for k in frozen_keys]
+        self.frozen_inv_norm = self._inv_norms(frozen_keys).contiguous()  # [T_past, 2]
+        self._norm_keys = list(frozen_keys)
+        inv = [
+            n[:, None].expand(2, self.lora_A[k].shape[1])
+            for n, k in zip(self.frozen_inv_norm, frozen_keys, strict=True)
+        ]
         self.past_inv_norm = torch.cat(inv, dim=1).contiguous()
         self.past_col_task = torch.cat(
             [torch.full((self.lora_A[k].shape[1],), i, dtype=torch.long) for i, k in enumerate(frozen_keys)]
@@ -178,13 +198,16 @@ class SDLoRAQKV(nn.Module):
         return bank.slot_pair(bank.values[self.current_key], self.block_slot)  # [2]
 
     def delta_weight(self) -> torch.Tensor | None:
-        """``dW`` for q and v -> [2, d, d] (None when nothing is adapted yet)."""
+        """``dW`` for q and v -> [2, d, d] in the base weight's dtype (None when nothing is adapted yet)."""
         delta = None
+        dtype = self.base_layer.weight.dtype
         if self.frozen_keys:
-            scaled_a = self.past_A * self._past_scales()[:, :, None].to(self.past_A.dtype)  # [2, R, d]
-            delta = torch.bmm(self.past_B, scaled_a)  # [2, d, d]
+            # The bank is a buffer built in the model's dtype (fp32 outside a bf16 engine, which casts parameters
+            # only): compute in the parameters' dtype, as the base layer does.
+            scaled_a = self.past_A.to(dtype) * self._past_scales()[:, :, None].to(dtype)  # [2, R, d]
+            delta = torch.bmm(self.past_B.to(dtype), scaled_a)  # [2, d, d]
         if self.current_key is not None:
-            alpha = self._current_alpha().to(self.base_layer.weight.dtype)
+            alpha = self._current_alpha().to(dtype)
             current = torch.bmm(self.lora_B[self.current_key], self.lora_A[self.current_key]) * alpha[:, None, None]
             delta = current if delta is None else delta + current
         return delta
@@ -210,8 +233,8 @@ class SDLoRAQKV(nn.Module):
         out = F.linear(x, self.base_layer.weight, self.base_layer.bias)
         delta = None
         if self.frozen_keys:  # own matmuls: autograd never forms gradients for the frozen bank
-            u = torch.einsum("...d,prd->...pr", x, self.past_A) * self._past_scales().to(x.dtype)  # [..., 2, R]
-            delta = torch.einsum("...pr,pdr->...pd", u, self.past_B)  # [..., 2, d]
+            u = torch.einsum("...d,prd->...pr", x, self.past_A.to(x.dtype)) * self._past_scales().to(x.dtype)
+            delta = torch.einsum("...pr,pdr->...pd", u, self.past_B.to(x.dtype))  # u [..., 2, R] -> [..., 2, d]
         if self.current_key is not None:
             a_cur, b_cur = self.lora_A[self.current_key], self.lora_B[self.current_key]
             u = torch.einsum("...d,prd->...pr", x, a_cur)  # [..., 2, r]
@@ -232,9 +255,16 @@ class SDLoRAQKV(nn.Module):
         return w.clone() if delta is None else w + self._pad_qv(delta).to(w.dtype)
 
 
+def _note_loaded_pairs(module: SDLoRAQKV, state_dict: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """``load_state_dict`` pre-hook: remember which pairs' factors this load overwrites (``lora_A.task_03``...)."""
+    names = (k[len(prefix) :].split(".") for k in state_dict if k.startswith(prefix))
+    module.__dict__["_loaded_pairs"] = {n[1] for n in names if len(n) == 2 and n[0] in ("lora_A", "lora_B")}
+
+
 def _rebuild_after_load(module: SDLoRAQKV, incompatible_keys: object) -> None:
-    """``load_state_dict`` post-hook: the factors may have changed, so the derived state must follow."""
-    module.rebuild_derived_state()
+    """``load_state_dict`` post-hook: the loaded factors may have changed, so the derived state must follow."""
+    module.forget_norms(module.__dict__.pop("_loaded_pairs", None))
+    module.set_layout(module.frozen_keys, module.current_key)
 
 
 def product_frobenius_norm(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -240,8 +240,9 @@ def train_task(ctx: TaskContext) -> TrainStats:
             f"task {ctx.task}: resumed from engine checkpoint {tag} (epoch {start['epoch']}, step {start['step']})"
         )
     stats = _run_epochs(ctx, engine, start)
-    dist.release_engine(engine)
-    return stats
+    dist.release_engine(engine)  # the model is float32 again: what follows (eval, consolidation, saving) runs in it
+    model.rebuild_derived_state()  # a mid-task engine load rebuilt the past bank from bf16 factors: redo it in fp32
+    return {**stats, "precision": precision, "device": env.device.type}
 
 
 class StepMonitor:
@@ -387,6 +388,8 @@ def run_task(
     times: dict[str, float] = {}
     decision = None
     with timed(times, "consolidate"):
+        # float32 here whatever train.precision (release_engine): the frozen directions' norms and KD's
+        # least-squares fit must not inherit bf16's 8 significant bits
         if model.current_key is not None:
             decision = consolidate_everywhere(model)
     torch.manual_seed(cfg.train.seed * 1000 + task)  # the new pair's init does not depend on earlier tasks' RNG use

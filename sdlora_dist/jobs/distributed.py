@@ -23,7 +23,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -42,6 +43,8 @@ DEFAULT_TEMPLATE_NAME = "template.json"
 _SHM_OP_NAME = "deepspeed_shm_comm"
 _CLIENT_KEY = "sdlora_client_state"
 _TIMEOUT_S = 600  # the process-group timeout in force, for error messages
+# engine -> (parameter, its float32 tensor before the engine cast it): restored by release_engine
+_FULL_PRECISION: weakref.WeakKeyDictionary[Any, list[tuple[nn.Parameter, torch.Tensor]]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,9 @@ def build_engine(
     :func:`release_engine` on the old one. The engine averages gradients over ranks in ``engine.backward`` and
     steps the optimizer and ``lr_scheduler`` (once per optimizer step) in ``engine.step``. On a single process
     without a launcher a one-rank process group is created first.
+
+    With bf16/fp16 DeepSpeed casts every parameter of ``model`` (frozen ones too) to the low precision; the
+    float32 tensors are kept here (no copy: the cast makes new ones) and put back by :func:`release_engine`.
     """
     if not params:
         raise ValueError("build_engine needs at least one trainable parameter")
@@ -262,6 +268,7 @@ def build_engine(
         raise ValueError(f"params at positions {frozen} have requires_grad=False; pass only trainable parameters")
     deepspeed = _prepare_deepspeed()
     _ensure_process_group()
+    full_precision = [(p, p.data) for p in model.parameters()]
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -270,12 +277,42 @@ def build_engine(
         config=ds_config,
         dist_init_required=False,
     )
+    _FULL_PRECISION[engine] = full_precision
     return engine
 
 
 def release_engine(engine: Any) -> None:
-    """Remove the hooks an engine put on the model, so the next task's engine starts clean."""
+    """Give the model back in its own precision and remove the engine's hooks (the next task's engine starts clean).
+
+    Low precision lives only inside an engine. Afterwards every parameter is its float32 tensor again: frozen ones
+    as they were before the engine (W0 and past factors never take bf16 rounding), trained ones with the
+    optimizer's float32 master values. So evaluation, consolidation (the normalisers and KD's least-squares fit
+    need float32: bf16 keeps 8 significant bits, 0.4 % per rounding, and a near-singular Gram matrix amplifies
+    that) and checkpoints all see float32, and a bf16 run's checkpoints load into a float32 run.
+    Every rank must call this (reading a ZeRO-partitioned master is a collective).
+    """
+    masters = _master_weights(engine)
+    for param, full in _FULL_PRECISION.pop(engine, []):
+        if param.requires_grad:
+            master = masters(param)
+            full.copy_(master if master is not None else param.data)
+        param.data = full
     engine.destroy()
+
+
+def _master_weights(engine: Any) -> Callable[[nn.Parameter], torch.Tensor | None]:
+    """``param -> its float32 master tensor`` (None where the optimizer keeps none, e.g. plain fp32 training)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    optimizer = getattr(engine, "optimizer", None)
+    # Without ZeRO, bf16 and fp16 wrap the optimizer in DeepSpeed's unfused FP16 optimizer: one float32 copy per
+    # parameter, in lists parallel to the low-precision groups. ZeRO 1/2 and BF16_Optimizer link each parameter to
+    # its (possibly partitioned) master instead, read by safe_get_full_fp32_param.
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    by_id: dict[int, torch.Tensor] = {}
+    if isinstance(low, list) and isinstance(high, list) and all(isinstance(g, list) for g in high):
+        by_id = {id(lp): hp for lg, hg in zip(low, high, strict=True) for lp, hp in zip(lg, hg, strict=True)}
+    return lambda param: by_id[id(param)] if id(param) in by_id else safe_get_full_fp32_param(param)
 
 
 # --------------------------------------------------------------------------------------------------------------------
