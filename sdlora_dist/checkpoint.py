@@ -363,6 +363,10 @@ def load_task_model(run_dir: str | Path, task: int, cfg: Config | None = None) -
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"cannot read {run_dir / BACKBONE_FILE} ({exc}); the run directory is damaged") from exc
     model.load_weights({**backbone, **assemble_task_state(run_dir, folder, layout)})
+    if cfg.train.head == "ridge":  # the analytic head evaluated after this task (ridge_head.py)
+        from sdlora_dist.ridge_head import install_from_checkpoint
+
+        install_from_checkpoint(model, run_dir, task)
     return model
 
 

@@ -277,6 +277,9 @@ class SDLoRAViT(nn.Module):
         self.magnitudes = MagnitudeBank(slots)
         inject_adapters(backbone, adapter_cfg, self.magnitudes, self.block_ids)
         self.head = TaskHead(backbone.num_features)
+        # train.head=ridge: the analytic head used instead of ``head`` outside training (ridge_head.py; no state_dict
+        # entries: it is rebuilt from the task folder's statistics)
+        self.inference_head: nn.Module | None = None
         self.num_tasks = 0  # tasks opened (head groups)
         self.frozen_keys: list[str] = []
         self.current_key: str | None = None  # the pair training now (or trained last, before consolidate)
@@ -311,7 +314,8 @@ class SDLoRAViT(nn.Module):
         """Logits over all classes seen so far (task-agnostic inference)."""
         if self.num_tasks == 0:
             raise RuntimeError("forward() before add_task(): the model has no classes yet")
-        return self.head(self.backbone(x))
+        head = self.head if self.inference_head is None else self.inference_head
+        return head(self.backbone(x))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the current task trains: its pair, every trainable magnitude, its head rows."""
@@ -427,6 +431,8 @@ class SDLoRAViT(nn.Module):
         merged.reset_classifier(weight.shape[0])
         merged.head.weight.copy_(weight)
         merged.head.bias.copy_(bias)
+        if self.inference_head is not None:  # ridge: projection, ReLU, one matrix product (plain torch layers)
+            merged.head = self.inference_head.plain()
         for p in merged.parameters():
             p.requires_grad_(False)
         return merged.eval()
