@@ -102,7 +102,7 @@ def main() -> None:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     results.setdefault("runs", {})
-    sources = (("digits", args.digits, "digits"), ("animals", args.animals, "imagefolder"))
+    sources = (("digits", args.digits, "digits"), ("animals", args.animals, "generic"))
     data = [(name, path, bench) for name, path, bench in sources if path]
     with tempfile.TemporaryDirectory() as tmp:
         for name, shards, benchmark in data:
