@@ -264,8 +264,9 @@ def join_stats(prev: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> d
 
 
 def cumulative_stats(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv,
-                     pairs: drift.FeaturePairs) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Every seen class's statistics in the current feature space (what task ``task``'s file holds with drift)."""
+                     pairs: drift.FeaturePairs) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
+    """Every seen class's statistics in the current feature space (what task ``task``'s file holds with drift),
+    and for the record the mean relative shift of the earlier class means (``drift_mean_shift``)."""
     cov = cfg.train.head_align_cov
     n_cls, offset, d = model.task_classes[task], model.class_offset(task), model.head.in_features
     own = finalize(sums_from_pairs(pairs, n_cls, offset, cov, d, env.device), cov)
@@ -276,8 +277,12 @@ def cumulative_stats(cfg: Config, model: torch.nn.Module, task: int, env: dist.D
                 f"task {task - 1} of {cfg.run_dir} has no drift-compensated head statistics: it was trained with "
                 "another train.head_align/drift; keep the run's settings or start a fresh run"
             )
-        own = join_stats(compensate_stats(prev, pairs, cfg, env.device), own)
-    return {**own, CUMULATIVE_KEY: torch.ones(1)}
+        moved = compensate_stats(prev, pairs, cfg, env.device)
+        shift = (moved["mean"] - prev["mean"]).norm(dim=1) / prev["mean"].norm(dim=1).clamp(min=1e-12)
+        shift_info = {"drift_mean_shift": float(shift.mean())}  # how far the map moved the old means (relative)
+        own = join_stats(moved, own)
+        return {**own, CUMULATIVE_KEY: torch.ones(1)}, shift_info
+    return {**own, CUMULATIVE_KEY: torch.ones(1)}, {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -380,10 +385,11 @@ def _gaussian(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv,
     before, _ = evaluate(cfg, model, task, env, spec, manifest)
     times["eval_before_align"] = time.perf_counter() - mark
     mark = time.perf_counter()
+    drift_info: dict[str, Any] = {}
     if pairs is None:  # drift none: as before issue 21
         stats = finalize(collect_task_sums(cfg, model, task, env, spec, manifest), t.head_align_cov)
     else:
-        stats = cumulative_stats(cfg, model, task, env, pairs)
+        stats, drift_info = cumulative_stats(cfg, model, task, env, pairs)
     times["head_stats"] = time.perf_counter() - mark
     mark = time.perf_counter()
     if env.is_main:
@@ -401,6 +407,7 @@ def _gaussian(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv,
     log_all_ranks(f"task {task}: aligned head checksum {_head_checksum(model)[:16]}")
     num_classes, d = sum(model.task_classes), model.head.in_features
     info = {"cov": t.head_align_cov, "stats_bytes": stats_bytes(t.head_align_cov, num_classes, d, task + 1)}
+    info |= drift_info
     log_rank_zero(f"task {task}: head aligned on {num_classes} classes ({info['stats_bytes'] / 1e6:.2f} MB stats)")
     return AlignResult("gaussian", stats, before, info)
 
