@@ -113,7 +113,12 @@ def main() -> None:
                 per_run = [train(shards, benchmark, d, seed, args.backbone, args.epochs, extra)
                            for d, seed in zip(dirs, args.seeds, strict=True)]  # fmt: skip
                 entry = aggregate(dirs, Path(tmp) / f"report-{name}-{setting}", per_run)
-                entry |= {"seeds": args.seeds, "epochs": args.epochs, "sets": extra}
+                entry |= {
+                    "seeds": args.seeds,
+                    "epochs": args.epochs,
+                    "sets": extra,
+                    "wall_s_per_run": [r["wall_s"] for r in per_run],
+                }
                 results["runs"].setdefault(name, {})[setting] = entry
                 out_path.parent.mkdir(parents=True, exist_ok=True)
                 out_path.write_text(json.dumps(results, indent=2))
