@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--drift", default="linear", choices=["linear", "sdc"])
     parser.add_argument("--only", nargs="*", default=None, help="settings to run (default: all)")
+    parser.add_argument("--extra", nargs="*", default=[], help="more --set values for every run (e.g. train.lr=0.1)")
+    parser.add_argument("--tag", default="", help="suffix of the data set's name in the JSON (e.g. -lr0.1)")
     parser.add_argument("--out", default="bench/results/drift_heads.json")
     args = parser.parse_args()
     out_path = Path(args.out)
@@ -103,13 +105,14 @@ def main() -> None:
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     results.setdefault("runs", {})
     sources = (("digits", args.digits, "digits"), ("animals", args.animals, "generic"))
-    data = [(name, path, bench) for name, path, bench in sources if path]
+    data = [(name + args.tag, path, bench) for name, path, bench in sources if path]
     with tempfile.TemporaryDirectory() as tmp:
         for name, shards, benchmark in data:
             for setting, extra in modes(args.drift).items():
                 if args.only and setting not in args.only:
                     continue
                 dirs = [Path(tmp) / f"{name}-{setting}-{seed}" for seed in args.seeds]
+                extra = [*args.extra, *extra]
                 per_run = [train(shards, benchmark, d, seed, args.backbone, args.epochs, extra)
                            for d, seed in zip(dirs, args.seeds, strict=True)]  # fmt: skip
                 entry = aggregate(dirs, Path(tmp) / f"report-{name}-{setting}", per_run)
