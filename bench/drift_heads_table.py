@@ -6,7 +6,8 @@ Per data set and setting: mean +- std over the seeds of Acc, AAA, forgetting and
 per-seed Acc, and the seconds per task of each added pass against the task's training time. The last column is
 the gain in mean Acc over the setting it adds to (``none`` for ``gaussian`` and ``ridge``, ``gaussian`` for
 ``gaussian+X``, ``ridge`` for ``ridge+X``) in units of the standard error of the difference of means
-(sqrt(std_a^2/n + std_b^2/n)), and on how many seeds (same seed = same class order) it is higher.
+(sqrt(std_a^2/n + std_b^2/n)), on how many seeds (same seed = same class order) it is higher, and the mean per-seed
+difference in units of its own standard error (paired by seed: the class order's effect cancels).
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ def _se_gain(entry: dict, base: dict) -> str:
 
 
 def _wins(entry: dict, base: dict) -> str:
-    pairs = list(zip(entry["per_run"], base["per_run"], strict=True))
-    return f"{sum(a['acc'] > b['acc'] for a, b in pairs)}/{len(pairs)}"
+    """Seeds won, and the mean per-seed difference in units of its standard error (paired by seed)."""
+    diffs = [a["acc"] - b["acc"] for a, b in zip(entry["per_run"], base["per_run"], strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
+    paired = f"{mean / (sd / math.sqrt(n)):+.1f}" if sd > 0 else "n/a"
+    return f"{sum(d > 0 for d in diffs)}/{n} seeds, paired {paired} SE"
 
 
 def rows(name: str, runs: dict) -> list[str]:
@@ -41,7 +47,7 @@ def rows(name: str, runs: dict) -> list[str]:
         passes = ", ".join(f"{k} {v:.2f}" for k, v in e["pass_s_per_task"].items()) or "-"
         ref = "none" if "+" not in setting else setting.split("+")[0]
         base = runs.get(ref)
-        gain = f"{_se_gain(e, base)} ({_wins(e, base)} seeds) vs {ref}" if base and setting != "none" else "-"
+        gain = f"{_se_gain(e, base)} SE ({_wins(e, base)}) vs {ref}" if base and setting != "none" else "-"
         out.append(f"| {name} | {setting} | {_ms(e, 'acc')} | {seeds} | {_ms(e, 'aaa')} | {_ms(e, 'forgetting')} | "
                    f"{_ms(e, 'task0_final')} | {passes} | {e['train_s_per_task']:.1f} | {gain} |")  # fmt: skip
     return out
