@@ -45,9 +45,6 @@ from sdlora_dist import distributed as dist
 from sdlora_dist.config import Config
 from sdlora_dist.data import Manifest, TransformSpec, make_eval_loader
 
-DRIFT_MODES = ("none", "linear", "sdc")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Paired features (one rank's share of the current task's train samples, before and after the task)
 

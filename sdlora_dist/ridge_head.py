@@ -41,7 +41,6 @@ from sdlora_dist.config import Config
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_all_ranks, log_rank_zero
 
-HEAD_MODES = ("linear", "ridge")
 KEYS = ("ridge_count", "ridge_sums", "ridge_gram", "ridge_projection", "ridge_weight")
 
 
