@@ -22,7 +22,7 @@ per-class translation).
 
 Which one: measured in BENCHMARKS.md ("Drift compensation and the ridge head"), Animal-MNIST silhouettes and
 digits, glyph-pretrained toy ViT, 3 seeds. At the recipe's learning rate the backbone moves little (features change
-by about 1.5 % per task; both modes move the old class means by 0.8-0.9 %) and neither mode changes Acc by more than
+by about 1.5 % per task; both modes move the old class means by 0.8 %) and neither mode changes Acc by more than
 one standard error. At lr 0.1 (a mobile backbone: the Gaussian head forgets 44 points) both help the Gaussian head on
 every seed, by the same Acc (+4.6 ``linear``, +4.8 ``sdc``), but ``linear`` keeps more of the old tasks (forgetting
 27.8 against 34.1, task 0 at the end 22.1 against 17.5), and it is the only one that also moves second moments
