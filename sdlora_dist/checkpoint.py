@@ -336,7 +336,7 @@ def assemble_task_state(run_dir: Path, folder: Path, layout: dict[str, Any]) -> 
 
 def load_task_model(run_dir: str | Path, task: int, cfg: Config | None = None) -> Any:
     """Rebuild the model exactly as it was after ``task`` (weights, layout, trainable flags)."""
-    from sdlora_dist.model import SDLoRAViT, build_backbone
+    from sdlora_dist.model import RidgeHead, SDLoRAViT, build_backbone
 
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
@@ -350,6 +350,14 @@ def load_task_model(run_dir: str | Path, task: int, cfg: Config | None = None) -
     except (OSError, RuntimeError, SafetensorError) as exc:
         raise UserError(f"cannot read {run_dir / BACKBONE_FILE} ({exc}); the run directory is damaged") from exc
     model.load_weights({**backbone, **assemble_task_state(run_dir, folder, layout)})
+    if cfg.train.head == "ridge":  # the analytic head evaluated after this task (ridge_head.py solves it)
+        stats = load_head_stats(run_dir, task)
+        if stats is None or "ridge_weight" not in stats:
+            raise UserError(
+                f"task {task} of {run_dir} has no ridge head ({HEAD_STATS_FILE}); the run directory "
+                "is damaged or was trained with train.head=linear"
+            )
+        model.inference_head = RidgeHead(stats["ridge_projection"], stats["ridge_weight"])
     return model
 
 

@@ -39,6 +39,8 @@ RGB = typing.Annotated[list[_Finite], Field(min_length=3, max_length=3)]  # one 
 PositiveRGB = typing.Annotated[list[_Positive], Field(min_length=3, max_length=3)]
 HeadAlign = Literal["none", "gaussian"]
 HeadAlignCov = Literal["shared", "diag", "full"]
+Drift = Literal["none", "linear", "sdc"]
+Head = Literal["linear", "ridge"]
 Interpolation = Literal["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -257,6 +259,48 @@ class TrainConfig(_Section):
         0.01, gt=0, allow_inf_nan=False, description="head_align: SGD (momentum 0.9) learning rate."
     )
     head_align_batch_size: int = Field(128, gt=0, description="head_align: batch size of sampled features.")
+    # not in the paper: 'linear' keeps the paper's head (ridge_head.py)
+    head: Head = Field(
+        "linear",
+        description=(
+            "'linear' (the paper's head, trained with the tasks) or 'ridge': evaluate, export and predict with a "
+            "closed-form ridge classifier on fixed random ReLU features of the backbone (RanPAC-style)."
+        ),
+    )
+    ridge_dim: int = Field(1024, gt=0, description="head=ridge: width M of the random projection.")
+    ridge_lambda: float = Field(
+        0.01, gt=0, allow_inf_nan=False, description="head=ridge: ridge penalty, relative to trace(Gram) / M."
+    )
+    # not in the paper: 'none' keeps stored statistics as measured (drift.py)
+    drift: Drift = Field(
+        "none",
+        description=(
+            "Move stored class statistics (head_align=gaussian or head=ridge) into the current feature space after "
+            "each task: 'none', 'linear' (ridge-fitted affine map) or 'sdc' (distance-weighted mean shift); "
+            "fitted on the current task's samples before and after it."
+        ),
+    )
+    drift_ridge: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="drift=linear: pull of the map towards the identity."
+    )
+    sdc_bandwidth: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="drift=sdc: kernel width^2 relative to the features' spread."
+    )
+
+    @field_validator("head")
+    @classmethod
+    def _one_head_fix(cls, head: str, info: ValidationInfo) -> str:
+        if head == "ridge" and info.data.get("head_align") == "gaussian":
+            raise ValueError("head=ridge replaces the aligned linear head at inference; set train.head_align=none")
+        return head
+
+    @field_validator("drift")
+    @classmethod
+    def _drift_needs_stats(cls, drift: str, info: ValidationInfo) -> str:
+        if drift != "none" and info.data.get("head_align") != "gaussian" and info.data.get("head") != "ridge":
+            raise ValueError("drift compensation needs stored statistics: set train.head_align=gaussian or "
+                             "train.head=ridge")  # fmt: skip
+        return drift
 
     @field_validator("milestones")
     @classmethod

@@ -10,8 +10,10 @@ never ranked against each other and the bias between task groups is never correc
    of the task's samples.
 2. :func:`finalize`: per class mean and covariance (``full``), variance (``diag``), or the task's share of one
    pooled within-class scatter (``shared``). A task's file holds only its own classes; earlier tasks' statistics
-   come from their checkpoints, so they are features of the model *at their time* (later tasks move the backbone;
-   no drift correction is applied).
+   come from their checkpoints, so they are features of the model *at their time* (later tasks move the backbone).
+   With ``train.drift`` other than ``none`` (drift.py) the file of task t instead holds *every* seen class's
+   statistics (marked ``drift_cumulative``): task t-1's, moved into task t's feature space by the map fitted on
+   task t's own samples, followed by task t's.
 3. :func:`align_head`: rank 0 retrains the head rows of every seen class on features drawn from the Gaussians
    (seeded generator, backbone and adapters untouched) and broadcasts them; the recipe's checksum agreement covers
    the head (``adapter_checksum`` hashes every non-W0 tensor, head included).
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlora_dist import checkpoint as ckpt
+from sdlora_dist import drift
 from sdlora_dist.config import Config
 from sdlora_dist.data import Manifest, TransformSpec, make_eval_loader
 from sdlora_dist.errors import UserError
@@ -213,6 +216,77 @@ def align_head(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Drift-compensated statistics (train.drift: every rank computes the same cumulative statistics)
+
+CUMULATIVE_KEY = "drift_cumulative"
+
+
+def sums_from_pairs(pairs: drift.FeaturePairs, num_classes: int, offset: int, cov: str, d: int,
+                    device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """:func:`collect_task_sums` from features already collected (``pairs.new``, width d), all-reduced over ranks."""
+    second = {"full": (num_classes, d, d), "diag": (num_classes, d), "shared": (d, d)}[cov]
+    total = {
+        "count": torch.zeros(num_classes, dtype=torch.float64),
+        "sum": torch.zeros(num_classes, d, dtype=torch.float64),
+        "second": torch.zeros(second, dtype=torch.float64),
+    }
+    for feats, labels in zip(pairs.new, pairs.labels, strict=True):
+        add_sums(total, class_sums(feats, labels - offset, num_classes, cov))
+    return {k: dist.all_reduce_sum(v.to(device)).cpu() for k, v in total.items()}
+
+
+def compensate_stats(stats: dict[str, torch.Tensor], pairs: drift.FeaturePairs, cfg: Config,
+                     device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Cumulative statistics of earlier classes moved into the current feature space (``train.drift``)."""
+    d = stats["mean"].shape[1]
+    paired = drift.reduce_paired_sums(pairs, d, device)
+    out = dict(stats)
+    if cfg.train.drift == "sdc":  # means only; second moments stay
+        shifts = drift.sdc_shifts(pairs, stats["mean"], drift.sdc_sigma2(paired, cfg.train.sdc_bandwidth), device)
+        out["mean"] = (stats["mean"].double() + shifts).float()
+        return out
+    linear = drift.fit_linear_map(paired, cfg.train.drift_ridge)
+    out["mean"] = linear.points(stats["mean"])
+    for key in ("cov", "scatter"):
+        if key in stats:
+            out[key] = linear.second(stats[key])
+    if "var" in stats:
+        out["var"] = linear.variances(stats["var"])
+    return out
+
+
+def join_stats(prev: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Earlier classes then this task's, in one cumulative record (shared: scatters and dof summed)."""
+    out = {key: torch.cat([prev[key], own[key]]) for key in ("count", "mean", "cov", "var") if key in own}
+    if "scatter" in own:
+        out["scatter"] = prev["scatter"] + own["scatter"]
+        out["dof"] = prev["dof"] + own["dof"]
+    return out
+
+
+def cumulative_stats(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv,
+                     pairs: drift.FeaturePairs) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
+    """Every seen class's statistics in the current feature space (what task ``task``'s file holds with drift),
+    and for the record the mean relative shift of the earlier class means (``drift_mean_shift``)."""
+    cov = cfg.train.head_align_cov
+    n_cls, offset, d = model.task_classes[task], model.class_offset(task), model.head.in_features
+    own = finalize(sums_from_pairs(pairs, n_cls, offset, cov, d, env.device), cov)
+    if task > 0:
+        prev = ckpt.load_head_stats(Path(cfg.run_dir), task - 1)
+        if prev is None or CUMULATIVE_KEY not in prev:
+            raise UserError(
+                f"task {task - 1} of {cfg.run_dir} has no drift-compensated head statistics: it was trained with "
+                "another train.head_align/drift; keep the run's settings or start a fresh run"
+            )
+        moved = compensate_stats(prev, pairs, cfg, env.device)
+        shift = (moved["mean"] - prev["mean"]).norm(dim=1) / prev["mean"].norm(dim=1).clamp(min=1e-12)
+        shift_info = {"drift_mean_shift": float(shift.mean())}  # how far the map moved the old means (relative)
+        own = join_stats(moved, own)
+        return {**own, CUMULATIVE_KEY: torch.ones(1)}, shift_info
+    return {**own, CUMULATIVE_KEY: torch.ones(1)}, {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The recipe's step (every rank calls run(); rank 0 aligns and broadcasts)
 
 
@@ -306,17 +380,23 @@ def set_head(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
 
 def _gaussian(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv, spec: TransformSpec,
               manifest: Manifest | None, evaluate: Callable[..., tuple[list, list]],
-              times: dict[str, float]) -> AlignResult:  # fmt: skip
+              times: dict[str, float], pairs: drift.FeaturePairs | None = None) -> AlignResult:  # fmt: skip
     t = cfg.train
     mark = time.perf_counter()
     before, _ = evaluate(cfg, model, task, env, spec, manifest)
     times["eval_before_align"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    stats = finalize(collect_task_sums(cfg, model, task, env, spec, manifest), t.head_align_cov)
+    drift_info: dict[str, Any] = {}
+    if pairs is None:  # drift none: as before issue 21
+        stats = finalize(collect_task_sums(cfg, model, task, env, spec, manifest), t.head_align_cov)
+    else:
+        stats, drift_info = cumulative_stats(cfg, model, task, env, pairs)
     times["head_stats"] = time.perf_counter() - mark
     mark = time.perf_counter()
     if is_rank_zero():
-        seen = merge_tasks([*load_previous_stats(Path(cfg.run_dir), task, t.head_align_cov), stats], t.head_align_cov)
+        stored = [stats] if pairs is not None else [*load_previous_stats(Path(cfg.run_dir), task, t.head_align_cov),
+                                                    stats]  # fmt: skip
+        seen = merge_tasks(stored, t.head_align_cov)
         generator = torch.Generator().manual_seed(t.seed * 1000 + task)  # private: the global RNG is not touched
         weight, bias = model.head.full()
         weight, bias = align_head(weight, bias, seen, epochs=t.head_align_epochs, per_class=t.head_align_samples,
@@ -328,6 +408,7 @@ def _gaussian(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv,
     log_all_ranks(f"task {task}: aligned head checksum {_head_checksum(model)[:16]}")
     num_classes, d = sum(model.task_classes), model.head.in_features
     info = {"cov": t.head_align_cov, "stats_bytes": stats_bytes(t.head_align_cov, num_classes, d, task + 1)}
+    info |= drift_info
     log_rank_zero(f"task {task}: head aligned on {num_classes} classes ({info['stats_bytes'] / 1e6:.2f} MB stats)")
     return AlignResult("gaussian", stats, before, info)
 
@@ -348,11 +429,17 @@ def run(
     manifest: Manifest | None,
     evaluate: Callable[..., tuple[list, list]],
     times: dict[str, float],
+    pairs: drift.FeaturePairs | None = None,
 ) -> AlignResult:
     """``train.head_align`` for ``task`` on every rank: nothing (``none``) or evaluate, collect, align (``gaussian``).
+
+    ``pairs`` (``train.drift`` on): this task's train features after training (and before it, from task 1), already
+    collected; the statistics then come from them and are stored cumulatively.
 
     ``manifest`` is the run's view of the shards (class order and split). ``evaluate`` is the recipe's evaluation
     (counts per task group), called once more to record the accuracy before alignment; ``times`` gets
     ``eval_before_align``, ``head_stats`` and ``head_align`` (seconds).
     """
-    return ALIGNERS[cfg.train.head_align](cfg, model, task, env, spec, manifest, evaluate, times)
+    if pairs is None:
+        return ALIGNERS[cfg.train.head_align](cfg, model, task, env, spec, manifest, evaluate, times)
+    return ALIGNERS[cfg.train.head_align](cfg, model, task, env, spec, manifest, evaluate, times, pairs)

@@ -277,6 +277,9 @@ class SDLoRAViT(nn.Module):
         self.magnitudes = MagnitudeBank(slots)
         inject_adapters(backbone, adapter_cfg, self.magnitudes, self.block_ids)
         self.head = TaskHead(backbone.num_features)
+        # train.head=ridge: the analytic head used instead of ``head`` outside training (ridge_head.py; no state_dict
+        # entries: it is rebuilt from the task folder's statistics)
+        self.inference_head: nn.Module | None = None
         self.num_tasks = 0  # tasks opened (head groups)
         self.frozen_keys: list[str] = []
         self.current_key: str | None = None  # the pair training now (or trained last, before consolidate)
@@ -311,7 +314,8 @@ class SDLoRAViT(nn.Module):
         """Logits over all classes seen so far (task-agnostic inference)."""
         if self.num_tasks == 0:
             raise RuntimeError("forward() before add_task(): the model has no classes yet")
-        return self.head(self.backbone(x))
+        head = self.head if self.inference_head is None else self.inference_head
+        return head(self.backbone(x))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What the current task trains: its pair, every trainable magnitude, its head rows."""
@@ -427,6 +431,8 @@ class SDLoRAViT(nn.Module):
         merged.reset_classifier(weight.shape[0])
         merged.head.weight.copy_(weight)
         merged.head.bias.copy_(bias)
+        if self.inference_head is not None:  # ridge: projection, ReLU, one matrix product (plain torch layers)
+            merged.head = self.inference_head.plain()
         for p in merged.parameters():
             p.requires_grad_(False)
         return merged.eval()
@@ -517,3 +523,26 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, offset: in
     ``targets`` are global labels in ``[offset, offset + num_classes)``.
     """
     return F.cross_entropy(logits[:, offset : offset + num_classes], targets - offset)
+
+
+class RidgeHead(nn.Module):
+    """``relu(f @ P) @ W^T`` over all seen classes; buffers are not persistent (the task folder holds them)."""
+
+    def __init__(self, projection: torch.Tensor, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("projection", projection.float().contiguous(), persistent=False)  # [d, M]
+        self.register_buffer("weight", weight.float().contiguous(), persistent=False)  # [C, M]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C]."""
+        return F.linear(F.relu(features @ self.projection.to(features.dtype)), self.weight.to(features.dtype))
+
+    def plain(self) -> nn.Sequential:
+        """The same function from plain torch layers (what export traces)."""
+        d, m = self.projection.shape
+        first, last = nn.Linear(d, m, bias=False), nn.Linear(m, self.weight.shape[0])
+        with torch.no_grad():
+            first.weight.copy_(self.projection.T)
+            last.weight.copy_(self.weight)
+            last.bias.zero_()
+        return nn.Sequential(first, nn.ReLU(), last).to(self.projection.device)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist import head_align
+from sdlora_dist import drift, head_align, ridge_head
 from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
@@ -387,6 +387,8 @@ def run_task(
     """Consolidate the previous task, then train, evaluate, verify and checkpoint ``task``."""
     times: dict[str, float] = {}
     decision = None
+    model.inference_head = None  # tasks train with the paper's head; train.head=ridge re-solves after training
+    pairs = drift.before_task(cfg, model, task, env, spec, manifest, times)  # drift on: the model as task-1 left it
     with timed(times, "consolidate"):
         # float32 here whatever train.precision (release_engine): the frozen directions' norms and KD's
         # least-squares fit must not inherit bf16's 8 significant bits
@@ -397,7 +399,12 @@ def run_task(
     model.to(env.device)
     with timed(times, "train"):
         train_stats = train_task(TaskContext(cfg, model, env, spec, manifest, task))
-    aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times)  # 'none' does nothing
+    pairs = drift.after_task(cfg, model, task, env, spec, manifest, pairs, times)  # None unless drift/ridge
+    aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times,
+                             pairs if cfg.train.drift != "none" else None)  # 'none' does nothing  # fmt: skip
+    head_stats = aligned.stats
+    if cfg.train.head == "ridge":
+        head_stats = ridge_head.run(cfg, model, task, env, pairs, times)
     with timed(times, "eval"):
         correct, totals = evaluate(cfg, model, task, env, spec, manifest)
     dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
@@ -411,6 +418,7 @@ def run_task(
         train=train_stats,
         world_size=env.world_size,
         head_align=aligned.record(correct, totals),
+        **extra_heads_record(cfg),
         time_s=times,
     )
     progress.tasks.append(record)
@@ -418,12 +426,18 @@ def run_task(
     ckpt.save_task_checkpoint(  # rank 0 only; sets times["checkpoint"] (shared by record) before serialising
         run_dir, task, model, {"record": record.to_dict(), "correct": correct, "totals": totals}, times=times,
         metrics=progress.to_dict(), metrics_csv=matrix_csv(progress.log),
-        discard=ckpt.task_folder(run_dir / ENGINE_DIR, task), head_stats=aligned.stats,
+        discard=ckpt.task_folder(run_dir / ENGINE_DIR, task), head_stats=head_stats,
     )  # fmt: skip
     dist.barrier()
     if is_rank_zero():
         write_tensorboard(run_dir, progress)
     return record
+
+
+def extra_heads_record(cfg: Config) -> dict[str, str]:
+    """``head`` and ``drift`` for the task record when either is not the paper's (records stay as before)."""
+    t = cfg.train
+    return {"head": t.head, "drift": t.drift} if t.head != "linear" or t.drift != "none" else {}
 
 
 def write_tensorboard(run_dir: Path, progress: RunProgress) -> None:

@@ -43,6 +43,8 @@ class TaskRecord:
     world_size: int
     time_s: dict[str, float]  # phase -> seconds (recipe.run_task's timers)
     head_align: dict[str, Any] | None = None  # head_align.Aligned.record; absent in runs written before it
+    head: str | None = None  # train.head, recorded only when it is not the paper's linear head (or drift is on)
+    drift: str | None = None  # train.drift, recorded with head
 
     @property
     def seconds(self) -> float:
@@ -61,6 +63,8 @@ class TaskRecord:
                "train": asdict(self.train), "world_size": self.world_size}  # fmt: skip
         if self.head_align is not None:
             out["head_align"] = self.head_align
+        if self.head is not None:
+            out["head"], out["drift"] = self.head, self.drift
         out["time_s"] = self.time_s
         return out
 
@@ -82,6 +86,7 @@ class TaskRecord:
                 consolidation_of_previous=Decision.from_dict(decision) if decision else None,
                 magnitudes={k: list(v) for k, v in data["magnitudes"].items()}, train=TrainStats(**data["train"]),
                 world_size=int(data["world_size"]), time_s=dict(data["time_s"]), head_align=data.get("head_align"),
+                head=data.get("head"), drift=data.get("drift"),
             )  # fmt: skip
         except (TypeError, ValueError, AttributeError) as exc:
             raise UserError(
