@@ -16,20 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from sdlora_dist import checkpoint as ckpt
-from sdlora_dist.config import (
-    Config,
-    ModelConfig,
-    apply_overrides,
-    config_from_dict,
-    config_root,
-    read_yaml_mapping,
-    save_config,
-)
+from sdlora_dist.config import Config, apply_overrides, config_from_dict, config_root, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.jobs.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.jobs.runlock import hold_run_lock
 from sdlora_dist.model import fill_preprocessing_from_weights
+from sdlora_dist.preprocess import preprocessing_origin
 from sdlora_dist.weights import fill_architecture_from_weights
 
 
@@ -126,24 +119,6 @@ def _fill_from_weights(cfg: Config, user_model: dict[str, Any]) -> Config:
     return config_from_dict({**cfg.to_dict(), "model": filled.model_dump()})  # validated like the rest
 
 
-def preprocessing_origin(before: ModelConfig, after: ModelConfig, source: str | None, normalize: str) -> str:
-    """One line: where each preprocessing value in force comes from (config, the weights file, timm's defaults)."""
-    keys = ("mean", "std", "interpolation", "crop_pct")
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        if getattr(before, key) is not None:
-            origin = "the config"
-        elif getattr(after, key) is not None:
-            origin = str(source)
-        else:
-            origin = f"timm's defaults for {after.name}" if key != "crop_pct" else "data.eval_crop_pct"
-        groups.setdefault(origin, []).append(f"model.{key}")
-    parts = [f"{'/'.join(k.removeprefix('model.') for k in names)} from {origin}" for origin, names in groups.items()]
-    if normalize != "model":  # the mean/std above are then not what the images are normalised with
-        parts.append(f"but data.normalize={normalize} sets the mean/std images are normalised with")
-    return "preprocessing sources: " + "; ".join(parts)
-
-
 def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
     """The config of an existing run; ``--set`` overrides must not change it (hash compared)."""
     original = ckpt.load_run_config(run_dir)  # run_dir: where it is now, not where config.yaml says it was
@@ -196,31 +171,9 @@ def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
             path.unlink(missing_ok=True)
 
 
-def warn_small_tasks(cfg: Config, view: Any) -> None:
-    """Warn once, at start, about tasks that cannot train as meant: one class, or fewer samples than one batch."""
-    from sdlora_dist.data.classes import one_class_warning
-    from sdlora_dist.logs import log_rank_zero
-
-    per_task = list(view.classes_per_task)
-    at_most = max(1, sum(per_task) // 2)
-    warning = one_class_warning(
-        per_task, f"pass --set data.tasks={at_most} or fewer, or data.classes_per_task with two or more per task"
-    )
-    if warning:
-        log_rank_zero(warning)
-    batch = cfg.data.batch_size
-    small = {t: n for t in range(len(per_task)) if (n := view.num_samples("train", t)) < batch}
-    if small:
-        listed = ", ".join(f"task {t}: {n}" for t, n in small.items())
-        log_rank_zero(
-            f"warning: fewer training samples than one global batch (data.batch_size={batch}) in {listed}: an epoch "
-            f"of such a task is one step of repeated images; pass --set data.batch_size={min(small.values())} or less"
-        )
-
-
 def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = False) -> int:
     """Check inputs, then run the worker on every rank through the launcher (in-process for one local rank)."""
-    from sdlora_dist.recipe import check_run_split, run_shards
+    from sdlora_dist.recipe import check_run_split, run_shards, warn_small_tasks
 
     launcher = resolve_launcher(spec)
     world = spec.nodes * spec.procs_per_node
