@@ -176,6 +176,8 @@ def _fill_from_geometry(arch: Architecture, geo: Geometry, raw: dict[str, Any]) 
         "depth": (geo.depth, f"{shapes}: blocks.0..{geo.depth - 1}"),
         "patch_size": (geo.patch_size, f"{shapes}: patch_embed.proj.weight"),
     }
+    # pos_embed before input_size: a config.json dumped from model.pretrained_cfg keeps the name's default (224)
+    # when the model was created at another img_size, while pos_embed is what the weights were trained at
     if geo.img_size is not None:
         facts["img_size"] = (geo.img_size, f"{shapes}: pos_embed tokens x patch size")
     elif _input_size(raw):
