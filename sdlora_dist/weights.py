@@ -83,6 +83,7 @@ class Geometry:
     patch_size: int
     img_size: int | None
     mlp_ratio: float | None
+    switches: dict[str, Any] = field(default_factory=dict)  # create_model kwargs that tensors present/absent fix
 
 
 def geometry_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Geometry | None:
@@ -93,7 +94,7 @@ def geometry_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Geometry | None:
     width, patch = proj[0], proj[-1]
     depth = len({m.group(1) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))})
     fc1 = shapes.get("blocks.0.mlp.fc1.weight")  # [hidden, width]
-    img = None
+    img, switches = None, _switches(shapes)
     pos = shapes.get("pos_embed")  # [1, prefix + grid_h * grid_w, width]
     if pos is not None and len(pos) == 3:
         prefix = int("cls_token" in shapes) + (shapes["reg_token"][1] if "reg_token" in shapes else 0)
@@ -101,8 +102,24 @@ def geometry_from_shapes(shapes: dict[str, tuple[int, ...]]) -> Geometry | None:
             side = math.isqrt(tokens)
             if side * side == tokens:
                 img = side * patch
+                if tokens == pos[1] and prefix:
+                    switches["no_embed_class"] = True
                 break
-    return Geometry(width, depth, patch, img, fc1[0] / width if fc1 else None)
+    return Geometry(width, depth, patch, img, fc1[0] / width if fc1 else None, switches)
+
+
+def _switches(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Options of timm's VisionTransformer that decide which tensors exist (defaults left out)."""
+    found: dict[str, Any] = {}
+    if "fc_norm.weight" in shapes and "norm.weight" not in shapes:  # timm norms after pooling for avg pooling
+        found["global_pool"] = "avg"
+    if "cls_token" not in shapes:
+        found["class_token"] = False
+    if "reg_token" in shapes:
+        found["reg_tokens"] = shapes["reg_token"][1]
+    if "blocks.0.attn.qkv.weight" in shapes and "blocks.0.attn.qkv.bias" not in shapes:
+        found["qkv_bias"] = False
+    return found
 
 
 @dataclass
@@ -184,6 +201,7 @@ def _fill_from_geometry(arch: Architecture, geo: Geometry, raw: dict[str, Any]) 
         facts["img_size"] = (_input_size(raw), "config.json pretrained_cfg.input_size")
     if geo.mlp_ratio is not None and geo.mlp_ratio != 4.0:
         facts["mlp_ratio"] = (geo.mlp_ratio, f"{shapes}: blocks.0.mlp.fc1.weight")
+    facts |= {key: (value, f"{shapes}: which tensors exist") for key, value in geo.switches.items()}
     heads = _default_heads(arch.name, geo.embed_dim)
     if heads is not None:
         facts["num_heads"] = (heads, f"default of {arch.name} (not in any shape)")

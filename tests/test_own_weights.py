@@ -80,6 +80,29 @@ def test_width_384_without_config_infers_heads_by_64_per_head(tmp_path):
     assert arch.kwargs["img_size"] == 32 and arch.kwargs["patch_size"] == 8
 
 
+@pytest.mark.parametrize(
+    "switches",
+    [{"global_pool": "avg"}, {"qkv_bias": False}, {"reg_tokens": 2, "no_embed_class": True},
+     {"class_token": False, "global_pool": "avg"}],
+)  # fmt: skip
+def test_options_that_decide_which_tensors_exist_are_inferred(tmp_path, switches):
+    """A file saved from a ViT with avg pooling (fc_norm, no norm), no qkv bias, register tokens... loads."""
+    import timm
+    from safetensors.torch import save_file
+
+    from sdlora_dist.config import ModelConfig
+    from sdlora_dist.model import build_backbone
+    from sdlora_dist.weights import weights_architecture
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, depth=1, **switches)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    arch = weights_architecture(path)
+    assert {k: arch.kwargs[k] for k in switches} == switches
+    backbone = build_backbone(ModelConfig(name=arch.name, kwargs=arch.kwargs, weights=str(path)))
+    assert backbone.loaded_weights["tensors"] == len(model.state_dict())
+
+
 def test_other_patch_or_image_size_is_refused_unless_resize_is_asked(tmp_path, capsys):
     weights = write_timm_weights(tmp_path / "w")
     cfg = resolve(weights, tmp_path, "model.kwargs={img_size: 64, patch_size: 16}")
