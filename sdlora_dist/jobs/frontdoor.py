@@ -115,7 +115,8 @@ def _fill_from_weights(cfg: Config, user_model: dict[str, Any]) -> Config:
     if model.resize_embeddings:
         print("model.resize_embeddings=true: weights of another patch or image size are resampled", file=sys.stderr)
     filled, source = fill_preprocessing_from_weights(model)
-    print(preprocessing_origin(model, filled, source, cfg.data.normalize), file=sys.stderr)
+    if model.weights not in (None, "hub", "random"):  # a file: say which of its values are in force
+        print(preprocessing_origin(model, filled, source, cfg.data.normalize), file=sys.stderr)
     return config_from_dict({**cfg.to_dict(), "model": filled.model_dump()})  # validated like the rest
 
 
