@@ -23,9 +23,15 @@ def export(
     triton: Path = typer.Option(None, "--triton", help="Also write a Triton model repository entry here."),
     triton_name: str = typer.Option(None, "--triton-name", help="Triton model name (default: OUT's stem)."),
     triton_max_batch: int = typer.Option(64, "--triton-max-batch", help="Triton max_batch_size."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT even when its metadata names another run."),
 ) -> None:
     """Export the merged final model of a run as one ONNX file, verified against PyTorch with onnxruntime."""
+    from sdlora_dist.checkpoint import find_latest_run
     from sdlora_dist.export.from_run import export_run
+
+    if run is None:
+        run = find_latest_run(runs_root)
+        typer.echo(f"run: {run} (the newest run with a completed task under {runs_root}/; --run picks another)")
 
     report = export_run(
         out,
@@ -38,6 +44,7 @@ def export(
         triton_dir=triton,
         triton_name=triton_name,
         triton_max_batch=triton_max_batch,
+        force=force,
     )
     typer.echo(report.summary())
 

@@ -14,8 +14,8 @@ def report(
     out: Path = typer.Option(
         None,
         "--out",
-        help="Report folder, replaced as a whole (default: RUN_DIR/report for one run, report-<benchmark> beside "
-        "several runs).",
+        help="Report folder, replaced as a whole (default: RUN_DIR/report for one run, report-<benchmark>-<setting "
+        "hash> beside several runs, one folder per setting).",
     ),
 ) -> None:
     """One run: accuracy matrix, curve, magnitudes and time per task as PNG files plus report.md.

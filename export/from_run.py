@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from sdlora_dist.checkpoint import RunState, find_latest_run, load_run
+from sdlora_dist.errors import UserError
 from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
 from sdlora_dist.export.onnx_export import ExportReport, export_onnx
 from sdlora_dist.export.triton import write_triton_repo
@@ -65,6 +66,28 @@ def real_test_images(shards_dir: str | Path, metadata: dict[str, Any], *, tasks:
     return np.concatenate(crops)[:limit] if crops else np.zeros((0, 1, 1, 3), np.uint8)
 
 
+def check_not_from_another_run(out_path: str | Path, config_hash: str, run_dir: str | Path) -> None:
+    """Refuse to replace an exported model whose metadata names another run's config (``--force`` skips this).
+
+    A file that is not an sdlora ONNX export (no readable metadata) is not judged here: it is replaced as before.
+    """
+    import onnx
+
+    out_path = Path(out_path)
+    if not out_path.is_file():
+        return
+    try:
+        props = {p.key: p.value for p in onnx.load(str(out_path), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001  (onnx raises DecodeError and others on a file that is not ONNX)
+        return
+    previous = props.get("sdlora.config_hash")
+    if previous is not None and previous != config_hash:
+        raise UserError(
+            f"{out_path} was exported from another run (config hash {previous}; run {run_dir} has {config_hash}): "
+            f"pass --force to replace it, or write to another file"
+        )
+
+
 def export_run(
     out_path: str | Path,
     *,
@@ -77,6 +100,7 @@ def export_run(
     triton_dir: str | Path | None = None,
     triton_name: str | None = None,
     triton_max_batch: int = 64,
+    force: bool = False,
 ) -> ExportReport:
     """Export the newest completed task of ``run_dir`` (default: the newest complete run under ``runs_root``).
 
@@ -87,6 +111,8 @@ def export_run(
         run_dir = find_latest_run(runs_root)
         log_rank_zero(f"exporting {run_dir} (the newest run with a completed task under {runs_root}/)")
     state = load_run(run_dir)
+    if not force:
+        check_not_from_another_run(out_path, state.config_hash, run_dir)
     metadata = run_metadata(state)
     images = None
     if verify_images > 0 and state.shards and Path(state.shards).is_dir():

@@ -149,11 +149,23 @@ def write_run_header(run_dir: Path, cfg: Config, model: torch.nn.Module, info: d
     if (run_dir / RUN_FILE).is_file() and not loaded["weights"].get("sha256"):
         # resumed from a checkpoint: W0 comes from BACKBONE_FILE; keep the record of the file loaded at the start
         loaded["weights"] = read_json(run_dir / RUN_FILE).get("weights", loaded["weights"])
+    loaded["architecture"] = _architecture(run_dir, cfg, model)
     log_rank_zero(describe_weights(loaded["weights"]) + "\n" + describe_preprocessing(loaded))
     header = {"config_hash": cfg.hash(), "version": __version__, **info, **loaded}
     atomic_write_json(run_dir / RUN_FILE, header)
     if not (run_dir / BACKBONE_FILE).exists():
         _atomic_safetensors(run_dir / BACKBONE_FILE, base_state(model))
+
+
+def _architecture(run_dir: Path, cfg: Config, model: torch.nn.Module) -> dict[str, Any]:
+    """run.json's architecture record: kept from the first start (the weights file may be gone on a resume)."""
+    from sdlora_dist.weights import architecture_record
+
+    if (run_dir / RUN_FILE).is_file():
+        kept = read_json(run_dir / RUN_FILE).get("architecture")
+        if kept:
+            return kept
+    return architecture_record(cfg.model, model.backbone)
 
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -68,7 +68,13 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The pre-trained backbone: a timm ViT, by name plus optional keyword overrides."""
 
-    name: str = Field("vit_base_patch16_224", description="timm model name (a ViT with fused qkv).")
+    name: str = Field(
+        "vit_base_patch16_224",
+        description=(
+            "timm model name (a ViT with fused qkv); with a local weights file and neither model.name nor "
+            "model.kwargs set by you, taken from the file (config.json beside it, else its tensor shapes)."
+        ),
+    )
     weights: str | None = Field(
         None,
         description=(
@@ -79,6 +85,13 @@ class ModelConfig(_Section):
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments for timm.create_model (img_size, patch_size, depth, embed_dim, ...).",
+    )
+    resize_embeddings: bool = Field(
+        False,
+        description=(
+            "Resample the weights' patch and position embeddings when their patch or image size differ from the "
+            "model's (false: refused, naming both sizes)."
+        ),
     )
     mean: RGB | None = Field(
         None,
@@ -174,7 +187,14 @@ class DataConfig(_Section):
     )
     batch_size: int = Field(128, gt=0, description="Global training batch size (split evenly over ranks).")
     eval_batch_size: int = Field(256, gt=0, description="Per-rank evaluation batch size.")
-    num_workers: int = Field(4, ge=0, description="DataLoader worker processes per rank.")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "DataLoader worker processes per rank; null = the CPU cores available per rank on the node less one, "
+            "at most 4."
+        ),
+    )
     normalize: Normalize = Field(
         "model",
         description="'model' (mean/std of the pretrained cfg), 'none' (reference code: [0,1]), 'imagenet', 'half'.",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from sdlora_dist.adapters import MagnitudeBank, SDLoRAQKV
 from sdlora_dist.config import AdapterConfig, Config, ModelConfig
 from sdlora_dist.consolidate import Decision, fit_in_span, plan_absorption, plan_freeze, rank_for_task
 from sdlora_dist.errors import UserError
+from sdlora_dist.weights import embedding_mismatch, read_state_dict
 
 
 def task_key(task: int) -> str:
@@ -33,28 +33,6 @@ def task_key(task: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Backbone
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's message advises weights_only=False, i.e. running the file's code: never pass that on.
-        raise UserError(
-            f"model.weights: {path} is a pickle that holds more than tensors (code or custom objects) and was "
-            "refused unread; pass a .safetensors file or a plain state dict of tensors"
-        ) from None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise UserError(f"model.weights: {path} does not hold a state dict (got {type(state).__name__})")
-    return state
 
 
 PREPROCESSING_KEYS = ("mean", "std", "interpolation", "crop_pct")
@@ -131,11 +109,13 @@ def _sha256_prefix(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_backbone_weights(backbone: nn.Module, path: str | Path, *, resize: bool = False) -> dict[str, Any]:
     """Load pre-trained weights from a local file into a timm ViT (head weights are ignored).
 
     Formats: ``.safetensors``, ``.pth``/``.pt``/``.bin`` state dicts, and timm/big_vision ``.npz``. Returns what was
-    loaded: ``{"path", "tensors", "sha256"}`` (absolute path, tensors loaded, sha256 prefix of the file).
+    loaded: ``{"path", "tensors", "sha256"}`` (absolute path, tensors loaded, sha256 prefix of the file). Weights of
+    another patch or image size are refused unless ``resize`` (model.resize_embeddings): timm's filter would
+    resample the patch and position embeddings into a model the weights were never trained as.
     """
     path = Path(path)
     if not path.is_file():
@@ -148,9 +128,16 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, An
             raise UserError(f"model.weights: {path} does not match model {type(backbone).__name__}: {exc}") from exc
         return {**report, "tensors": len(backbone.state_dict())}
     try:
-        state = _read_state_dict(path)
-    except (RuntimeError, OSError, ValueError) as exc:  # unsafe pickles are refused in _read_state_dict
+        state = read_state_dict(path)
+    except (RuntimeError, OSError, ValueError) as exc:  # unsafe pickles are refused in read_state_dict
         raise UserError(f"model.weights: cannot read {path}: {str(exc).splitlines()[0]}") from exc
+    mismatch = embedding_mismatch({k: tuple(v.shape) for k, v in state.items()}, backbone)
+    if mismatch is not None and not resize:
+        file_size, model_size, matching = mismatch
+        raise UserError(
+            f"model.weights: {path} holds {file_size} but the model is {model_size}; pass {matching} to match "
+            "the file, or --set model.resize_embeddings=true to resample its embeddings"
+        )
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = {k: v for k, v in checkpoint_filter_fn(state, backbone).items() if not k.startswith("head.")}
@@ -173,8 +160,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, An
             if part
         )
         raise UserError(
-            f"model.weights: {path} does not fit model.name/model.kwargs ({detail}); "
-            "use weights of the same architecture"
+            f"model.weights: {path} does not fit model.name/model.kwargs ({detail}); use weights of the same "
+            "architecture, or leave model.name/model.kwargs unset to take them from the file"
         )
     backbone.load_state_dict(state, strict=True)
     return {**report, "tensors": len(state)}
@@ -216,7 +203,9 @@ def build_backbone(model_cfg: ModelConfig) -> nn.Module:
         raise UserError(f"model.name: {model_cfg.name} has no blocks[i].attn.qkv (SD-LoRA needs a ViT with fused qkv)")
     backbone.loaded_weights = {"path": model_cfg.weights, "tensors": 0, "sha256": ""}
     if model_cfg.weights not in ("hub", "random"):
-        backbone.loaded_weights = load_backbone_weights(backbone, model_cfg.weights)
+        backbone.loaded_weights = load_backbone_weights(
+            backbone, model_cfg.weights, resize=model_cfg.resize_embeddings
+        )
     _apply_preprocessing(backbone, model_cfg)
     return backbone
 

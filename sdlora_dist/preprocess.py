@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sdlora_dist.config import DataConfig
+from sdlora_dist.config import DataConfig, ModelConfig
 from sdlora_dist.data import TransformSpec
 
 Stats = tuple[tuple[float, ...], tuple[float, ...]]
@@ -78,3 +78,21 @@ def describe_preprocessing(record: dict[str, Any]) -> str:
         f"preprocessing: {p['input_size'][1]}px {p['interpolation']}, crop_pct {p['crop_pct']:.4g}, "
         f"mean ({mean}), std ({std}) [data.normalize={p['normalize']}]"
     )
+
+
+def preprocessing_origin(before: ModelConfig, after: ModelConfig, source: str | None, normalize: str) -> str:
+    """One line: where each preprocessing value in force comes from (config, the weights file, timm's defaults)."""
+    keys = ("mean", "std", "interpolation", "crop_pct")
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        if getattr(before, key) is not None:
+            origin = "the config"
+        elif getattr(after, key) is not None:
+            origin = str(source)
+        else:
+            origin = f"timm's defaults for {after.name}" if key != "crop_pct" else "data.eval_crop_pct"
+        groups.setdefault(origin, []).append(key)
+    parts = [f"{'/'.join(names)} from {origin}" for origin, names in groups.items()]
+    if normalize != "model":  # the mean/std above are then not what the images are normalised with
+        parts.append(f"but data.normalize={normalize} sets the mean/std images are normalised with")
+    return "preprocessing sources: " + "; ".join(parts)

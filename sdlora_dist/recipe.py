@@ -16,6 +16,7 @@ engine checkpoint replays the uninterrupted run exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from sdlora_dist import drift, head_align, ridge_head
 from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
-from sdlora_dist.data.classes import resolve_split, split_changes, task_view
+from sdlora_dist.data.classes import one_class_warning, resolve_split, split_changes, task_view
 from sdlora_dist.data.planning import train_steps_per_epoch
 from sdlora_dist.errors import UserError
 from sdlora_dist.jobs import distributed as dist
@@ -94,6 +95,25 @@ def check_run_split(cfg: Config, mode: str, record: dict[str, Any]) -> None:
             f"{flag} {cfg.run_dir}: the shards at {cfg.data.shards} no longer give the class order and task split "
             f"this run was trained with ({'; '.join(changes)}; split fingerprint: run {fingerprint}, shards now "
             f"{record['fingerprint']}); restore the shard set the run used, or start a new run with --run-dir"
+        )
+
+
+def warn_small_tasks(cfg: Config, view: Manifest) -> None:
+    """Warn once, at start, about tasks that cannot train as meant: one class, or fewer samples than one batch."""
+    per_task = list(view.classes_per_task)
+    at_most = max(1, sum(per_task) // 2)
+    warning = one_class_warning(
+        per_task, f"pass --set data.tasks={at_most} or fewer, or data.classes_per_task with two or more per task"
+    )
+    if warning:
+        log_rank_zero(warning)
+    batch = cfg.data.batch_size
+    small = {t: n for t in range(len(per_task)) if (n := view.num_samples("train", t)) < batch}
+    if small:
+        listed = ", ".join(f"task {t}: {n}" for t, n in small.items())
+        log_rank_zero(
+            f"warning: fewer training samples than one global batch (data.batch_size={batch}) in {listed}: an epoch "
+            f"of such a task is one step of repeated images; pass --set data.batch_size={min(small.values())} or less"
         )
 
 
@@ -242,7 +262,7 @@ def train_task(ctx: TaskContext) -> TrainStats:
     stats = _run_epochs(ctx, engine, start)
     dist.release_engine(engine)  # the model is float32 again: what follows (eval, consolidation, saving) runs in it
     model.rebuild_derived_state()  # a mid-task engine load rebuilt the past bank from bf16 factors: redo it in fp32
-    return {**stats, "precision": precision, "device": env.device.type}
+    return dataclasses.replace(stats, precision=precision, device=env.device.type)
 
 
 class StepMonitor:

@@ -28,6 +28,8 @@ class TrainStats:
     final_loss: float
     images: int
     corrupt_skipped: int
+    precision: str | None = None  # the engine's arithmetic (fp32, bf16, fp16); absent in runs written before it
+    device: str | None = None  # cpu or cuda
 
 
 @dataclass

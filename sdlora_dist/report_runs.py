@@ -1,10 +1,10 @@
 """``sdlora report RUN_A RUN_B ...``: mean ± std over finished runs of one setting (the paper reports the mean of
 several seeds), refused, naming the keys, when the runs differ in anything but their seeds.
 
-Writes, into one folder filled under a temporary name and renamed into place (default ``report-<benchmark>``
-beside the runs)::
+Writes, into one folder filled under a temporary name and renamed into place (default
+``report-<benchmark>-<setting hash>`` beside the runs: one folder per setting, the seeds aside)::
 
-    report-digits/
+    report-digits-1a2b3c4d/
       report.md             the setting, a table per run plus mean ± std, the top-1 curve of every run and the mean
       accuracy_curves.png   every run's top-1 curve and their mean with a ±1 std band
       aggregate.json        the numbers of report.md (per run, mean and std, the curves)
@@ -14,6 +14,8 @@ Each run is read as one run's report reads it (:func:`report.load_run_metrics`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -48,6 +50,7 @@ SEED_KEYS = ("train.seed", "data.class_order_seed", "data.class_order", "run_dir
 # path may differ too (one shard set per class order when the order was fixed at prepare time, or a copy on another
 # disk): the benchmark and the task split, compared below, say whether the data is the same
 RUN_ONLY_KEYS = ("data.num_workers", "train.checkpoint_every", "train.timeout_s", "data.shards")
+SPLIT_KEYS = ("tasks evaluated", "classes per task")  # from the metrics, compared like config keys
 
 
 @dataclass
@@ -102,8 +105,8 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _setting(m: RunMetrics) -> dict[str, Any]:
     """What must be equal across the runs of one setting: the config minus seeds and run-only keys, the split."""
     flat = {k: v for k, v in flat_config(m.config).items() if k not in SEED_KEYS and k not in RUN_ONLY_KEYS}
-    flat["tasks evaluated"] = m.num_tasks
-    flat["classes per task"] = [r.classes for r in m.tasks]
+    flat[SPLIT_KEYS[0]] = m.num_tasks
+    flat[SPLIT_KEYS[1]] = [r.classes for r in m.tasks]
     if m.info.get("benchmark") is not None:
         flat["benchmark (run.json)"] = m.info["benchmark"]
     return flat
@@ -120,6 +123,16 @@ def _differences(runs: list[Path], settings: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _refuse_differences(runs: list[Path], settings: list[dict[str, Any]]) -> None:
+    diffs = _differences(runs, settings)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise UserError(
+            f"the runs are not of one setting, they differ in {shown}; only {', '.join(SEED_KEYS)} may differ: "
+            "report each setting on its own"
+        )
+
+
 def load_run_set(runs: list[Path]) -> RunSet:
     """Every run's metrics and config; UserError naming the keys when the runs are not of one setting."""
     if len(runs) < 2:
@@ -131,6 +144,9 @@ def load_run_set(runs: list[Path]) -> RunSet:
                 f"{run} has no {ckpt.CONFIG_FILE}, so it cannot be shown to share a setting with the other runs; "
                 "aggregate runs written by 'sdlora train'"
             )
+    settings = [_setting(m) for m in metrics]
+    # config keys first: runs of another data.tasks also evaluate another number of tasks, but are not unfinished
+    _refuse_differences(runs, [{k: v for k, v in s.items() if k not in SPLIT_KEYS} for s in settings])
     counts = [m.num_tasks for m in metrics]
     if len(set(counts)) > 1:
         short = runs[counts.index(min(counts))]
@@ -138,13 +154,7 @@ def load_run_set(runs: list[Path]) -> RunSet:
             f"the runs evaluated different numbers of tasks ({', '.join(map(str, counts))}): {short} is not finished "
             f"('sdlora train --resume {short}') or is another setting; aggregate finished runs of one setting"
         )
-    diffs = _differences(runs, [_setting(m) for m in metrics])
-    if diffs:
-        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-        raise UserError(
-            f"the runs are not of one setting, they differ in {shown}; only {', '.join(SEED_KEYS)} may differ: "
-            "report each setting on its own"
-        )
+    _refuse_differences(runs, settings)
     varying = {}
     for key in SEED_KEYS[:-1]:
         values = [flat_config(m.config).get(key) for m in metrics]
@@ -250,16 +260,18 @@ def _default_aggregate_out(rs: RunSet) -> Path:
     parents = [r.resolve().parent for r in rs.runs]
     common = Path(os.path.commonpath([str(p) for p in parents]))
     first = rs.metrics[0]
-    return common / f"report-{first.info.get('benchmark') or first.config['data']['benchmark']}"
+    benchmark = first.info.get("benchmark") or first.config["data"]["benchmark"]
+    # one folder per setting (the seeds aside): aggregating another setting of the benchmark keeps this one
+    setting = json.dumps(_setting(first), sort_keys=True, default=str)
+    return common / f"report-{benchmark}-{hashlib.sha256(setting.encode()).hexdigest()[:8]}"
 
 
 def write_aggregate_report(run_args: list[str], out_dir: str | Path | None = None) -> tuple[ReportFiles, str]:
-    """Aggregate finished runs of one setting into ``out_dir`` (default: ``report-<benchmark>`` beside the runs).
+    """Aggregate finished runs of one setting into ``out_dir`` (default: ``report-<benchmark>-<setting hash>``
+    beside the runs, so each setting of a benchmark keeps its own folder).
 
     Returns the files and the summary table (Markdown) for the console. The folder is written atomically.
     """
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")

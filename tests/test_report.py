@@ -241,19 +241,21 @@ def test_report_aggregates_three_seeds(tmp_path):
         assert img.format == "PNG" and img.width >= 600
     # a quoted glob, default output beside the runs; the next glob over the folder skips that report
     assert cli("report", str(tmp_path / "runs" / "digits-seed*"))[0] == 0
-    default = tmp_path / "runs" / "report-digits"
+    (default,) = (tmp_path / "runs").glob("report-digits-*")  # one folder per setting, named by its hash
     assert json.loads((default / "aggregate.json").read_text())["summary"] == numbers["summary"]
     code, _, err = cli("report", str(tmp_path / "runs" / "*"))
     assert code == 0, err
 
 
-@pytest.mark.parametrize("problem", ["rank_and_lr", "unfinished", "split", "one_run", "no_config", "twice"])
+@pytest.mark.parametrize(
+    "problem", ["rank_and_lr", "unfinished", "data_tasks", "split", "one_run", "no_config", "twice"]
+)
 def test_report_refuses_runs_of_different_settings(tmp_path, problem):
     runs = [tmp_path / f"r{s}" for s in (1, 2, 3)]
-    sets = {"rank_and_lr": ("adapter.rank=4", "train.lr=0.5")}.get(problem, ())
+    sets = {"rank_and_lr": ("adapter.rank=4", "train.lr=0.5"), "data_tasks": ("data.tasks=2",)}.get(problem, ())
     for i, r in enumerate(runs):
-        make_seed_run(r, seed=i, shift=i, tasks=2 if problem == "unfinished" and i == 1 else 3,
-                      sets=sets if i == 2 else ())  # fmt: skip
+        short = problem in ("unfinished", "data_tasks") and i == (1 if problem == "unfinished" else 2)
+        make_seed_run(r, seed=i, shift=i, tasks=2 if short else 3, sets=sets if i == 2 else ())
     if problem == "split":  # the same number of tasks, another split of the classes
         data = json.loads((runs[1] / "metrics.json").read_text())
         data["tasks"][0]["classes"] = 4
@@ -265,10 +267,29 @@ def test_report_refuses_runs_of_different_settings(tmp_path, problem):
     expected = {
         "rank_and_lr": f"adapter.rank ({runs[0]}: 10, {runs[2]}: 4); train.lr ({runs[0]}: 0.01, {runs[2]}: 0.5)",
         "unfinished": f"{runs[1]} is not finished",
+        # a finished run of another split evaluates fewer tasks: the key is named, it is not called unfinished
+        "data_tasks": f"data.tasks ({runs[0]}: None, {runs[2]}: 2)",
         "split": "differ in classes per task",
         "one_run": "matches no run directory",
         "no_config": "has no config.yaml",
         "twice": "named twice",
     }[problem]
     assert code == 2 and expected in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "is not finished" not in err or problem == "unfinished"
     assert not (tmp_path / "agg").exists()
+
+
+def test_aggregates_of_two_settings_keep_their_own_folders(tmp_path):
+    paper = [tmp_path / "runs" / f"paper-s{s}" for s in (1, 2)]
+    official = [tmp_path / "runs" / f"official-s{s}" for s in (1, 2)]
+    for s, (a, b) in enumerate(zip(paper, official, strict=True)):
+        make_seed_run(a, seed=s, shift=s)
+        make_seed_run(b, seed=s, shift=10 + s, sets=("adapter.preset=official",))
+    assert cli("report", *map(str, paper))[0] == 0
+    assert cli("report", *map(str, official))[0] == 0
+    folders = sorted((tmp_path / "runs").glob("report-digits-*"))
+    assert len(folders) == 2, folders  # the second setting did not replace the first one's report
+    accs = sorted(json.loads((f / "aggregate.json").read_text())["summary"]["acc"]["mean"] for f in folders)
+    assert accs == [pytest.approx(55.5), pytest.approx(65.5)]  # final rows: 55 + shift on average
+    assert cli("report", *map(str, paper))[0] == 0  # the same setting again replaces its own folder
+    assert len(list((tmp_path / "runs").glob("report-digits-*"))) == 2

@@ -41,6 +41,22 @@ def even_split(num_classes: int, tasks: int, key: str = "--tasks") -> list[int]:
     return [base + (1 if t < extra else 0) for t in range(tasks)]
 
 
+def one_class_warning(classes_per_task: list[int], fix: str) -> str | None:
+    """A warning naming the tasks with a single class (None when there are none); ``fix`` says what to pass instead.
+
+    The loss is over the current task's classes only (masked_cross_entropy): with one class it is 0 whatever the
+    model does, so such a task trains nothing and its magnitude never moves.
+    """
+    single = [t for t, n in enumerate(classes_per_task) if n == 1]
+    if not single:
+        return None
+    tasks = ", ".join(str(t) for t in single)
+    return (
+        f"warning: task(s) {tasks} of {classes_per_task} hold one class: the loss over a task's own classes is then 0 "
+        f"and nothing is learned; {fix}"
+    )
+
+
 @dataclass
 class TaskSplit:
     """A run's class order and task split, over the stored class indices of a shard set."""

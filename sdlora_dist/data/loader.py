@@ -45,6 +45,7 @@ transform -> batch (-> join the workers' parts).
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -354,9 +355,23 @@ def make_train_loader(
         streams=stream_count(data.streams, world_size, batch_size), spec=spec, corrupt=data.corrupt,
         shuffle_buffer=shuffle_buffer,
     )  # fmt: skip
-    workers = min(data.num_workers, len(dataset.rank_streams))
+    workers = min(workers_per_rank(data.num_workers), len(dataset.rank_streams))
     return ShardLoader(dataset, num_workers=workers, length=steps, with_keys=with_keys, stats=stats,
                        label_map=manifest.label_map)  # fmt: skip
+
+
+MAX_DEFAULT_WORKERS = 4
+
+
+def workers_per_rank(requested: int | None) -> int:
+    """``data.num_workers``, or when null: the CPU cores this process may use, shared by the ranks on its node
+    (``LOCAL_WORLD_SIZE``), less one for the rank itself, at most 4 (more workers than cores only make torch warn).
+    """
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(MAX_DEFAULT_WORKERS, cores // ranks_here - 1))
 
 
 def make_eval_loader(
@@ -367,7 +382,7 @@ def make_eval_loader(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     corrupt: str = "skip",
     bad_shard: str = "error",
     cache_dir: str | Path | None = None,
@@ -378,12 +393,14 @@ def make_eval_loader(
     """The ``split`` samples of ``tasks``, each exactly once across all ranks and workers (no padding).
 
     Ranks may get different batch counts (sum the counts with an all-reduce); the last batch may be short.
-    ``manifest``: the run's view (class order and split), default the shard set's own.
+    ``manifest``: the run's view (class order and split), default the shard set's own. ``num_workers`` None: as
+    :func:`workers_per_rank`.
     """
     check_policy("corrupt", corrupt), check_policy("bad_shard", bad_shard), spec.resample()
     _check_ranks(rank, world_size)
     if batch_size <= 0:
         raise UserError(f"batch_size must be > 0 (got {batch_size})")
+    num_workers = workers_per_rank(num_workers)  # None: from the cores per rank
     if num_workers < 0:
         raise UserError(f"num_workers must be >= 0 (got {num_workers})")
     manifest = manifest or load_manifest(shards_dir)

@@ -41,7 +41,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from sdlora_dist.data.classes import even_split, seeded_order
+from sdlora_dist.data.classes import even_split, one_class_warning, seeded_order
 from sdlora_dist.data.images import ImageDecodeError, image_error_reason, is_plain, open_rgb
 from sdlora_dist.data.manifest import (
     MANIFEST_NAME,
@@ -408,6 +408,12 @@ def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
         raise UserError(f"benchmark {benchmark!r} has no default task count: pass --tasks")
     args["seed"] = default_seed if args["seed"] is None else args["seed"]
     per_task = split_classes(len(source.class_names), args["tasks"])
+    at_most = max(1, len(source.class_names) // 2)  # every task then has two classes or more
+    warning = one_class_warning(
+        per_task, f"pass --tasks {at_most} or fewer, or split at train time with data.tasks or data.classes_per_task"
+    )
+    if warning:
+        log_rank_zero(warning)
     # "layout" stays in the options so fingerprints of shard sets already written keep matching
     options = {**{k: args[k] for k in ("tasks", "seed", "resize", "shard_size", "split_seed")}, "layout": "class"}
     fingerprint = dataset_fingerprint(source, options)  # the listing as the metadata gives it, missing files too

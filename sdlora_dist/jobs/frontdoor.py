@@ -22,6 +22,8 @@ from sdlora_dist.jobs.launch import LaunchSpec, build_command, format_command, l
 from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.jobs.runlock import hold_run_lock
 from sdlora_dist.model import fill_preprocessing_from_weights
+from sdlora_dist.preprocess import preprocessing_origin
+from sdlora_dist.weights import fill_architecture_from_weights
 
 
 def benchmark_recipes() -> dict[str, Path]:
@@ -91,10 +93,30 @@ def resolve_config(
     chosen = run_dir or raw.get("run_dir") or f"runs/{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
     raw["run_dir"] = str(Path(chosen).absolute())
     cfg = config_from_dict(raw)
-    filled, source = fill_preprocessing_from_weights(cfg.model)
-    if source is None:
-        return cfg
-    print(f"preprocessing of the weights read from {source}", file=sys.stderr)
+    return _fill_from_weights(cfg, _user_model(config, sets))
+
+
+def _user_model(config: str | None, sets: list[str]) -> dict[str, Any]:
+    """The ``model`` keys the user gave (``--config`` file, ``--set``), not those of a shipped recipe."""
+    mine = read_yaml_mapping(Path(config)) if config is not None else {}
+    model = apply_overrides(mine, sets).get("model")
+    return model if isinstance(model, dict) else {}
+
+
+def _fill_from_weights(cfg: Config, user_model: dict[str, Any]) -> Config:
+    """Architecture, then preprocessing, from the weights file where the user did not set them; both printed."""
+    given = user_model.get("kwargs")  # only the user's keys: a recipe's kwargs describe the paper's backbone
+    user_kwargs = given if isinstance(given, dict) else None
+    model, arch_line = fill_architecture_from_weights(
+        cfg.model, user_name=cfg.model.name if "name" in user_model else None, user_kwargs=user_kwargs
+    )
+    if arch_line:
+        print(arch_line, file=sys.stderr)
+    if model.resize_embeddings:
+        print("model.resize_embeddings=true: weights of another patch or image size are resampled", file=sys.stderr)
+    filled, source = fill_preprocessing_from_weights(model)
+    if model.weights not in (None, "hub", "random"):  # a file: say which of its values are in force
+        print(preprocessing_origin(model, filled, source, cfg.data.normalize), file=sys.stderr)
     return config_from_dict({**cfg.to_dict(), "model": filled.model_dump()})  # validated like the rest
 
 
@@ -152,7 +174,7 @@ def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
 
 def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = False) -> int:
     """Check inputs, then run the worker on every rank through the launcher (in-process for one local rank)."""
-    from sdlora_dist.recipe import check_run_split, run_shards
+    from sdlora_dist.recipe import check_run_split, run_shards, warn_small_tasks
 
     launcher = resolve_launcher(spec)
     world = spec.nodes * spec.procs_per_node
@@ -161,8 +183,9 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
             f"data.batch_size={cfg.data.batch_size} is the global batch and must divide evenly over the {world} "
             f"ranks (--nodes {spec.nodes} x --gpus-per-node {spec.procs_per_node}); pass --set data.batch_size=N"
         )
-    _, split = run_shards(cfg)  # the shards, their class order and task split as this run resolves them
+    view, split = run_shards(cfg)  # the shards, their class order and task split as this run resolves them
     check_run_split(cfg, mode, split)  # --resume/--continue: refused before anything is written
+    warn_small_tasks(cfg, view)
     worker = [sys.executable, "-m", "sdlora_dist.jobs.worker", "--run-dir", str(cfg.run_dir), "--mode", mode]
     if dry_run:
         argv, env = build_command(spec, worker)
