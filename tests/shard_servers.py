@@ -12,7 +12,9 @@ from pathlib import Path
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """Serves ``directory``; the first ``server.drops`` GETs of a .tar send half the body, then close."""
+    """Serves ``directory``; the first ``server.drops`` GETs of a .tar send half the body, then close; the first
+    ``server.unavailable`` GETs of a .tar answer 503; while ``server.gone`` is set, a .tar GET is closed unanswered
+    (a server that went away behind its load balancer)."""
 
     def log_message(self, *args) -> None:  # noqa: ANN002
         pass
@@ -21,8 +23,16 @@ class _Handler(SimpleHTTPRequestHandler):
         server = self.server
         with server.lock:
             server.requests.append(self.path)
-            drop = self.path.endswith(".tar") and server.drops > 0
+            tar = self.path.endswith(".tar")
+            drop, busy = tar and server.drops > 0, tar and server.unavailable > 0
             server.drops -= drop
+            server.unavailable -= busy
+        if tar and server.gone:
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return None
+        if busy:
+            return self.send_error(503, "Service Unavailable")
         if not drop:
             return super().do_GET()
         data = Path(self.directory, self.path.lstrip("/")).read_bytes()
@@ -42,6 +52,7 @@ def http_server(root: Path, drops: int = 0) -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     server.daemon_threads = True
     server.lock, server.requests, server.drops = threading.Lock(), [], drops
+    server.unavailable, server.gone = 0, False
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

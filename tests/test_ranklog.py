@@ -64,7 +64,7 @@ def test_signals_and_no_records(tmp_path):
         (UserError("bad value\nsecond line"), "user", "bad value"),
         (KeyboardInterrupt(), "interrupted", "interrupted (Ctrl-C)"),
         (RankFailure("rank 0/2: collective failed"), "peer", "rank 0/2: collective failed"),
-        (OSError(errno.ENOSPC, "No space left on device", "/run/x.tmp"), "user", None),
+        (OSError(errno.ENOSPC, "No space left on device", "/run/x.tmp"), "disk", None),
         (ValueError("shapes differ"), "crash", "ValueError: shapes differ"),
     ],
 )

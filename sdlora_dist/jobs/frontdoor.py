@@ -18,6 +18,7 @@ from typing import Any
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.config import Config, apply_overrides, config_from_dict, config_root, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
+from sdlora_dist.jobs import ranklog
 from sdlora_dist.jobs.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.jobs.runlock import hold_run_lock
@@ -129,15 +130,28 @@ def prepare_run_dir(cfg: Config, mode: str) -> None:
         save_config(cfg, run_dir / ckpt.CONFIG_FILE)
 
 
-def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
-    """A fresh start that failed before anything resumable was written leaves the run dir as it found it.
+def _ranks_started(run_dir: Path) -> bool:
+    """Whether the job got past the point a rank can fail on a wrong setting, so the run is worth resuming.
 
-    Otherwise its config.yaml would block the same --run-dir and make --resume refuse the corrected setting.
+    A rank that was stopped (Ctrl-C, SIGTERM), killed, crashed or hit a full disk leaves a run ``--resume`` restarts;
+    so does any failure after the run header (run.json) was written, e.g. a shard server that went away in task 0.
+    Only a user error every rank met during setup (bad weights, shards of another benchmark) leaves nothing.
+    """
+    if (run_dir / ckpt.RUN_FILE).exists():
+        return True
+    return any(r.status != "failed" or r.kind != "user" for r in ranklog.read_records(run_dir))
+
+
+def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
+    """A fresh start that failed before any rank ran leaves the run dir as it found it.
+
+    Otherwise its config.yaml would block the same --run-dir and make --resume refuse the corrected setting. A start
+    whose ranks ran keeps everything (logs included): the line printed names ``--resume RUN_DIR`` and its log.
     """
     from sdlora_dist.recipe import ENGINE_DIR
 
-    if ckpt.completed_tasks(run_dir) or (run_dir / ENGINE_DIR).exists():
-        return  # training got far enough for --resume to use it
+    if ckpt.completed_tasks(run_dir) or (run_dir / ENGINE_DIR).exists() or _ranks_started(run_dir):
+        return  # --resume restarts it (from the task's start when there is no engine checkpoint)
     if before is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         return

@@ -42,7 +42,8 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPE
 # Exit classes, most explanatory first: the summary names the rank of the first class present.
 # "stopped": SIGTERM from the launcher, which stops the other ranks once one has failed (a consequence, never a cause).
 _FULL_DISK_BYTES = 16 << 20  # less free space than one checkpoint of a small model: the likely cause of a crash
-EXIT_CODES = {"user": 2, "interrupted": 130, "crash": 1, "died": 1, "peer": 1, "stopped": 143}
+# "disk": a full or read-only disk, reported like a user error (exit 2) but the run is kept for --resume.
+EXIT_CODES = {"user": 2, "disk": 2, "interrupted": 130, "crash": 1, "died": 1, "peer": 1, "stopped": 143}
 
 
 @dataclass
@@ -157,7 +158,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "peer", first
     if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
         where = f" writing {exc.filename}" if exc.filename else ""
-        return "user", f"{exc.strerror}{where}: free space or fix permissions, then resume with --resume"
+        return "disk", f"{exc.strerror}{where}: free space or fix permissions, then resume with --resume"
     return "crash", f"{type(exc).__name__}: {first}"
 
 
@@ -204,7 +205,7 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
         if problem:
             # torch.save on a full disk raises an opaque "enforce fail at inline_container.cc" RuntimeError, on a
             # read-only one "Parent directory ... does not exist": name the cause the user can fix.
-            kind, message = "user", f"{problem} ({message}): fix that, then resume with --resume"
+            kind, message = "disk", f"{problem} ({message}): fix that, then resume with --resume"
         code = EXIT_CODES[kind]
         recorder.write(status="failed", kind=kind, code=code, message=message)
         if frontdoor:

@@ -1,0 +1,129 @@
+"""Nothing lost on a cluster: a stop before the first checkpoint keeps the run, SIGTERM preemption checkpoints and
+exits resumable, time-based engine checkpoints (real CLI runs on digits, gloo ranks on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import CLI, ENV, error_line, metrics, sdlora
+from cli_helpers import sets as tiny_sets
+from shard_servers import http_server
+
+
+def sets(*extra: str) -> list[str]:
+    """The tiny settings with two steps per task and the default checkpointing (none mid-task), then ``extra``."""
+    return tiny_sets("train.max_steps_per_epoch=2", *extra)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """digits in 2 tasks."""
+    from sdlora_dist.data import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "digits2"
+    prepare("digits", None, out, tasks=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def baseline(shards, tmp_path_factory) -> list:
+    """The accuracy matrix of an uninterrupted one-rank run."""
+    run_dir = tmp_path_factory.mktemp("baseline") / "run"
+    proc = sdlora("train", "-b", "digits", "--data", str(shards), "--run-dir", str(run_dir), *sets())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return metrics(run_dir)["accuracy"]["matrix"]
+
+
+def start(*args: str) -> subprocess.Popen:
+    """``sdlora ...`` in its own session (a terminal job or a batch step), output captured."""
+    return subprocess.Popen(
+        [*CLI, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def wait_running(run_dir: Path, n: int = 1) -> list[int]:
+    """Pids of ranks 0..n-1 once each has recorded itself as running."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        paths = [run_dir / "logs" / f"rank_{r}.json" for r in range(n)]
+        if all(p.exists() and p.stat().st_size for p in paths):
+            data = [json.loads(p.read_text()) for p in paths]
+            if all(d["status"] == "running" for d in data):
+                return [d["pid"] for d in data]
+        time.sleep(0.05)
+    raise AssertionError("ranks did not start")
+
+
+def resume_as_printed(line: str, *extra: str) -> subprocess.CompletedProcess:
+    """Run the ``sdlora train --resume DIR`` command the error line prints, as a user pasting it would."""
+    command = line.split("resume with: ", 1)[1].split(";")[0].strip()
+    argv = shlex.split(command)
+    assert argv[:3] == ["sdlora", "train", "--resume"], line
+    return sdlora(*argv[1:], *extra)
+
+
+def assert_kept(run_dir: Path) -> None:
+    """The run directory, its config and the ranks' logs survived the stop."""
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "logs" / "rank_0.log").is_file()
+    assert not (run_dir / "tasks").exists() or not any((run_dir / "tasks").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A stop before the first checkpoint keeps the run
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_task_0_keeps_the_run_and_the_printed_resume_matches(shards, baseline, tmp_path):
+    run_dir = tmp_path / "run"
+    job = start("train", "-b", "digits", "--data", str(shards), "--run-dir", str(run_dir), *sets())
+    wait_running(run_dir)
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err[-3000:]
+    line = error_line(err)
+    assert line == f"error: interrupted (Ctrl-C); resume with: sdlora train --resume {run_dir}"
+    assert_kept(run_dir)
+    resumed = resume_as_printed(line)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(run_dir)["accuracy"]["matrix"] == baseline
+
+
+@pytest.mark.slow
+def test_killed_rank_during_start_keeps_the_run_and_its_log(shards, baseline, tmp_path):
+    run_dir = tmp_path / "run"
+    job = start("train", "-b", "digits", "--data", str(shards), "--run-dir", str(run_dir), "--gpus-per-node", "2",
+                *sets())  # fmt: skip
+    pids = wait_running(run_dir, 2)
+    os.kill(pids[1], signal.SIGKILL)
+    _, err = job.communicate(timeout=180)
+    assert job.returncode == 1, err[-3000:]
+    line = error_line(err)
+    log = Path(line.split("(full log: ", 1)[1].rstrip(")"))
+    assert log == run_dir / "logs" / "rank_1.log" and log.is_file()
+    assert_kept(run_dir)
+    resumed = sdlora("train", "--resume", str(run_dir), "--gpus-per-node", "1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(run_dir)["accuracy"]["matrix"] == baseline
+
+
+@pytest.mark.slow
+def test_http_server_gone_during_task_0_keeps_the_run_and_resume_matches(shards, baseline, tmp_path):
+    run_dir = tmp_path / "run"
+    with http_server(shards) as server:
+        server.gone = True  # manifest.json answers, every shard read is cut: the server went away in task 0
+        proc = sdlora("train", "-b", "digits", "--data", server.url, "--run-dir", str(run_dir), *sets())
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = error_line(proc.stderr)
+        assert "unreachable" in line and server.url in line and "sdlora data prepare" not in line, line
+        assert_kept(run_dir)
+        server.gone = False  # it is back
+        resumed = resume_as_printed(line)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(run_dir)["accuracy"]["matrix"] == baseline
