@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from sdlora_dist.adapters import MagnitudeBank, SDLoRAQKV
 from sdlora_dist.config import AdapterConfig, Config, ModelConfig
 from sdlora_dist.consolidate import Decision, fit_in_span, plan_absorption, plan_freeze, rank_for_task
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import UserError, listed
 
 
 def task_key(task: int) -> str:
@@ -42,7 +43,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle makes torch warn before it refuses: one line, ours
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's message advises weights_only=False, i.e. running the file's code: never pass that on.
         raise UserError(
@@ -166,9 +169,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, An
         detail = "; ".join(
             part
             for part in (
-                f"shape mismatch: {', '.join(bad[:5])}" if bad else "",
-                f"missing: {', '.join(missing[:5])}" if missing else "",
-                f"unexpected: {', '.join(unexpected[:5])}" if unexpected else "",
+                f"shape mismatch: {listed(bad)}" if bad else "",
+                f"missing: {listed(missing)}" if missing else "",
+                f"unexpected: {listed(unexpected)}" if unexpected else "",
             )
             if part
         )

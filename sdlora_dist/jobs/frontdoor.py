@@ -101,6 +101,8 @@ def resolve_config(
 
 def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
     """The config of an existing run; ``--set`` overrides must not change it (hash compared)."""
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{what} {run_dir}: the folder does not exist; pass the run directory 'sdlora train' wrote")
     original = ckpt.load_run_config(run_dir)  # run_dir: where it is now, not where config.yaml says it was
     if not sets:
         return original
