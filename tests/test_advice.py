@@ -74,7 +74,7 @@ def test_plain_pickle_as_weights_is_only_the_one_line(digits_shards, tmp_path):
 def test_inspect_of_an_interrupted_prepare_names_the_partial_folder_and_the_command(tmp_path, capsys, monkeypatch):
     import importlib
 
-    prepare_module = importlib.import_module("sdlora_dist.data.prepare")  # the module (the package exports the function)
+    prepare_module = importlib.import_module("sdlora_dist.data.prepare")  # the module, not the function
 
     make_image_folder(tmp_path / "src", {"a": 3, "b": 3}, {"a": 1, "b": 1})
     out = tmp_path / "shards"

@@ -63,15 +63,16 @@ def wait_running(run_dir: Path, n: int = 1) -> list[int]:
 
 def resume_as_printed(line: str, *extra: str) -> subprocess.CompletedProcess:
     """Run the ``sdlora train --resume DIR`` command the error line prints, as a user pasting it would."""
-    command = line.split("resume with: ", 1)[1].split(";")[0].strip()
+    command = line.split("resume with: ", 1)[1].split(" (full log: ")[0].split(";")[0].strip()
     argv = shlex.split(command)
     assert argv[:3] == ["sdlora", "train", "--resume"], line
     return sdlora(*argv[1:], *extra)
 
 
 def assert_kept(run_dir: Path) -> None:
-    """The run directory, its config and the ranks' logs survived the stop."""
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "logs" / "rank_0.log").is_file()
+    """The run directory, its config and the ranks' records survived the stop (one in-process rank logs to the
+    console, several to logs/rank_N.log)."""
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "logs" / "rank_0.json").is_file()
     assert not (run_dir / "tasks").exists() or not any((run_dir / "tasks").iterdir())
 
 

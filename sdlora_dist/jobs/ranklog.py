@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sdlora_dist.errors import RankFailure, UserError
+from sdlora_dist.errors import RankFailure, ServerUnreachable, UserError
 
 LOGS_DIR = "logs"
 FRONTDOOR_ENV = "SDLORA_FRONTDOOR"  # "host:pid" of the `sdlora train` process that launched this rank
@@ -43,7 +43,11 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPE
 # "stopped": SIGTERM from the launcher, which stops the other ranks once one has failed (a consequence, never a cause).
 _FULL_DISK_BYTES = 16 << 20  # less free space than one checkpoint of a small model: the likely cause of a crash
 # "disk": a full or read-only disk, reported like a user error (exit 2) but the run is kept for --resume.
-EXIT_CODES = {"user": 2, "disk": 2, "interrupted": 130, "crash": 1, "died": 1, "peer": 1, "stopped": 143}
+# "network": a data server unreachable after the retries (exit 2); the run is kept for --resume as well.
+EXIT_CODES = {"user": 2, "disk": 2, "network": 2, "interrupted": 130, "crash": 1, "died": 1, "peer": 1, "stopped": 143}
+
+
+RESUMABLE_HINT = ("interrupted", "network")  # endings whose line adds the command that resumes the run
 
 
 @dataclass
@@ -150,6 +154,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
     they happen (:func:`sdlora_dist.jobs.distributed.peer_failures`), so nothing here reads error text.
     """
     first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, ServerUnreachable):
+        return "network", first
     if isinstance(exc, UserError):
         return "user", first
     if isinstance(exc, KeyboardInterrupt):
@@ -214,7 +220,7 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
         elif kind == "crash":
             traceback.print_exc(file=sys.stderr)
         else:
-            hint = f"; resume with: sdlora train --resume {run_dir}" if kind == "interrupted" else ""
+            hint = f"; resume with: sdlora train --resume {run_dir}" if kind in RESUMABLE_HINT else ""
             print(f"error: {message}{hint}", file=sys.stderr, flush=True)
         return code
     recorder.write(status="done")
@@ -271,7 +277,11 @@ def summarize(
         return f"error: the training job failed (launcher exit code {launcher_code}); see {logs}", 1
     first = failed[0]
     where = f"rank {first.rank} on {first.host}"
-    return f"error: {where}: {first.message} (full log: {log_path(run_dir, first.rank)})", EXIT_CODES[first.kind]
+    hint = f"; resume with: sdlora train --resume {run_dir}" if first.kind in RESUMABLE_HINT else ""
+    return (
+        f"error: {where}: {first.message}{hint} (full log: {log_path(run_dir, first.rank)})",
+        EXIT_CODES[first.kind],
+    )
 
 
 class LogEcho:
