@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -128,3 +129,81 @@ def test_http_server_gone_during_task_0_keeps_the_run_and_resume_matches(shards,
         resumed = resume_as_printed(line)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert metrics(run_dir)["accuracy"]["matrix"] == baseline
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGTERM preemption and time-based checkpoints (2 ranks)
+
+PREEMPT = ("train.max_steps_per_epoch=30", "train.epochs=2")  # 60 steps per task: time to signal mid-task
+
+
+def checkpoint_tags(log: Path) -> list[str]:
+    """The engine checkpoints a rank's log says it wrote, in order."""
+    # the progress bar shares rank 0's log without newlines: search the text, not its lines
+    return re.findall(r"\[rank \d+\] task \d+: engine checkpoint (step_\d+) written", log.read_text(errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def two_rank_baseline(shards, tmp_path_factory) -> tuple[list, Path]:
+    """An uninterrupted 2-rank run with a time-based checkpoint every second: (matrix, run dir)."""
+    run_dir = tmp_path_factory.mktemp("baseline2") / "run"
+    proc = sdlora("train", "-b", "digits", "--data", str(shards), "--run-dir", str(run_dir), "--gpus-per-node", "2",
+                  *sets(*PREEMPT, "train.checkpoint_every_s=1"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return metrics(run_dir)["accuracy"]["matrix"], run_dir
+
+
+@pytest.mark.slow
+def test_time_based_checkpoint_fires_on_every_rank_at_the_same_step(two_rank_baseline):
+    _, run_dir = two_rank_baseline
+    tags = [checkpoint_tags(run_dir / "logs" / f"rank_{r}.log") for r in range(2)]
+    assert tags[0] and tags[0] == tags[1], tags  # rank 0's clock decided, both ranks saved at the same steps
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_143_and_resume_redoes_at_most_one_step(shards, two_rank_baseline, tmp_path):
+    run_dir = tmp_path / "run"
+    job = start("train", "-b", "digits", "--data", str(shards), "--run-dir", str(run_dir), "--gpus-per-node", "2",
+                *sets(*PREEMPT))  # fmt: skip
+    log = run_dir / "logs" / "rank_0.log"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (log.is_file() and "task 0:" in log.read_text(errors="replace")):
+        time.sleep(0.05)
+    signalled = time.time()
+    os.killpg(job.pid, signal.SIGTERM)  # what SLURM does: every process of the job gets it
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 143, err[-3000:]
+    line = error_line(err)
+    assert "preempted (SIGTERM) after step" in line and "task 0" in line, line
+    stopped_after = int(line.split("after step ")[1].split()[0])
+    tag = run_dir / "engine" / "task_00" / f"step_{stopped_after:08d}"
+    assert tag.is_dir() and min(p.stat().st_mtime for p in tag.iterdir()) >= signalled  # written after the signal
+    assert [checkpoint_tags(run_dir / "logs" / f"rank_{r}.log") for r in range(2)] == [[tag.name]] * 2
+    resumed = resume_as_printed(line, "--gpus-per-node", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    where = resumed.stderr.split("task 0: resumed from engine checkpoint ")[1].split(")")[0]
+    epoch, step = int(where.split("epoch ")[1].split(",")[0]), int(where.split("step ")[1])
+    redone = stopped_after - (epoch * 30 + step)  # steps done before the stop that the resumed run does again
+    assert 0 <= redone <= 1, (stopped_after, where)
+    assert metrics(run_dir)["accuracy"]["matrix"] == two_rank_baseline[0]
+
+
+def test_second_sigterm_stops_at_once_and_copies_of_the_first_count_once(monkeypatch):
+    from sdlora_dist.jobs import preempt
+
+    stops: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        preempt.install(lambda: stops.append(1))
+        with preempt.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy of the same request
+            assert preempt.requested() and stops == []  # honoured at the next step boundary
+            monkeypatch.setattr(preempt, "DUPLICATE_S", 0.0)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second request: at once
+            assert stops == [1]
+        preempt.install(lambda: stops.append(2))
+        os.kill(os.getpid(), signal.SIGTERM)  # outside a training loop: at once, as before
+        assert stops == [1, 2]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -102,6 +103,12 @@ def carry_errors(parts: Iterator[Any]) -> Iterator[Any]:
         yield from parts
     except UserError as exc:
         yield WorkerFailure("network" if isinstance(exc, ServerUnreachable) else "user", str(exc))
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """A scheduler's SIGTERM reaches every process of the job: a loader worker leaves it to its rank, which
+    finishes its step and checkpoints first (jobs.preempt); the worker exits with the rank."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _worker() -> tuple[int, int]:
@@ -277,7 +284,8 @@ class ShardLoader:
         return self.length
 
     def __iter__(self) -> Iterator[tuple]:
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                            worker_init_fn=_ignore_sigterm if self.num_workers else None)  # fmt: skip
         parts_per_batch = max(1, self.num_workers) if self.length is not None else 1
         parts = []
         for part in loader:

@@ -109,10 +109,7 @@ def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
     raw = apply_overrides(original.to_dict(), sets)
     requested = config_from_dict(raw)
     if requested.hash() != original.hash():
-        before, after = original.to_dict(), requested.to_dict()
-        changed = [
-            f"{s}.{k}" for s in before if isinstance(before[s], dict) for k in before[s] if before[s][k] != after[s][k]
-        ]
+        changed = _changed_keys(original.to_dict(), requested.to_dict())
         raise UserError(
             f"{what} {run_dir}: the run was started with a different config (changed: {', '.join(changed)}); "
             "resume with the same config or start a new run with --run-dir"
@@ -206,12 +203,44 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
     return code
 
 
-def load_or_resolve(
-    *, benchmark, config, sets, data, run_dir, resume: str | None, continue_run: str | None
+def _changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``section.key`` of every value that differs between two config dicts."""
+    sections = [s for s in before if isinstance(before[s], dict)]
+    return [f"{s}.{k}" for s in sections for k in before[s] if before[s][k] != after[s][k]]
+
+
+def _resume_or_start(
+    benchmark: str | None, config: str | None, sets: list[str], data: str | None, run_dir: str | None
 ) -> tuple[Config, str]:
+    """``--resume-or-start --run-dir D``: the same command line for a first start and every requeue after it.
+
+    D without a run starts fresh; D with one resumes it when the command resolves to the config it was started
+    with (else refused, naming the keys that differ).
+    """
+    if run_dir is None:
+        raise UserError("--resume-or-start needs --run-dir DIR: the run a requeued job finds again")
+    requested = resolve_config(benchmark, config, sets, data, run_dir)
+    if not (Path(run_dir) / ckpt.CONFIG_FILE).is_file():
+        return requested, "fresh"
+    original = ckpt.load_run_config(run_dir)
+    if requested.hash() != original.hash():
+        changed = _changed_keys(original.to_dict(), requested.to_dict())
+        raise UserError(
+            f"--resume-or-start: {run_dir} holds a run started with a different config (changed: "
+            f"{', '.join(changed)}); pass the command line that started it, or another --run-dir"
+        )
+    return original, "resume"
+
+
+def load_or_resolve(
+    *, benchmark, config, sets, data, run_dir, resume: str | None, continue_run: str | None,
+    resume_or_start: bool = False,
+) -> tuple[Config, str]:  # fmt: skip
     """The config and mode for ``sdlora train`` from its options."""
-    if resume and continue_run:
-        raise UserError("pass either --resume RUN_DIR or --continue RUN_DIR, not both")
+    if sum(map(bool, (resume, continue_run, resume_or_start))) > 1:
+        raise UserError("pass one of --resume RUN_DIR, --continue RUN_DIR and --resume-or-start, not several")
+    if resume_or_start:
+        return _resume_or_start(benchmark, config, sets, data, run_dir)
     target = resume or continue_run
     if target is None:
         return resolve_config(benchmark, config, sets, data, run_dir), "fresh"
