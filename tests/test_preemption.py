@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import CLI, ENV, error_line, metrics, sdlora
+from cli_helpers import CLI, ENV, error_line, metrics, run_main, sdlora
 from cli_helpers import sets as tiny_sets
 from shard_servers import http_server
 
@@ -207,3 +207,18 @@ def test_second_sigterm_stops_at_once_and_copies_of_the_first_count_once(monkeyp
         assert stops == [1, 2]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow
+def test_resume_or_start_is_one_command_for_the_first_start_and_every_requeue(shards, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    command = ["train", "--resume-or-start", "--run-dir", str(run_dir), "-b", "digits", "--data", str(shards),
+               *sets("train.tasks=1")]  # fmt: skip
+    first = sdlora(*command)
+    assert first.returncode == 0 and (run_dir / "tasks" / "task_00").is_dir(), first.stderr[-3000:]
+    again = sdlora(*command)  # the requeued job: the same line resumes
+    assert again.returncode == 0 and "resume: tasks 0..0 are complete" in again.stderr, again.stderr[-3000:]
+    changed = sdlora(*command, "--set", "train.lr=0.5")
+    assert changed.returncode == 2 and "train.lr" in error_line(changed.stderr)
+    rc, _, err = run_main(capsys, "train", "--resume-or-start", "-b", "digits", "--data", str(shards))
+    assert rc == 2 and "--resume-or-start needs --run-dir DIR" in error_line(err)
