@@ -52,7 +52,7 @@ EXIT_CODES = {
 }  # fmt: skip
 
 
-RESUMABLE_HINT = ("interrupted", "network", "preempted")  # endings whose line adds the command that resumes the run
+RESUMABLE_HINT = ("interrupted", "disk", "network", "preempted")  # endings whose line adds the command that resumes the run
 
 
 @dataclass
@@ -171,7 +171,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "peer", first
     if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
         where = f" writing {exc.filename}" if exc.filename else ""
-        return "disk", f"{exc.strerror}{where}: free space or fix permissions, then resume with --resume"
+        return "disk", f"{exc.strerror}{where}: free space or fix permissions"
     return "crash", f"{type(exc).__name__}: {first}"
 
 
@@ -223,7 +223,7 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
         if problem:
             # torch.save on a full disk raises an opaque "enforce fail at inline_container.cc" RuntimeError, on a
             # read-only one "Parent directory ... does not exist": name the cause the user can fix.
-            kind, message = "disk", f"{problem} ({message}): fix that, then resume with --resume"
+            kind, message = "disk", f"{problem} ({message}): fix that"
         code = EXIT_CODES[kind]
         recorder.write(status="failed", kind=kind, code=code, message=message)
         if frontdoor:
