@@ -52,7 +52,8 @@ EXIT_CODES = {
 }  # fmt: skip
 
 
-RESUMABLE_HINT = ("interrupted", "disk", "network", "preempted")  # endings whose line adds the command that resumes the run
+# endings whose line adds the command that resumes the run
+RESUMABLE_HINT = ("interrupted", "disk", "network", "preempted")
 
 
 @dataclass
