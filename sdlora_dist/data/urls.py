@@ -87,6 +87,7 @@ class CurlStream:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.error: OSError | bool | None = None  # None: not known yet; False: the transfer succeeded
         argv = ["curl", "--silent", "--show-error", "--fail", "--location", "--retry", "0", "--connect-timeout", "30",
                 "--speed-limit", "1", "--speed-time", "60", "--write-out", f"%{{stderr}}{_CURL_STATUS}%{{http_code}}",
                 url]  # fmt: skip
@@ -95,14 +96,21 @@ class CurlStream:
     def read(self, size: int = -1) -> bytes:
         """Up to ``size`` bytes (all when -1); at the end of the body, the transfer's failure if it failed."""
         data = self.proc.stdout.read(size)
-        if not data and size != 0:
+        if size < 0 or (not data and size != 0):  # the end of the body: did the transfer fail?
             self._check()
         return data
 
     def _check(self) -> None:
+        if self.error is None:
+            self.error = self._failure()
+        if self.error is not False:
+            raise self.error
+
+    def _failure(self) -> OSError | bool:
+        """The transfer's failure as RemoteRefused/RemoteUnavailable, or False when curl succeeded."""
         code = self.proc.wait()
         if code == 0:
-            return
+            return False
         err = self.proc.stderr.read().decode(errors="replace")
         status = err.rpartition(_CURL_STATUS)[2].strip()
         detail = err.rpartition(_CURL_STATUS)[0].strip().splitlines()
@@ -110,8 +118,8 @@ class CurlStream:
         reason = f"HTTP {http}" if http >= 400 else f"curl exit {code}"  # 200 then cut: the transfer failed
         reason += f" ({detail[-1]})" if detail else ""
         if http in _REFUSED_HTTP:
-            raise RemoteRefused(self.url, reason, _REFUSED_HTTP[http])
-        raise RemoteUnavailable(reason)
+            return RemoteRefused(self.url, reason, _REFUSED_HTTP[http])
+        return RemoteUnavailable(reason)
 
     def close(self) -> None:
         """Stop the transfer (a reader may stop early) and reap curl."""
