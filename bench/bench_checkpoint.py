@@ -11,6 +11,13 @@ whole ``load_task_model`` (which also builds a randomly initialised backbone bef
 
     python bench/bench_checkpoint.py                         # tiny ViT (vit_tiny shape) and ViT-B/16 shape
     python bench/bench_checkpoint.py --models tiny --tasks 10 50
+
+``--engine`` measures instead the mid-task engine checkpoint (issue 18): ``distributed.save_engine_checkpoint`` of
+a one-rank DeepSpeed engine over the ImageNet-R recipe's trainable state at ViT-B/16 shapes (this task's q/v
+factors, the magnitudes, the head, SGD momentum; frozen weights excluded) at tasks 0 and 9 of 10, its bytes, and the
+per-step decision the recipe makes (one 2-float all-reduce), then the overhead of ``train.checkpoint_every_s``.
+
+    python bench/bench_checkpoint.py --engine                # -> bench/results/engine_checkpoint.json
 """
 
 from __future__ import annotations
@@ -145,13 +152,114 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+ENGINE_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "benchmarks" / "imagenet-r.yaml"
+
+
+def measure_engine(root: Path, task: int, repeats: int = 5) -> dict[str, Any]:
+    """Seconds and bytes of one engine checkpoint with task ``task`` open (ImageNet-R recipe, ViT-B/16 shapes)."""
+    from sdlora_dist.jobs import distributed as dist
+    from sdlora_dist.recipe import make_optimizer
+
+    cfg = load_config(ENGINE_RECIPE, ["model.weights=random", "model.kwargs={img_size: 32}", "train.precision=fp32"])
+    model = build_model(cfg)
+    per_task = 200 // cfg.data.tasks  # ImageNet-R: 200 classes
+    for _ in range(task + 1):
+        if model.current_key is not None:
+            model.consolidate()
+        model.add_task(per_task)
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(cfg, params)
+    ds = dist.deepspeed_config(cfg.train, micro_batch_per_rank=cfg.data.batch_size, world_size=1, precision="fp32")
+    engine = dist.build_engine(model, params, optimizer, None, ds)
+    loss = engine(torch.randn(2, 3, 32, 32)).float().pow(2).mean()  # one step: SGD momentum buffers exist
+    engine.backward(loss)
+    engine.step()
+    seconds = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        tag = dist.save_engine_checkpoint(engine, root / f"engine_{task}", f"step_{i:08d}", {"epoch": 0, "step": i})
+        seconds.append(time.perf_counter() - start)
+    trainable = sum(p.numel() for p in params)
+    dist.release_engine(engine)
+    row = {
+        "task": task, "trainable_params": trainable, "checkpoint_bytes": dir_bytes(tag),
+        "save_s_median": round(sorted(seconds)[len(seconds) // 2], 4), "save_s_max": round(max(seconds), 4),
+    }  # fmt: skip
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def _decide_rank(rank: int, port: int, steps: int, out: Any) -> None:
+    """One of two gloo ranks timing the recipe's per-step decision: a 2-float all-reduce read back."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    flags = torch.zeros(2)
+    tdist.all_reduce(flags)  # connect first
+    start = time.perf_counter()
+    for _ in range(steps):
+        tdist.all_reduce(flags)
+        flags.tolist()
+    if rank == 0:
+        out.put((time.perf_counter() - start) / steps)
+    tdist.destroy_process_group()
+
+
+def decide_seconds(steps: int = 2000) -> float:
+    """Seconds per step of the stop/checkpoint decision on 2 gloo ranks on this machine."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_decide_rank, args=(r, port, steps, out)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    seconds = out.get(timeout=300)
+    for proc in procs:
+        proc.join()
+    return seconds
+
+
+def engine_main(out: Path) -> None:
+    """``--engine``: the engine checkpoint rows and the default interval's overhead."""
+    from sdlora_dist.config import TrainConfig
+
+    every_s = TrainConfig().checkpoint_every_s
+    with tempfile.TemporaryDirectory(prefix="bench_engine_") as tmp:
+        rows = [measure_engine(Path(tmp), task) for task in (0, 9)]
+    worst = max(r["save_s_max"] for r in rows)
+    result = {
+        "machine": f"{platform.machine()} python {platform.python_version()} torch {torch.__version__}, 2 threads",
+        "recipe": "configs/benchmarks/imagenet-r.yaml (ViT-B/16 shapes, rank 10 on q/v of 12 blocks, SGD momentum)",
+        "rows": rows,
+        "decide_s_per_step_2_gloo_ranks": round(decide_seconds(), 7),
+        "checkpoint_every_s": every_s,
+        # one checkpoint per interval at most, counted from the task's start: shorter tasks never pay it
+        "overhead_of_default_pct": round(100 * worst / every_s, 4),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--tasks", nargs="+", type=int, default=[10, 50, 100])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "checkpoint.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--engine", action="store_true", help="Measure the mid-task engine checkpoint instead.")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    results = Path(__file__).parent / "results"
+    if args.engine:
+        engine_main(args.out or results / "engine_checkpoint.json")
+        return
+    args.out = args.out or results / "checkpoint.json"
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_ckpt_") as tmp:
         for model_key in args.models:

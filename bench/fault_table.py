@@ -12,6 +12,7 @@ not measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cli_helpers import CLI, ENV, TINY, sets  # noqa: E402  (the tests' tiny settings: one source)
+from shard_servers import http_server, s3_server  # noqa: E402  (the tests' servers on 127.0.0.1)
 
 # whole epochs (no step cap), checkpoints every 5 steps, a short collective timeout: faults land mid-task
 FAULT_RUN = ("train.epochs=3", "train.max_steps_per_epoch=null", "train.checkpoint_every=5", "train.timeout_s=30")
@@ -161,6 +163,86 @@ def sigterm(shards: Path, run_dir: Path) -> dict[str, Any]:
     return _signal(shards, run_dir, signal.SIGTERM, group=False)  # a scheduler signals the job's main process
 
 
+def preemption(shards: Path, run_dir: Path) -> dict[str, Any]:
+    """SIGTERM to every process of the job (SLURM's preemption): checkpoint at the step boundary, exit 143."""
+    result = _signal(shards, run_dir, signal.SIGTERM, group=True)
+    last = result["last_line"]
+    if "after step " in last and "(epoch " in result["resumed_from"]:
+        stopped = int(last.split("after step ")[1].split()[0])
+        where = result["resumed_from"].split("(epoch ")[1]
+        epoch, step = int(where.split(",")[0]), int(where.split("step ")[1].rstrip(")"))
+        steps = _steps_per_epoch(run_dir)
+        result["steps_redone"] = stopped - (epoch * steps + step)
+    return result
+
+
+def _steps_per_epoch(run_dir: Path) -> int:
+    """Optimizer steps per epoch of task 0 of the run (what the resume line's (epoch, step) counts in)."""
+    from sdlora_dist.checkpoint import load_run_config
+    from sdlora_dist.data.classes import resolve_split, task_view
+    from sdlora_dist.data.manifest import load_manifest
+    from sdlora_dist.data.planning import train_steps_per_epoch
+
+    cfg = load_run_config(run_dir)
+    manifest = load_manifest(cfg.data.shards)
+    view = task_view(manifest, resolve_split(manifest, cfg.data))
+    steps = train_steps_per_epoch(view, 0, cfg.data.batch_size)
+    return min(steps, cfg.train.max_steps_per_epoch or steps)
+
+
+def stop_before_first_checkpoint(shards: Path, run_dir: Path) -> dict[str, Any]:
+    """Ctrl-C during task 0 with the default checkpointing (no step checkpoints, 1800 s): the run is kept."""
+    job = _train(shards, run_dir, "--set", "train.checkpoint_every=0")
+    deadline = time.monotonic() + 300
+    log = run_dir / "logs" / "rank_0.log"
+    while time.monotonic() < deadline and not (log.is_file() and "task 0:" in log.read_text(errors="replace")):
+        time.sleep(0.05)
+    pids = [r["pid"] for r in _records(run_dir)]
+    injected = time.monotonic()
+    os.killpg(job.pid, signal.SIGINT)
+    result = _finish(job, injected, pids)
+    result["run_dir_kept"] = (run_dir / "config.yaml").is_file() and (run_dir / "logs" / "rank_1.log").is_file()
+    return {**result, **_resume(run_dir)}
+
+
+def http_down_then_back(shards: Path, run_dir: Path) -> dict[str, Any]:
+    """The shard server stops answering shard reads during task 0; it is back for --resume."""
+    with http_server(shards.parent) as server:
+        server.gone = True  # manifest.json answers, every shard GET is closed unanswered
+        cmd = [*CLI, "train", "-b", "digits", "--data", f"{server.url}/{shards.name}", "--run-dir", str(run_dir),
+               "--gpus-per-node", "2", *sets(*FAULT_RUN)]  # fmt: skip
+        start = time.monotonic()
+        job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # fmt: skip
+        result = _finish(job, start, [])
+        result["run_dir_kept"] = (run_dir / "config.yaml").is_file()
+        server.gone = False
+        return {**result, **_resume(run_dir)}
+
+
+def _s3_case(shards: Path, run_dir: Path, url: str, deny: bool) -> dict[str, Any]:
+    from moto.core.authorization import enable_iam_authentication
+
+    creds = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    with s3_server(shards, "bucket", "sets/digits") as endpoint:
+        env = {**ENV, **creds, "AWS_ENDPOINT_URL": endpoint}
+        cmd = [*CLI, "train", "-b", "digits", "--data", url, "--run-dir", str(run_dir), "--gpus-per-node", "2",
+               *sets(*FAULT_RUN)]  # fmt: skip
+        with enable_iam_authentication() if deny else contextlib.nullcontext():
+            start = time.monotonic()
+            job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)  # fmt: skip
+            return _finish(job, start, [])
+
+
+def s3_forbidden(shards: Path, run_dir: Path) -> dict[str, Any]:
+    return _s3_case(shards, run_dir, "s3://bucket/sets/digits", deny=True)
+
+
+def s3_no_such_bucket(shards: Path, run_dir: Path) -> dict[str, Any]:
+    return _s3_case(shards, run_dir, "s3://no-such-bucket/sets/digits", deny=False)
+
+
 def _entries(node: Any) -> list[dict]:
     """Every dict inside a manifest's JSON (its shard records among them)."""
     if isinstance(node, dict):
@@ -280,6 +362,11 @@ FAULTS = {
     "full disk (400 kB tmpfs run dir)": full_disk,
     "run dir turned read-only mid-run": read_only_run_dir,
     "second job on a running run (--resume)": two_jobs,
+    "SIGTERM preemption (to every process of the job)": preemption,
+    "Ctrl-C during task 0 with default checkpointing": stop_before_first_checkpoint,
+    "HTTP shard server down in task 0, then back": http_down_then_back,
+    "S3 403 (unknown access key, moto)": s3_forbidden,
+    "S3 no such bucket (moto)": s3_no_such_bucket,
 }
 
 
@@ -296,6 +383,10 @@ def markdown(results: list[dict[str, Any]]) -> str:
         if "resume_exit_code" in r:
             resume = f"exit {r['resume_exit_code']}; kept {len(r['tasks_kept'])} task(s); {r['resumed_from'] or '-'}"
             resume += f"; partial files: {len(r['partial_files_left'])}"
+        if "steps_redone" in r:
+            resume += f"; steps redone: {r['steps_redone']}"
+        if "run_dir_kept" in r:
+            resume = f"run dir kept: {'yes' if r['run_dir_kept'] else 'no'}; {resume}"
         seconds = r.get("seconds_until_no_rank", r["seconds_to_exit"])
         code = r["exit_code"] if r["exit_code"] >= 0 else f"{128 - r['exit_code']} (killed)"
         if "corrupt_skipped" in r:

@@ -25,6 +25,9 @@ def train(
     continue_run: str | None = typer.Option(
         None, "--continue", help="Learn the tasks added (data add-task) after a finished run."
     ),
+    resume_or_start: bool = typer.Option(
+        False, "--resume-or-start", help="Resume --run-dir when it holds a run, else start it (requeued jobs)."
+    ),
     nodes: int = typer.Option(1, "--nodes", help="Number of nodes."),
     gpus_per_node: int | None = typer.Option(
         None, "--gpus-per-node", help="Ranks per node: default every visible GPU on a GPU node, 1 on CPU."
@@ -42,7 +45,7 @@ def train(
 
     cfg, mode = load_or_resolve(
         benchmark=benchmark, config=config, sets=set_, data=data, run_dir=run_dir, resume=resume,
-        continue_run=continue_run,
+        continue_run=continue_run, resume_or_start=resume_or_start,
     )  # fmt: skip
     if gpus_per_node is None:
         gpus_per_node, why = default_gpus_per_node()

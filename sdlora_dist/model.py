@@ -22,7 +22,7 @@ from torch import nn
 from sdlora_dist.adapters import MagnitudeBank, SDLoRAQKV
 from sdlora_dist.config import AdapterConfig, Config, ModelConfig
 from sdlora_dist.consolidate import Decision, fit_in_span, plan_absorption, plan_freeze, rank_for_task
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import UserError, listed
 from sdlora_dist.weights import embedding_mismatch, read_state_dict
 
 
@@ -153,9 +153,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, *, resize: bool
         detail = "; ".join(
             part
             for part in (
-                f"shape mismatch: {', '.join(bad[:5])}" if bad else "",
-                f"missing: {', '.join(missing[:5])}" if missing else "",
-                f"unexpected: {', '.join(unexpected[:5])}" if unexpected else "",
+                f"shape mismatch: {listed(bad)}" if bad else "",
+                f"missing: {listed(missing)}" if missing else "",
+                f"unexpected: {listed(unexpected)}" if unexpected else "",
             )
             if part
         )

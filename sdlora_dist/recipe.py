@@ -35,6 +35,7 @@ from sdlora_dist.data.classes import one_class_warning, resolve_split, split_cha
 from sdlora_dist.data.planning import train_steps_per_epoch
 from sdlora_dist.errors import UserError
 from sdlora_dist.jobs import distributed as dist
+from sdlora_dist.jobs import preempt
 from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.logs import log_all_ranks, log_rank_zero, progress_bar
 from sdlora_dist.metrics import format_table, matrix_csv
@@ -265,8 +266,15 @@ def train_task(ctx: TaskContext) -> TrainStats:
     return dataclasses.replace(stats, precision=precision, device=env.device.type)
 
 
+def _train_task_preemptible(ctx: TaskContext) -> TrainStats:
+    """:func:`train_task` with SIGTERM honoured at a step boundary (an engine checkpoint, then ``Preempted``)."""
+    with preempt.deferred():
+        return train_task(ctx)
+
+
 class StepMonitor:
-    """Everything around the optimizer step: progress bar, loss read every 10 steps, mid-task engine checkpoints.
+    """Everything around the optimizer step: progress bar, loss read every 10 steps, mid-task engine checkpoints
+    (every ``train.checkpoint_every`` steps and ``train.checkpoint_every_s`` seconds) and preemption (SIGTERM).
 
     ``on_step`` runs after each ``engine.step()``; the step loop itself stays forward, backward, step.
     """
@@ -278,6 +286,7 @@ class StepMonitor:
         self.done = start["epoch"] * self.steps + start["step"]
         self.seen, self.loss, self.lr, self.epoch = 0, float("nan"), 0.0, start["epoch"]
         self.t0 = time.perf_counter()
+        self.saved_at = time.monotonic()  # train.checkpoint_every_s counts from the task's (re)start
         self.bar = progress_bar(
             total=self.total, initial=self.done, desc=f"task {ctx.task}", unit="step", disable=not is_rank_zero()
         )
@@ -301,14 +310,33 @@ class StepMonitor:
             self.loss = loss.item()
             rate = self.seen / (time.perf_counter() - self.t0)
             self.bar.set_postfix(loss=f"{self.loss:.3f}", lr=f"{self.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
-        every = self.ctx.cfg.train.checkpoint_every
-        if every and self.done % every == 0 and self.done < self.total:
+        stop, due = self._decide()
+        if stop or (due and self.done < self.total):
             nxt = (
                 {"epoch": self.epoch, "step": step + 1}
                 if step + 1 < self.steps
                 else {"epoch": self.epoch + 1, "step": 0}
             )
-            dist.save_engine_checkpoint(self.engine, self.ctx.engine_dir, f"step_{self.done:08d}", client_state=nxt)
+            tag = f"step_{self.done:08d}"
+            dist.save_engine_checkpoint(self.engine, self.ctx.engine_dir, tag, client_state=nxt)
+            self.saved_at = time.monotonic()
+            log_all_ranks(f"task {self.ctx.task}: engine checkpoint {tag} written")
+            if stop:
+                raise preempt.checkpointed(
+                    f"preempted (SIGTERM) after step {self.done} of {self.total} of task {self.ctx.task}: engine "
+                    f"checkpoint {tag} written"
+                )
+
+    def _decide(self) -> tuple[bool, bool]:
+        """(stop now, checkpoint now), the same on every rank: any rank's SIGTERM stops all; rank 0's clock decides
+        ``train.checkpoint_every_s`` (ranks' clocks differ), the step count ``train.checkpoint_every``."""
+        train = self.ctx.cfg.train
+        by_time = is_rank_zero() and train.checkpoint_every_s > 0
+        by_time = by_time and time.monotonic() - self.saved_at >= train.checkpoint_every_s
+        flags = torch.tensor([float(preempt.requested()), float(by_time)], device=self.ctx.env.device)
+        stop, timed_out = (v > 0 for v in dist.all_reduce_sum(flags).tolist())  # one tiny all-reduce per step
+        by_steps = bool(train.checkpoint_every) and self.done % train.checkpoint_every == 0
+        return stop, timed_out or by_steps
 
 
 def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> TrainStats:
@@ -418,7 +446,7 @@ def run_task(
     model.add_task(manifest.classes_per_task[task])
     model.to(env.device)
     with timed(times, "train"):
-        train_stats = train_task(TaskContext(cfg, model, env, spec, manifest, task))
+        train_stats = _train_task_preemptible(TaskContext(cfg, model, env, spec, manifest, task))
     pairs = drift.after_task(cfg, model, task, env, spec, manifest, pairs, times)  # None unless drift/ridge
     aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times,
                              pairs if cfg.train.drift != "none" else None)  # 'none' does nothing  # fmt: skip

@@ -49,7 +49,9 @@ SEED_KEYS = ("train.seed", "data.class_order_seed", "data.class_order", "run_dir
 # process-group timeout only matter when a run fails), so a seed resumed on another machine still belongs; the shard
 # path may differ too (one shard set per class order when the order was fixed at prepare time, or a copy on another
 # disk): the benchmark and the task split, compared below, say whether the data is the same
-RUN_ONLY_KEYS = ("data.num_workers", "train.checkpoint_every", "train.timeout_s", "data.shards")
+RUN_ONLY_KEYS = (
+    "data.num_workers", "train.checkpoint_every", "train.checkpoint_every_s", "train.timeout_s", "data.shards",
+)  # fmt: skip
 SPLIT_KEYS = ("tasks evaluated", "classes per task")  # from the metrics, compared like config keys
 
 

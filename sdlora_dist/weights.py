@@ -14,6 +14,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle makes torch warn before it refuses: one line, ours
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's message advises weights_only=False, i.e. running the file's code: never pass that on.
         raise UserError(

@@ -15,7 +15,8 @@ from pathlib import Path
 class _Handler(SimpleHTTPRequestHandler):
     """Serves ``directory``; .tar files are sent here, answering a single ``Range: bytes=A-B`` with 206 when
     ``server.ranges`` (Python's own handler ignores Range); the first ``server.drops`` GETs of a .tar send half the
-    body, then close."""
+    body, then close; the first ``server.unavailable`` GETs of a .tar answer 503; while ``server.gone`` is set, a .tar
+    GET is closed unanswered (a server that went away behind its load balancer)."""
 
     def log_message(self, *args) -> None:  # noqa: ANN002
         pass
@@ -24,10 +25,18 @@ class _Handler(SimpleHTTPRequestHandler):
         server = self.server
         with server.lock:
             server.requests.append(self.path)
-            drop = self.path.endswith(".tar") and server.drops > 0
+            tar = self.path.endswith(".tar")
+            drop, busy = tar and server.drops > 0, tar and server.unavailable > 0
             server.drops -= drop
+            server.unavailable -= busy
+        if tar and server.gone:
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return None
+        if busy:
+            return self.send_error(503, "Service Unavailable")
         path = Path(self.directory, self.path.lstrip("/"))
-        if not (self.path.endswith(".tar") and path.is_file()):
+        if not (tar and path.is_file()):
             return super().do_GET()
         data = path.read_bytes()
         span = _byte_range(self.headers.get("Range"), len(data)) if server.ranges else None
@@ -69,7 +78,7 @@ def http_server(root: Path, drops: int = 0, ranges: bool = True) -> Iterator[Thr
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     server.daemon_threads = True
     server.lock, server.requests, server.drops, server.ranges = threading.Lock(), [], drops, ranges
-    server.shard_bytes_sent = 0
+    server.shard_bytes_sent, server.unavailable, server.gone = 0, 0, False
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

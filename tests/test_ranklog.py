@@ -64,7 +64,7 @@ def test_signals_and_no_records(tmp_path):
         (UserError("bad value\nsecond line"), "user", "bad value"),
         (KeyboardInterrupt(), "interrupted", "interrupted (Ctrl-C)"),
         (RankFailure("rank 0/2: collective failed"), "peer", "rank 0/2: collective failed"),
-        (OSError(errno.ENOSPC, "No space left on device", "/run/x.tmp"), "user", None),
+        (OSError(errno.ENOSPC, "No space left on device", "/run/x.tmp"), "disk", None),
         (ValueError("shapes differ"), "crash", "ValueError: shapes differ"),
     ],
 )
@@ -74,9 +74,7 @@ def test_classify(exc, kind, message):
     if message is not None:
         assert got_message == message
     if isinstance(exc, OSError):
-        assert got_message == "No space left on device writing /run/x.tmp: free space or fix permissions, then " + (
-            "resume with --resume"
-        )
+        assert got_message == "No space left on device writing /run/x.tmp: free space or fix permissions"
 
 
 def test_run_rank_records_each_ending(tmp_path, monkeypatch):
@@ -125,4 +123,8 @@ def test_a_crash_on_a_full_disk_is_reported_as_the_full_disk(tmp_path, monkeypat
     assert ranklog.run_rank(tmp_path, 0, save) == 2
     message = json.loads(ranklog.record_path(tmp_path, 0).read_text())["message"]
     assert message.startswith(f"the disk holding {tmp_path} is full (RuntimeError: [enforce fail")
-    assert message.endswith("fix that, then resume with --resume")
+    assert message.endswith("): fix that")
+    # the line printed adds the command that resumes the run
+    record(tmp_path, 0, "failed", "disk", message)
+    line, code = ranklog.summarize(tmp_path, 1)
+    assert code == 2 and f"fix that; resume with: sdlora train --resume {tmp_path} (full log: " in line

@@ -48,12 +48,17 @@ class Span:
         size = self.left if size is None or size < 0 else min(size, self.left)
         try:
             data = self.stream.read(size)
-        except http.client.HTTPException as exc:  # IncompleteRead and friends are not OSErrors
-            raise OSError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        except (http.client.HTTPException, OSError) as exc:  # IncompleteRead and friends are not OSErrors
+            raise self._failed(f"{type(exc).__name__}: {exc}") from exc
         if not data:
-            raise OSError(f"{self.url}: the stream ended {self.left} bytes before the end of the requested range")
+            raise self._failed(f"the stream ended {self.left} bytes before the end of the requested range")
         self.left -= len(data)
         return data
+
+    def _failed(self, reason: str) -> OSError:
+        """A remote stream that broke is the server's fault (retried, then 'unreachable'); a local one is the
+        shard's (a short file: named, or skipped under data.bad_shard=skip)."""
+        return OSError(f"{self.url}: {reason}") if urls.is_local(self.url) else urls.RemoteUnavailable(reason)
 
     def close(self) -> None:
         """Close the underlying stream."""
@@ -92,18 +97,17 @@ def _http_ranged(url: str, begin: int, end: int) -> tuple[IO[bytes], int]:
     request = urllib.request.Request(url, headers={"Range": f"bytes={begin}-{end - 1}"})
     try:
         response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)  # noqa: S310 (the user's shard URL)
-    except urllib.error.HTTPError as exc:
+    except urllib.error.HTTPError as exc:  # 401/403/404/410 refused at once, the rest retried (urls.http_error)
         exc.close()
-        kind = FileNotFoundError if exc.code in (403, 404, 410) else OSError
-        raise kind(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except http.client.HTTPException as exc:
-        raise OSError(f"{url}: {type(exc).__name__}: {exc}") from exc
+        raise urls.http_error(url, exc.code, f"HTTP {exc.code} {exc.reason}") from None
+    except (http.client.HTTPException, OSError) as exc:  # URLError (refused, DNS), resets, timeouts
+        raise urls.RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
     if response.status == 206 and _range_start(response.headers.get("Content-Range")) == begin:
         return response, begin
     if response.status == 200:
         return response, 0
     response.close()
-    raise OSError(f"{url}: unexpected answer to a ranged GET: HTTP {response.status}")
+    raise urls.RemoteUnavailable(f"unexpected answer to a ranged GET: HTTP {response.status}")
 
 
 def _range_start(content_range: str | None) -> int | None:
@@ -124,10 +128,12 @@ def _s3_ranged(url: str, begin: int, end: int) -> tuple[IO[bytes], int]:
     try:
         client = _s3_client(os.getpid(), endpoint)
         answer = client.get_object(Bucket=parsed.netloc, Key=parsed.path[1:], Range=f"bytes={begin}-{end - 1}")
-    except botocore.exceptions.ClientError as exc:
-        raise FileNotFoundError(f"{url}: {exc}") from exc
+    except botocore.exceptions.ClientError as exc:  # classified like the forward opener's (urls.s3_error)
+        raise urls.s3_error(url, exc) from exc
+    except botocore.exceptions.NoCredentialsError as exc:
+        raise urls.no_credentials(url) from exc
     except botocore.exceptions.BotoCoreError as exc:
-        raise OSError(f"{url}: {exc}") from exc
+        raise urls.RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
     start = _range_start(answer.get("ContentRange"))
     return answer["Body"], begin if start == begin else 0
 
@@ -136,10 +142,8 @@ def _s3_ranged(url: str, begin: int, end: int) -> tuple[IO[bytes], int]:
 def _s3_client(pid: int, endpoint: str | None) -> Any:
     """One boto3 client per process and endpoint: making one takes tens of milliseconds, and every segment of every
     shard opens a ranged GET. Keyed by the pid so a forked loader worker never shares its parent's connections."""
-    import boto3  # present: the caller checked
-
     del pid  # part of the cache key only
-    return boto3.client("s3", endpoint_url=endpoint)
+    return urls.s3_client(endpoint)  # one attempt per request: our retries are the only ones
 
 
 def _drop(stream: Any, count: int, url: str) -> None:
@@ -147,7 +151,7 @@ def _drop(stream: Any, count: int, url: str) -> None:
     while count > 0:
         data = stream.read(min(count, _DROP_CHUNK))
         if not data:
-            raise OSError(f"{url}: the stream ended {count} bytes before the requested range")
+            raise urls.RemoteUnavailable(f"the stream ended {count} bytes before the requested range")
         count -= len(data)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from sdlora_dist.data.manifest import Manifest
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import UserError, listed
 
 
 def seeded_order(num_classes: int, seed: int) -> list[int]:
@@ -100,7 +100,8 @@ def _explicit_order(order: list[int], n: int) -> list[int]:
         extra = sorted({c for c in order if not 0 <= c < n} | {c for c in set(order) if order.count(c) > 1})
         raise UserError(
             f"data.class_order must list each of the {n} prepared classes (0..{n - 1}, as 'sdlora data inspect' "
-            f"numbers them) exactly once (missing {missing[:5]}, out of range or repeated {extra[:5]})"
+            f"numbers them) exactly once (missing: {listed(missing) or 'none'}; "
+            f"out of range or repeated: {listed(extra) or 'none'})"
         )
     return list(order)
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -66,10 +67,11 @@ from sdlora_dist.data.reading import (
     check_policy,
     decode,
     new_delta,
+    repair_advice,
     usable_shards,
 )
 from sdlora_dist.data.transforms import TransformSpec, eval_crop, normalize_batch, sample_rng, to_uint8_chw, train_crop
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import ServerUnreachable, UserError
 
 Stage = Callable[[Iterator[Any]], Iterator[Any]]
 
@@ -94,7 +96,7 @@ class WorkerFailure:
     message: str
 
 
-FAILURE_KINDS: dict[str, type[Exception]] = {"user": UserError}
+FAILURE_KINDS: dict[str, type[Exception]] = {"user": UserError, "network": ServerUnreachable}
 
 
 def carry_errors(parts: Iterator[Any]) -> Iterator[Any]:
@@ -103,7 +105,13 @@ def carry_errors(parts: Iterator[Any]) -> Iterator[Any]:
     try:
         yield from parts
     except UserError as exc:
-        yield WorkerFailure("user", str(exc))
+        yield WorkerFailure("network" if isinstance(exc, ServerUnreachable) else "user", str(exc))
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """A scheduler's SIGTERM reaches every process of the job: a loader worker leaves it to its rank, which
+    finishes its step and checkpoints first (jobs.preempt); the worker exits with the rank."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _worker() -> tuple[int, int]:
@@ -279,7 +287,8 @@ class ShardLoader:
         return self.length
 
     def __iter__(self) -> Iterator[tuple]:
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                            worker_init_fn=_ignore_sigterm if self.num_workers else None)  # fmt: skip
         parts_per_batch = max(1, self.num_workers) if self.length is not None else 1
         parts = []
         for part in loader:
@@ -346,11 +355,12 @@ def make_train_loader(
     manifest = manifest or load_manifest(data.shards)
     steps = steps_per_epoch or train_steps_per_epoch(manifest, task, data.batch_size)
     stats = LoaderStats()
-    shards = usable_shards(data.shards, manifest.task_shards("train", task), data.bad_shard, stats.bad_shards)
+    advice = repair_advice(data.shards, manifest)
+    shards = usable_shards(data.shards, manifest.task_shards("train", task), data.bad_shard, stats.bad_shards, advice)
     if not any(s.count for s in shards):
         raise UserError(f"task {task}: no readable train shard left in {data.shards}")
     dataset = _TrainShards(
-        ShardSource(data.shards, data.cache_dir, data.bad_shard), shards, task=task, epoch=epoch, seed=seed,
+        ShardSource(data.shards, data.cache_dir, data.bad_shard, advice), shards, task=task, epoch=epoch, seed=seed,
         rank=rank, world_size=world_size, batch_size=batch_size, steps=steps,
         streams=stream_count(data.streams, world_size, batch_size), spec=spec, corrupt=data.corrupt,
         shuffle_buffer=shuffle_buffer,
@@ -406,9 +416,10 @@ def make_eval_loader(
     manifest = manifest or load_manifest(shards_dir)
     stats = LoaderStats()
     shards = [s for t in tasks for s in manifest.task_shards(split, t)]  # split="train": head_align's stats pass
-    shards = usable_shards(str(shards_dir), shards, bad_shard, stats.bad_shards)
+    advice = repair_advice(shards_dir, manifest)
+    shards = usable_shards(str(shards_dir), shards, bad_shard, stats.bad_shards, advice)
     dataset = _EvalShards(
-        ShardSource(shards_dir, cache_dir, bad_shard), shards, rank=rank, world_size=world_size,
+        ShardSource(shards_dir, cache_dir, bad_shard, advice), shards, rank=rank, world_size=world_size,
         batch_size=batch_size, workers=num_workers, spec=spec, corrupt=corrupt,
     )  # fmt: skip
     return ShardLoader(dataset, num_workers=num_workers, length=None, with_keys=with_keys, stats=stats,

@@ -187,8 +187,8 @@ def load_manifest(shards_dir: str | Path) -> Manifest:
         where = urls.join(shards_dir, MANIFEST_NAME)
         try:
             text = urls.read_bytes(where).decode()
-        except UserError as exc:
-            raise UserError(f"no readable {MANIFEST_NAME} at {shards_dir}: {exc}") from exc
+        except UserError as exc:  # keeps its class: a server that is down is not a wrong URL
+            raise type(exc)(f"no readable {MANIFEST_NAME} at {shards_dir}: {exc}") from exc
     try:
         return manifest_from_dict(json.loads(text))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -232,6 +232,22 @@ def prepare_command(manifest: Manifest, shards_dir: str | Path) -> str:
         argv += ["--max-missing", str(args["max_missing"])]
     if args.get("subset"):
         argv += ["--subset"]
+    return shlex.join(argv)
+
+
+def command_from_args(args: dict[str, Any], out: str | Path) -> str:
+    """The ``sdlora data prepare`` command of the recorded options ``args`` (a prepare's ``prepare_args``)."""
+    argv = ["sdlora", "data", "prepare", "--benchmark", str(args["benchmark"])]
+    if args.get("root"):
+        argv += ["--root", str(args["root"])]
+    argv += ["--out", str(out)]
+    flags = {"tasks": "--tasks", "seed": "--seed", "resize": "--resize", "shard_size": "--shard-size",
+             "split_seed": "--split-seed", "max_missing": "--max-missing"}  # fmt: skip
+    for key, flag in flags.items():
+        if args.get(key) is not None and (key not in ("split_seed", "max_missing") or args[key]):
+            argv += [flag, str(args[key])]
+    if args.get("subset"):
+        argv.append("--subset")
     return shlex.join(argv)
 
 

@@ -41,6 +41,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
+from sdlora_dist.data import urls
 from sdlora_dist.data.classes import even_split, one_class_warning, seeded_order
 from sdlora_dist.data.images import ImageDecodeError, image_error_reason, is_plain, open_rgb
 from sdlora_dist.data.manifest import (
@@ -49,6 +50,7 @@ from sdlora_dist.data.manifest import (
     Manifest,
     ShardInfo,
     atomic_write_text,
+    command_from_args,
     damaged_shards,
     file_sha256,
     load_manifest,
@@ -66,7 +68,7 @@ from sdlora_dist.data.sources import (
     read_image_folder,
     read_source,
 )
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import UserError, listed
 from sdlora_dist.logs import log_rank_zero, progress_bar
 
 JPEG_QUALITY = 95
@@ -427,7 +429,7 @@ def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
 def _write_new(out: Path, job: _Job) -> Manifest:
     """Write the whole shard set into ``<out>.partial`` (resuming finished shards), then rename it to ``out``."""
     stage = out.with_name(out.name + ".partial")
-    _open_stage(stage, job.fingerprint)
+    _open_stage(stage, job.fingerprint, job.args)
     records, skipped = job.write(job.plans, stage)
     try:
         _check_decoded_classes(job.source, skipped)
@@ -492,7 +494,7 @@ def _repair(out: Path, job: _Job) -> Manifest:
     if foreign:
         raise UserError(
             f"{len(foreign)} damaged shard(s) belong to tasks added with 'sdlora data add-task' "
-            f"({', '.join(foreign[:3])}): restore them from a copy, or re-run add-task on a fresh prepare"
+            f"({listed(foreign, 3)}): restore them from a copy, or re-run add-task on a fresh prepare"
         )
     plans = [planned[shard.path] for shard, _ in damaged]
     records, _ = job.write(plans, out)
@@ -519,8 +521,9 @@ def _fill_offsets(manifest: Manifest, out: Path) -> int:
     return len(lacking)
 
 
-def _open_stage(stage: Path, fingerprint: str) -> None:
-    """Create ``stage`` or reuse it when it was left by an interrupted run over the same input."""
+def _open_stage(stage: Path, fingerprint: str, args: dict[str, Any] | None = None) -> None:
+    """Create ``stage`` or reuse it when it was left by an interrupted run over the same input; ``args`` (the
+    prepare options) are kept in its state so ``data inspect`` can print the command that resumes it."""
     state = stage / STATE_NAME
     if stage.exists():
         try:
@@ -534,7 +537,7 @@ def _open_stage(stage: Path, fingerprint: str) -> None:
             raise UserError(f"{stage} exists and was not written by 'sdlora data prepare': move or delete it")
         shutil.rmtree(stage)  # staging of an older, different input: start over
     stage.mkdir(parents=True)
-    atomic_write_text(state, json.dumps({"fingerprint": fingerprint}))
+    atomic_write_text(state, json.dumps({"fingerprint": fingerprint, "prepare_args": args}))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -556,7 +559,7 @@ def add_task(out_dir: str | Path, root: str | Path, *, workers: int | None = Non
     clash = sorted(set(source.class_names) & set(known))
     if clash:
         raise UserError(
-            f"add-task: classes already in {out}: {', '.join(clash[:5])}; a new task must bring only new classes"
+            f"add-task: classes already in {out}: {listed(clash)}; a new task must bring only new classes"
         )
     fingerprint = dataset_fingerprint(source, {"resize": manifest.resize, "shard_size": manifest.shard_size})
     task = manifest.num_tasks()
@@ -604,8 +607,30 @@ def _append_task(manifest: Manifest, source: Source, order: list[int], offset: i
 # inspect
 
 
+def _check_not_interrupted(shards_dir: str | Path) -> None:
+    """UserError naming the ``.partial`` folder and the resuming command when a prepare into ``shards_dir`` (or
+    the ``.partial`` folder itself) was interrupted before its manifest was written."""
+    if not urls.is_local(shards_dir):
+        return
+    folder = urls.local_path(shards_dir).absolute()
+    if (folder / MANIFEST_NAME).is_file():
+        return
+    out = folder.with_name(folder.name.removesuffix(".partial"))
+    stage = out.with_name(out.name + ".partial")
+    try:
+        args = json.loads((stage / STATE_NAME).read_text()).get("prepare_args")
+    except (OSError, ValueError):
+        return  # no interrupted prepare: load_manifest says what is missing
+    command = command_from_args(args, out) if args else "the same 'sdlora data prepare ... --out {out}' command"
+    raise UserError(
+        f"{out} holds no finished shard set: a 'sdlora data prepare' into it was interrupted and its work so far "
+        f"is in {stage}; finish it with: {command}"
+    )
+
+
 def inspect_table(shards_dir: str | Path, *, verify: bool = False) -> str:
     """A text table of tasks, their classes and sample/shard counts; with ``verify`` checks every sha256 first."""
+    _check_not_interrupted(shards_dir)
     manifest = load_manifest(shards_dir)
     lines = []
     if verify:

@@ -32,7 +32,7 @@ from PIL import Image
 from sdlora_dist.config import ShardPolicy
 from sdlora_dist.data import byteranges, urls
 from sdlora_dist.data.images import open_rgb
-from sdlora_dist.data.manifest import ShardInfo, shard_problem
+from sdlora_dist.data.manifest import Manifest, ShardInfo, prepare_command, shard_problem
 from sdlora_dist.data.planning import Piece, Segment
 from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_rank_zero
@@ -152,11 +152,25 @@ def sample_offsets(path: str | Path) -> list[int]:
     return [start for start, _ in starts] + [starts[-1][1] if starts else 0]
 
 
+def repair_advice(location: str | Path, manifest: Manifest | None) -> str:
+    """What to do about a damaged shard, as commands that run when pasted: the ``sdlora data prepare`` that
+    repairs a local shard set in place, or leaving the shard out with ``--set data.bad_shard=skip``."""
+    skip = "leave it out with --set data.bad_shard=skip"
+    if not urls.is_local(location):
+        return f"{skip}, or upload it again from the shard set 'sdlora data prepare' wrote"
+    if manifest is None:
+        return f"{skip}, or repair it with the 'sdlora data prepare' command that wrote {location}"
+    return f"{skip}, or repair it in place with: {prepare_command(manifest, urls.local_path(location))}"
+
+
 class ShardSource:
     """Where the shards are read from: the location, the optional local cache, the bad-shard policy."""
 
-    def __init__(self, location: str | Path, cache_dir: str | Path | None, bad_shard: str) -> None:
+    def __init__(
+        self, location: str | Path, cache_dir: str | Path | None, bad_shard: str, advice: str = ""
+    ) -> None:
         self.location, self.bad_shard = str(location), bad_shard
+        self.advice = advice or repair_advice(location, None)
         self.cache_dir = None if cache_dir is None or urls.is_local(location) else Path(cache_dir)
 
     def url(self, shard: ShardInfo) -> str:
@@ -194,26 +208,28 @@ class ShardSource:
 
     def segment_items(self, seg: Segment) -> Iterator[Item]:
         """The samples of ``seg`` in order; a failed remote read is re-opened (bounded, with backoff) and resumes
-        after the last sample it yielded; then the shard is named (``bad_shard='error'``) or its missing samples
-        come back as error items (``'skip'``), so the stream keeps its length."""
+        after the last sample it yielded. A refusal (credentials, no such object) and a server that stayed
+        unreachable raise at once; a shard that is short or corrupt is named (``bad_shard='error'``) or its
+        missing samples come back as error items (``'skip'``), so the stream keeps its length."""
         url = self.url(seg.shard)
-        done, failures = 0, 0
+        done, failures, started = 0, 0, time.monotonic()
         while True:
             try:
                 yield from self._read(url, seg, done)
                 return
             except _Progress as progress:
-                done, reason = progress.done, progress.reason
+                done, reason, cause = progress.done, progress.reason, progress.__cause__
+            if isinstance(cause, urls.RemoteRefused):
+                raise cause.user_error() from None  # retrying a 403 or a 404 cannot help
             failures += 1
             if urls.is_local(url) or failures > urls.RETRIES:
                 break
             time.sleep(urls.BACKOFF_S * 2 ** (failures - 1))
+        if isinstance(cause, urls.RemoteUnavailable):
+            raise urls.unreachable(url, failures, started, reason)  # the server, not the shard: never skipped
         tries = "" if urls.is_local(url) else f" after {failures} attempt(s)"
         if self.bad_shard == "error":
-            raise UserError(
-                f"shard {seg.shard.path} is unreadable{tries} ({reason}) at {url}; re-create it with 'sdlora data "
-                "prepare' or pass bad_shard='skip' (data.bad_shard: skip) to leave it out"
-            )
+            raise UserError(f"shard {seg.shard.path} is unreadable{tries} ({reason}) at {url}; {self.advice}")
         for index in range(seg.first + done, seg.stop):
             yield Item(seg.shard.path, f"#{index}", None, f"bad shard: {reason}")
             done += 1
@@ -283,8 +299,11 @@ def check_policy(name: str, value: str) -> None:
         raise UserError(f"{name} must be one of {', '.join(POLICIES)} (got {value!r})")
 
 
-def usable_shards(location: str, shards: list[ShardInfo], bad_shard: str, bad: list[str]) -> list[ShardInfo]:
-    """Existence and size of every local shard (no hashing); bad ones raise or are listed in ``bad`` and left out."""
+def usable_shards(
+    location: str, shards: list[ShardInfo], bad_shard: str, bad: list[str], advice: str = ""
+) -> list[ShardInfo]:
+    """Existence and size of every local shard (no hashing); bad ones raise (with ``advice``, see
+    :func:`repair_advice`) or are listed in ``bad`` and left out."""
     usable = []
     for shard in shards:
         problem = shard_problem(location, shard)
@@ -292,10 +311,9 @@ def usable_shards(location: str, shards: list[ShardInfo], bad_shard: str, bad: l
             usable.append(shard)
             continue
         if bad_shard == "error":
-            raise UserError(
-                f"shard {shard.path} is unreadable ({problem}) at {urls.join(location, shard.path)}; re-create it "
-                "with 'sdlora data prepare' or pass bad_shard='skip' (data.bad_shard: skip) to leave it out"
-            )
+            where = urls.join(location, shard.path)
+            advice = advice or repair_advice(location, None)
+            raise UserError(f"shard {shard.path} is unreadable ({problem}) at {where}; {advice}")
         bad.append(shard.path)
         log_rank_zero(f"warning: skipping shard {shard.path} ({problem}) under bad_shard='skip'")
     return usable

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import UserError, listed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -122,7 +122,7 @@ def _split_folders(root: Path, benchmark: str) -> tuple[Folders, Folders, list[d
     unknown = sorted(set(test) - set(train))
     if unknown:
         raise UserError(
-            f"{benchmark}: test classes without training images under {root}: {', '.join(unknown[:5])}; "
+            f"{benchmark}: test classes without training images under {root}: {listed(unknown)}; "
             "every test class needs a train/<class> folder"
         )
     return train, test, ignored
@@ -445,8 +445,8 @@ def check_classes_complete(source: Source) -> None:
     n_test = Counter(it.label for it in source.test)
     empty = [i for i in range(len(source.class_names)) if not n_train[i] or not n_test[i]]
     if empty:
-        shown = ", ".join(f"{source.class_names[i]} ({n_train[i]} train, {n_test[i]} test)" for i in empty[:5])
+        shown = listed(f"{source.class_names[i]} ({n_train[i]} train, {n_test[i]} test)" for i in empty)
         raise UserError(
-            f"{source.benchmark}: {len(empty)} class(es) have no train or no test image: {shown}"
-            f"{', ...' if len(empty) > 5 else ''}; restore their images or remove the classes from the source"
+            f"{source.benchmark}: {len(empty)} class(es) have no train or no test image: {shown}; "
+            "restore their images or remove the classes from the source"
         )

@@ -18,6 +18,7 @@ from typing import Any
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist.config import Config, apply_overrides, config_from_dict, config_root, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
+from sdlora_dist.jobs import ranklog
 from sdlora_dist.jobs.launch import LaunchSpec, build_command, format_command, launch, resolve_launcher
 from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.jobs.runlock import hold_run_lock
@@ -122,16 +123,15 @@ def _fill_from_weights(cfg: Config, user_model: dict[str, Any]) -> Config:
 
 def resumed_config(run_dir: str, sets: list[str], what: str) -> Config:
     """The config of an existing run; ``--set`` overrides must not change it (hash compared)."""
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{what} {run_dir}: the folder does not exist; pass the run directory 'sdlora train' wrote")
     original = ckpt.load_run_config(run_dir)  # run_dir: where it is now, not where config.yaml says it was
     if not sets:
         return original
     raw = apply_overrides(original.to_dict(), sets)
     requested = config_from_dict(raw)
     if requested.hash() != original.hash():
-        before, after = original.to_dict(), requested.to_dict()
-        changed = [
-            f"{s}.{k}" for s in before if isinstance(before[s], dict) for k in before[s] if before[s][k] != after[s][k]
-        ]
+        changed = _changed_keys(original.to_dict(), requested.to_dict())
         raise UserError(
             f"{what} {run_dir}: the run was started with a different config (changed: {', '.join(changed)}); "
             "resume with the same config or start a new run with --run-dir"
@@ -151,15 +151,28 @@ def prepare_run_dir(cfg: Config, mode: str) -> None:
         save_config(cfg, run_dir / ckpt.CONFIG_FILE)
 
 
-def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
-    """A fresh start that failed before anything resumable was written leaves the run dir as it found it.
+def _ranks_started(run_dir: Path) -> bool:
+    """Whether the job got past the point a rank can fail on a wrong setting, so the run is worth resuming.
 
-    Otherwise its config.yaml would block the same --run-dir and make --resume refuse the corrected setting.
+    A rank that was stopped (Ctrl-C, SIGTERM), killed, crashed or hit a full disk leaves a run ``--resume`` restarts;
+    so does any failure after the run header (run.json) was written, e.g. a shard server that went away in task 0.
+    Only a user error every rank met during setup (bad weights, shards of another benchmark) leaves nothing.
+    """
+    if (run_dir / ckpt.RUN_FILE).exists():
+        return True
+    return any(r.status != "failed" or r.kind != "user" for r in ranklog.read_records(run_dir))
+
+
+def _release_failed_start(run_dir: Path, before: set[str] | None) -> None:
+    """A fresh start that failed before any rank ran leaves the run dir as it found it.
+
+    Otherwise its config.yaml would block the same --run-dir and make --resume refuse the corrected setting. A start
+    whose ranks ran keeps everything (logs included): the line printed names ``--resume RUN_DIR`` and its log.
     """
     from sdlora_dist.recipe import ENGINE_DIR
 
-    if ckpt.completed_tasks(run_dir) or (run_dir / ENGINE_DIR).exists():
-        return  # training got far enough for --resume to use it
+    if ckpt.completed_tasks(run_dir) or (run_dir / ENGINE_DIR).exists() or _ranks_started(run_dir):
+        return  # --resume restarts it (from the task's start when there is no engine checkpoint)
     if before is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
@@ -213,12 +226,44 @@ def start_training(cfg: Config, mode: str, spec: LaunchSpec, *, dry_run: bool = 
     return code
 
 
-def load_or_resolve(
-    *, benchmark, config, sets, data, run_dir, resume: str | None, continue_run: str | None
+def _changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``section.key`` of every value that differs between two config dicts."""
+    sections = [s for s in before if isinstance(before[s], dict)]
+    return [f"{s}.{k}" for s in sections for k in before[s] if before[s][k] != after[s][k]]
+
+
+def _resume_or_start(
+    benchmark: str | None, config: str | None, sets: list[str], data: str | None, run_dir: str | None
 ) -> tuple[Config, str]:
+    """``--resume-or-start --run-dir D``: the same command line for a first start and every requeue after it.
+
+    D without a run starts fresh; D with one resumes it when the command resolves to the config it was started
+    with (else refused, naming the keys that differ).
+    """
+    if run_dir is None:
+        raise UserError("--resume-or-start needs --run-dir DIR: the run a requeued job finds again")
+    requested = resolve_config(benchmark, config, sets, data, run_dir)
+    if not (Path(run_dir) / ckpt.CONFIG_FILE).is_file():
+        return requested, "fresh"
+    original = ckpt.load_run_config(run_dir)
+    if requested.hash() != original.hash():
+        changed = _changed_keys(original.to_dict(), requested.to_dict())
+        raise UserError(
+            f"--resume-or-start: {run_dir} holds a run started with a different config (changed: "
+            f"{', '.join(changed)}); pass the command line that started it, or another --run-dir"
+        )
+    return original, "resume"
+
+
+def load_or_resolve(
+    *, benchmark, config, sets, data, run_dir, resume: str | None, continue_run: str | None,
+    resume_or_start: bool = False,
+) -> tuple[Config, str]:  # fmt: skip
     """The config and mode for ``sdlora train`` from its options."""
-    if resume and continue_run:
-        raise UserError("pass either --resume RUN_DIR or --continue RUN_DIR, not both")
+    if sum(map(bool, (resume, continue_run, resume_or_start))) > 1:
+        raise UserError("pass one of --resume RUN_DIR, --continue RUN_DIR and --resume-or-start, not several")
+    if resume_or_start:
+        return _resume_or_start(benchmark, config, sets, data, run_dir)
     target = resume or continue_run
     if target is None:
         return resolve_config(benchmark, config, sets, data, run_dir), "fresh"

@@ -271,7 +271,7 @@ def launch(spec: LaunchSpec, worker_argv: list[str], run_dir: str | Path | None 
         echo = ranklog.LogEcho(ranklog.log_path(run_dir, ranks[0]))
     else:
         env.pop(ranklog.FRONTDOOR_ENV)
-    code, stopped_by = _wait(_start(argv, env, log))
+    code, stopped_by = _wait(_start(argv, env, log), resolve_launcher(spec))
     if echo is not None:
         echo.stop()
     if code == 0:
@@ -284,7 +284,10 @@ def launch(spec: LaunchSpec, worker_argv: list[str], run_dir: str | Path | None 
     return code
 
 
-STOP_GRACE_S = 10.0  # after Ctrl-C or SIGTERM is passed on, what is still running this much later is killed
+STOP_GRACE_S = 10.0  # after Ctrl-C is passed on, what is still running this much later is killed
+# After SIGTERM (preemption): time for every rank to finish its step and write an engine checkpoint, under the 30 s
+# a scheduler waits by default (SLURM KillWait, Kubernetes terminationGracePeriodSeconds) before its SIGKILL.
+PREEMPT_GRACE_S = 25.0
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -303,21 +306,58 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
-def _wait(proc: subprocess.Popen) -> tuple[int, str | None]:
+def _ranks_of(proc: subprocess.Popen, launcher: str) -> list:
+    """Where a SIGTERM is passed on: the local ranks for torchrun (the launcher would kill them with SIGKILL when a
+    second SIGTERM reached it during its shutdown), the launcher itself otherwise (srun, the DeepSpeed runner)."""
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children() if launcher == "local" else [psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _pass_on(proc: subprocess.Popen, signum: int, launcher: str) -> None:
+    """Send ``signum`` to the launcher (Ctrl-C) or, for SIGTERM, to what :func:`_ranks_of` names."""
+    import psutil
+
+    if signum != signal.SIGTERM:
+        proc.send_signal(signum)
+        return
+    for process in _ranks_of(proc, launcher):
+        try:
+            process.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait(proc: subprocess.Popen, launcher: str = "local") -> tuple[int, str | None]:
     """Wait for the launcher, passing Ctrl-C and SIGTERM on; (exit code, name of the signal that stopped us).
 
     A rank blocked inside a collective (C++ code) runs no Python signal handler until the collective returns, and
     the launcher waits 30 s before it kills such a rank. So once a stop was passed on, the launcher's whole process
-    tree is killed after ``STOP_GRACE_S``: a stop never takes longer (checkpoints are written atomically, nothing
-    half-written survives a kill).
+    tree is killed after ``STOP_GRACE_S`` (Ctrl-C) or ``PREEMPT_GRACE_S`` (SIGTERM: the ranks finish their step and
+    checkpoint first, see ``jobs.preempt``); a second SIGTERM kills it at once. SIGTERM copies closer than
+    ``preempt.DUPLICATE_S`` to the first (a scheduler signals every process of the job) count as one.
     """
+    from sdlora_dist.jobs import preempt
+
     stopped_by: list[str] = []
     deadline: list[float] = []
+    first_term: list[float] = []
 
     def forward(signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if signum == signal.SIGTERM and first_term:
+            if now - first_term[0] >= preempt.DUPLICATE_S:
+                _kill_tree(proc)  # a second SIGTERM: stop at once
+            return
+        if signum == signal.SIGTERM:
+            first_term.append(now)
         stopped_by.append(signal.Signals(signum).name)
-        deadline.append(time.monotonic() + STOP_GRACE_S)
-        proc.send_signal(signum)
+        if not deadline:
+            deadline.append(now + (PREEMPT_GRACE_S if signum == signal.SIGTERM else STOP_GRACE_S))
+        _pass_on(proc, signum, launcher)
 
     previous = None
     if threading.current_thread() is threading.main_thread():

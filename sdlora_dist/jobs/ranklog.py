@@ -31,7 +31,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sdlora_dist.errors import RankFailure, UserError
+from sdlora_dist.errors import RankFailure, ServerUnreachable, UserError
+from sdlora_dist.jobs import preempt
 
 LOGS_DIR = "logs"
 FRONTDOOR_ENV = "SDLORA_FRONTDOOR"  # "host:pid" of the `sdlora train` process that launched this rank
@@ -42,7 +43,17 @@ _USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPE
 # Exit classes, most explanatory first: the summary names the rank of the first class present.
 # "stopped": SIGTERM from the launcher, which stops the other ranks once one has failed (a consequence, never a cause).
 _FULL_DISK_BYTES = 16 << 20  # less free space than one checkpoint of a small model: the likely cause of a crash
-EXIT_CODES = {"user": 2, "interrupted": 130, "crash": 1, "died": 1, "peer": 1, "stopped": 143}
+# "disk": a full or read-only disk, reported like a user error (exit 2) but the run is kept for --resume.
+# "network": a data server unreachable after the retries (exit 2); the run is kept for --resume as well.
+# "preempted": SIGTERM honoured at a step boundary after an engine checkpoint (jobs.preempt), exit 143.
+EXIT_CODES = {
+    "user": 2, "disk": 2, "network": 2, "interrupted": 130, "preempted": 143, "crash": 1, "died": 1, "peer": 1,
+    "stopped": 143,
+}  # fmt: skip
+
+
+# endings whose line adds the command that resumes the run
+RESUMABLE_HINT = ("interrupted", "disk", "network", "preempted")
 
 
 @dataclass
@@ -149,6 +160,10 @@ def classify(exc: BaseException) -> tuple[str, str]:
     they happen (:func:`sdlora_dist.jobs.distributed.peer_failures`), so nothing here reads error text.
     """
     first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, ServerUnreachable):
+        return "network", first
+    if isinstance(exc, preempt.Preempted):
+        return "preempted", first
     if isinstance(exc, UserError):
         return "user", first
     if isinstance(exc, KeyboardInterrupt):
@@ -157,7 +172,7 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "peer", first
     if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
         where = f" writing {exc.filename}" if exc.filename else ""
-        return "user", f"{exc.strerror}{where}: free space or fix permissions, then resume with --resume"
+        return "disk", f"{exc.strerror}{where}: free space or fix permissions"
     return "crash", f"{type(exc).__name__}: {first}"
 
 
@@ -175,7 +190,10 @@ def _disk_problem(run_dir: Path) -> str | None:
 
 def _stopped(recorder: _Recorder) -> None:
     """SIGTERM (the launcher stopping the job): record it unless a failure is already recorded, then leave."""
-    if recorder.record.status == "running":
+    done = preempt.checkpoint_message()
+    if recorder.record.status == "running" and done:  # the checkpoint is written: stopped while leaving
+        recorder.write(status="failed", kind="preempted", code=preempt.EXIT_CODE, message=done)
+    elif recorder.record.status == "running":
         recorder.write(status="failed", kind="stopped", code=143, message="stopped by SIGTERM from its launcher")
     sys.stderr.flush()
     os._exit(143)
@@ -195,7 +213,9 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
     recorder = _Recorder(run_dir, rank)
     if frontdoor:
         die_with_parent(signal.SIGKILL)  # the launcher is gone: nothing is left to report to
-        signal.signal(signal.SIGTERM, lambda signum, frame: _stopped(recorder))
+    # SIGTERM (a scheduler's preemption, or the launcher stopping the job): at the next step boundary with a
+    # checkpoint inside a training loop, else at once
+    preempt.install(lambda: _stopped(recorder))
     try:
         body()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001  (every failure is recorded, then reported once)
@@ -204,7 +224,7 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
         if problem:
             # torch.save on a full disk raises an opaque "enforce fail at inline_container.cc" RuntimeError, on a
             # read-only one "Parent directory ... does not exist": name the cause the user can fix.
-            kind, message = "user", f"{problem} ({message}): fix that, then resume with --resume"
+            kind, message = "disk", f"{problem} ({message}): fix that"
         code = EXIT_CODES[kind]
         recorder.write(status="failed", kind=kind, code=code, message=message)
         if frontdoor:
@@ -213,7 +233,7 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
         elif kind == "crash":
             traceback.print_exc(file=sys.stderr)
         else:
-            hint = f"; resume with: sdlora train --resume {run_dir}" if kind == "interrupted" else ""
+            hint = f"; resume with: sdlora train --resume {run_dir}" if kind in RESUMABLE_HINT else ""
             print(f"error: {message}{hint}", file=sys.stderr, flush=True)
         return code
     recorder.write(status="done")
@@ -253,11 +273,14 @@ def summarize(
     logs = run_dir / LOGS_DIR
     if stopped_by == "SIGINT":
         return f"error: interrupted (Ctrl-C); resume with: sdlora train --resume {run_dir}", 130
+    records = read_records(run_dir)
+    preempted = [r for r in records if r.kind == "preempted"]
+    if stopped_by == "SIGTERM" and preempted:
+        return f"error: {preempted[0].message}; resume with: sdlora train --resume {run_dir}", preempt.EXIT_CODE
     if stopped_by is not None:
         return f"error: stopped by {stopped_by}; resume with: sdlora train --resume {run_dir}", 128 + getattr(
             signal, stopped_by
         )
-    records = read_records(run_dir)
     failed = [r for r in records if r.status == "failed"]
     for record in records:  # a rank still "running" after its launcher ended was killed without a word
         if record.status == "running" and (ours is None or record.rank in ours):
@@ -270,7 +293,11 @@ def summarize(
         return f"error: the training job failed (launcher exit code {launcher_code}); see {logs}", 1
     first = failed[0]
     where = f"rank {first.rank} on {first.host}"
-    return f"error: {where}: {first.message} (full log: {log_path(run_dir, first.rank)})", EXIT_CODES[first.kind]
+    hint = f"; resume with: sdlora train --resume {run_dir}" if first.kind in RESUMABLE_HINT else ""
+    return (
+        f"error: {where}: {first.message}{hint} (full log: {log_path(run_dir, first.rank)})",
+        EXIT_CODES[first.kind],
+    )
 
 
 class LogEcho:

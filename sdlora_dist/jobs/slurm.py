@@ -7,19 +7,72 @@ from collections.abc import Mapping
 from sdlora_dist.errors import UserError
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """First host of a compressed SLURM node list: ``gpu[003-010,020],cpu1`` -> ``gpu003``."""
-    depth = 0
-    for i, char in enumerate(nodelist):
+def _split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``a[1,2],b`` -> ``['a[1,2]', 'b']``."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
         depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"unbalanced brackets at character {i + 1}")
         if char == "," and depth == 0:
-            nodelist = nodelist[:i]
-            break
-    if "[" not in nodelist:
-        return nodelist.strip()
-    prefix, rest = nodelist.split("[", 1)
-    ranges, _, suffix = rest.partition("]")
-    return prefix.strip() + ranges.split(",")[0].split("-")[0] + suffix
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError("a '[' is not closed")
+    return [*parts, text[start:]]
+
+
+def _expand_range(group: str) -> list[str]:
+    """``01-03,7`` -> ``['01', '02', '03', '7']``: a range keeps the width of its lower bound (leading zeros)."""
+    out = []
+    for item in group.split(","):
+        low, dash, high = item.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"bad range {item!r} in [{group}]")
+        if not dash:
+            out.append(low)
+            continue
+        if int(high) < int(low):
+            raise ValueError(f"range {item!r} runs backwards")
+        out += [str(n).zfill(len(low)) for n in range(int(low), int(high) + 1)]
+    return out
+
+
+def _expand_host(pattern: str) -> list[str]:
+    """Every host of one comma-free pattern, bracket groups expanded left to right: ``r[1-2]-n[1-2]`` -> r1-n1,..."""
+    hosts = [""]
+    rest = pattern
+    while "[" in rest:
+        text, _, rest = rest.partition("[")
+        group, closed, rest = rest.partition("]")
+        if not closed:
+            raise ValueError("a '[' is not closed")
+        hosts = [h + text + n for h in hosts for n in _expand_range(group)]
+    if "]" in rest:
+        raise ValueError("a ']' has no '['")
+    return [h + rest for h in hosts]
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Every host of a compressed SLURM host list, in SLURM's order (what ``scontrol show hostnames`` prints).
+
+    The grammar: hosts separated by commas outside brackets; each host a name with any number of bracket groups,
+    each group a comma list of numbers and ``low-high`` ranges whose width is that of ``low`` (leading zeros kept):
+    ``gpu[003-004,010],cpu1`` -> gpu003 gpu004 gpu010 cpu1; ``rack[1-2]-node[01-02]`` -> rack1-node01
+    rack1-node02 rack2-node01 rack2-node02. ValueError names what is malformed.
+    """
+    return [host for part in _split_top(nodelist.strip()) if part.strip() for host in _expand_host(part.strip())]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a compressed SLURM node list (the rendezvous host): ``gpu[003-010,020],cpu1`` -> ``gpu003``."""
+    try:
+        hosts = expand_hostlist(nodelist)
+    except ValueError as exc:
+        raise UserError(f"SLURM node list {nodelist!r} is malformed ({exc}): pass --master-addr ADDR") from None
+    if not hosts:
+        raise UserError("the SLURM node list is empty: pass --master-addr ADDR")
+    return hosts[0]
 
 
 def env_int(environ: Mapping[str, str], name: str) -> int | None:
@@ -51,4 +104,4 @@ def slurm_to_torch_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-__all__ = ["first_slurm_host", "env_int", "slurm_to_torch_env"]
+__all__ = ["expand_hostlist", "first_slurm_host", "env_int", "slurm_to_torch_env"]
