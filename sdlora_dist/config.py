@@ -255,7 +255,7 @@ class TrainConfig(_Section):
     precision: Precision = Field("auto", description="'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16', 'fp16'.")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     checkpoint_every: int = Field(0, ge=0, description="Mid-task engine checkpoint every N steps (0 = off).")
-    checkpoint_every_s: int = Field(
+    checkpoint_every_s: float = Field(
         1800, ge=0, description="Mid-task engine checkpoint every N seconds, decided on rank 0 (0 = off)."
     )
     max_steps_per_epoch: int | None = Field(None, gt=0, description="Cap steps per epoch (smoke runs).")

@@ -145,10 +145,13 @@ def checkpoint_tags(log: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_rank_baseline(shards, tmp_path_factory) -> tuple[list, Path]:
-    """An uninterrupted 2-rank run with a time-based checkpoint every second: (matrix, run dir)."""
+    """An uninterrupted 2-rank run with a time-based checkpoint every 0.2 s: (matrix, run dir).
+
+    A task of 60 tiny-ViT steps takes about 1 s on an idle 2-core machine, so a 1 s interval fired once or not at
+    all depending on the load (a flaky test); 0.2 s fires several times per task whatever the speed."""
     run_dir = tmp_path_factory.mktemp("baseline2") / "run"
     proc = sdlora("train", "-b", "digits", "--data", str(shards), "--run-dir", str(run_dir), "--gpus-per-node", "2",
-                  *sets(*PREEMPT, "train.checkpoint_every_s=1"))  # fmt: skip
+                  *sets(*PREEMPT, "train.checkpoint_every_s=0.2"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return metrics(run_dir)["accuracy"]["matrix"], run_dir
 
@@ -157,7 +160,7 @@ def two_rank_baseline(shards, tmp_path_factory) -> tuple[list, Path]:
 def test_time_based_checkpoint_fires_on_every_rank_at_the_same_step(two_rank_baseline):
     _, run_dir = two_rank_baseline
     tags = [checkpoint_tags(run_dir / "logs" / f"rank_{r}.log") for r in range(2)]
-    assert tags[0] and tags[0] == tags[1], tags  # rank 0's clock decided, both ranks saved at the same steps
+    assert len(tags[0]) >= 2 and tags[0] == tags[1], tags  # rank 0's clock decided, both ranks saved at the same steps
 
 
 @pytest.mark.slow

@@ -142,9 +142,14 @@ class _Recorder:
         path = record_path(run_dir, rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "w")  # noqa: SIM115  (kept open for the life of the rank on purpose)
+        self.lock = threading.RLock()  # re-entrant: the SIGTERM handler may interrupt a write on the main thread
         self.write()
 
     def write(self, **changes: object) -> None:
+        with self.lock:  # the SIGTERM note writes from its own thread
+            self._write(changes)
+
+    def _write(self, changes: dict[str, object]) -> None:
         for key, value in changes.items():
             setattr(self.record, key, value)
         self.file.seek(0)
@@ -188,6 +193,28 @@ def _disk_problem(run_dir: Path) -> str | None:
     return None
 
 
+def _note_sigterm(recorder: _Recorder) -> None:
+    """Mark the record ``stopped`` the moment a SIGTERM arrives, even while the main thread is blocked in a C++
+    collective (where Python runs no signal handler until the call returns).
+
+    When one rank dies mid-collective, its peers block in gloo/NCCL; the launcher's SIGTERM is then never handled
+    and its SIGKILL ends them without a record, so they looked "died" like the rank that really died first.
+    ``signal.set_wakeup_fd`` writes the signal number from C as it arrives; a thread reading it notes the stop.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while data := os.read(read_fd, 64):
+            if signal.SIGTERM in data and recorder.record.status == "running":
+                recorder.write(kind="stopped")
+
+    threading.Thread(target=watch, name="sdlora-sigterm-note", daemon=True).start()
+
+
 def _stopped(recorder: _Recorder) -> None:
     """SIGTERM (the launcher stopping the job): record it unless a failure is already recorded, then leave."""
     done = preempt.checkpoint_message()
@@ -216,6 +243,7 @@ def run_rank(run_dir: str | Path, rank: int, body: Callable[[], None]) -> int:
     # SIGTERM (a scheduler's preemption, or the launcher stopping the job): at the next step boundary with a
     # checkpoint inside a training loop, else at once
     preempt.install(lambda: _stopped(recorder))
+    _note_sigterm(recorder)
     try:
         body()
     except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001  (every failure is recorded, then reported once)
@@ -261,6 +289,17 @@ def clear_records(run_dir: str | Path, ranks: range) -> None:
         record_path(run_dir, rank).unlink(missing_ok=True)
 
 
+def _silent_end(record: RankRecord) -> RankRecord:
+    """A rank that ended without recording how: stopped by its launcher (a deferred SIGTERM was noted while it
+    finished its step: a consequence), or killed without a word (kill -9, out of memory: a cause)."""
+    if record.kind == "stopped":
+        record.message = "stopped by SIGTERM from its launcher while finishing its step"
+    else:
+        record.kind = "died"
+        record.message = f"died without an error (pid {record.pid} was killed, e.g. by kill -9 or out of memory)"
+    return record
+
+
 def summarize(
     run_dir: str | Path, launcher_code: int, stopped_by: str | None = None, ours: range | None = None
 ) -> tuple[str, int]:
@@ -284,9 +323,7 @@ def summarize(
     failed = [r for r in records if r.status == "failed"]
     for record in records:  # a rank still "running" after its launcher ended was killed without a word
         if record.status == "running" and (ours is None or record.rank in ours):
-            record.kind = "died"
-            record.message = f"died without an error (pid {record.pid} was killed, e.g. by kill -9 or out of memory)"
-            failed.append(record)
+            failed.append(_silent_end(record))
     order = list(EXIT_CODES)
     failed.sort(key=lambda r: (order.index(r.kind) if r.kind in order else len(order), r.rank))
     if not failed:
