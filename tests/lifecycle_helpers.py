@@ -3,6 +3,7 @@ the session's digits shards, written through the real checkpoint code, without D
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,3 +72,20 @@ def shard_crops(shards: Path, count: int = 40) -> np.ndarray:
             crops.append(images.numpy().round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
             break
     return np.concatenate(crops)
+
+
+def scramble_head(src: Path, dst: Path, rows: int) -> None:
+    """Copy an exported model with the first ``rows`` rows of its classifier head (weight and bias) rotated by one:
+    a model whose old classes answer each other's names, metadata and lineage unchanged."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    classes = len(json.loads({p.key: p.value for p in proto.metadata_props}["sdlora.class_names"]))
+    heads = [t for t in proto.graph.initializer if t.name.startswith("head.") and t.dims and t.dims[0] == classes]
+    assert len(heads) == 2, [t.name for t in heads]  # head.weight, head.bias
+    for tensor in heads:
+        value = numpy_helper.to_array(tensor).copy()
+        value[:rows] = np.roll(value[:rows], 1, axis=0)
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+    onnx.save(proto, str(dst))
