@@ -181,3 +181,4 @@ def test_authors_train_crop_is_bilinear_when_asked():
     assert not np.array_equal(got, np.asarray(img.resize((16, 16), Image.BICUBIC, box=box)))
     with pytest.raises(UserError, match="data.train_interpolation: must be one of"):
         load_config(overrides=["data.train_interpolation=cubic"])
+
