@@ -9,7 +9,9 @@ promoted: whoever serves ``models:/NAME@champion`` keeps the last model that pas
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,6 @@ def register_mlflow(
     on a passing gate report. Returns ``{"name", "version", "champion", "gate"}``."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     model = Path(model)
     if not model.is_file():
@@ -72,6 +73,19 @@ def register_mlflow(
     tags, lineage_json = version_tags(model, sha256, verdict)
     mlflow.set_tracking_uri(uri)  # the artifact upload (mlflow-artifacts:) resolves the server from it
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    # mlflow prints "View run ..." links on stdout: keep stdout for the command's one JSON line
+    with contextlib.redirect_stdout(sys.stderr):
+        version = _register(client, model, name, tags, lineage_json, verdict, uri)
+    return {"name": name, "version": int(version), "champion": verdict == "passed", "gate": verdict}
+
+
+def _register(
+    client: Any, model: Path, name: str, tags: dict[str, str], lineage_json: str, verdict: str, uri: str
+) -> str:
+    """Run with the file and lineage as artifacts -> model version (tags) -> alias on a pass; the version number."""
+    from mlflow.exceptions import MlflowException
+
+    sha256 = tags["sdlora.sha256"]
     try:
         experiment = client.get_experiment_by_name(EXPERIMENT)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
@@ -88,4 +102,4 @@ def register_mlflow(
             client.set_registered_model_alias(name, CHAMPION, version.version)
     except MlflowException as exc:
         raise UserError(f"MLflow at {uri} refused the registration: {str(exc).splitlines()[0][:200]}") from exc
-    return {"name": name, "version": int(version.version), "champion": verdict == "passed", "gate": verdict}
+    return version.version

@@ -213,3 +213,71 @@ def test_triton_versions_and_rollback(trained, tmp_path, capsys):
     assert run_main(capsys, "rollback", "--triton", str(repo), "--name", "digits", "--latest")[0] == 0
     config = text_format.Parse((repo / "digits" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.version_policy.latest.num_versions == 1
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` (sqlite backend, proxied artifacts) on a free 127.0.0.1 port; its URI."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    argv = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_mlflow_versions_with_lineage_and_champion_only_on_a_passing_gate(trained, digits_shards, mlflow_server,
+                                                                           tmp_path, capsys):  # fmt: skip
+    from mlflow import MlflowClient
+
+    bad = tmp_path / "scrambled.onnx"
+    scramble_head(trained["task3"], bad, rows=8)
+    plan = [(trained["task2"], trained["task2"]), (bad, trained["task2"]), (trained["task3"], trained["task3"])]
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    champions = []
+    for i, (model, baseline) in enumerate(plan, start=1):
+        report = tmp_path / f"gate{i}.json"
+        rc, _, _ = run_main(capsys, "gate", str(model), "--baseline", str(baseline), "--data", str(digits_shards),
+                            "--report", str(report))  # fmt: skip
+        assert rc == (3 if model == bad else 0)
+        rc, out, err = run_main(capsys, "publish", str(model), "--mlflow-uri", mlflow_server, "--name", "digits",
+                                "--gate-report", str(report))  # fmt: skip
+        assert rc == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["version"] == i
+        champions.append(client.get_model_version_by_alias("digits", "champion").version)
+    assert champions == ["1", "1", "3"]  # the scrambled version 2 never became champion
+    for i, (model, _) in enumerate(plan, start=1):
+        tags = client.get_model_version("digits", str(i)).tags
+        lineage = read_lineage(OnnxClassifier(model, provider="cpu").metadata, str(model))
+        assert tags["sdlora.sha256"] == file_sha256(model) and tags["sdlora.run_id"] == lineage.run_id
+        assert tags["sdlora.task"] == str(lineage.task) and tags["sdlora.gate"] == ("failed" if i == 2 else "passed")
+        assert tags["sdlora.data_fingerprint"] == lineage.data_fingerprint
+    # a gate report about another file is refused, and registers nothing
+    rc, _, err = run_main(capsys, "publish", str(trained["task3"]), "--mlflow-uri", mlflow_server, "--name",
+                          "digits", "--gate-report", str(tmp_path / "gate1.json"))  # fmt: skip
+    assert rc == 2 and "judged another file" in error_line(err)
+    assert len(client.search_model_versions("name = 'digits'")) == 3
