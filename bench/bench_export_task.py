@@ -7,7 +7,7 @@ rebuilding the model from the per-task checkpoints, merging, tracing with the dy
 onnxruntime on random inputs (no shards at hand: ``--verify-images`` has nothing to read), writing atomically. The
 seconds are split into the rebuild (``load_run``) and the whole command.
 
-    python bench/bench_export_task.py                          # tiny and ViT-B/16 shapes, T = 10 and 50
+    python bench/bench_export_task.py                          # tiny and ViT-B/16 shapes (32 px), T = 10 and 50
     python bench/bench_export_task.py --models tiny --tasks 10
 """
 
@@ -28,9 +28,9 @@ from sdlora_dist.config import load_config
 from sdlora_dist.export.from_run import export_run
 from sdlora_dist.model import build_model
 
-MODELS = {  # timm name and kwargs: the real input size of each (224 px for ViT-B/16: the graph a server runs)
+MODELS = {  # timm name and kwargs: width, depth and head as the real models, images 32 px (as bench_checkpoint.py)
     "tiny": ("vit_tiny_patch16_224", "{img_size: 32, patch_size: 16}"),
-    "vit_b16": ("vit_base_patch16_224", "{}"),
+    "vit_b16": ("vit_base_patch16_224", "{img_size: 32, patch_size: 16}"),
 }
 
 
@@ -82,14 +82,14 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/export_task.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    result = {"machine": f"2-core CPU dev machine ({platform.processor() or platform.machine()}), shared",
+              "torch": torch.__version__, "rows": rows}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for model_key in args.models:
             for tasks in args.tasks:
                 rows.append(measure(model_key, tasks, args.classes, Path(tmp)))
-    result = {"machine": f"2-core CPU dev machine ({platform.processor() or platform.machine()}), shared",
-              "torch": torch.__version__, "rows": rows}  # fmt: skip
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+                Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # each row lands as soon as measured
     print(f"wrote {args.out}")
 
 

@@ -1,43 +1,42 @@
-"""The release gate on digits (issue 19, "Must measure"): ``sdlora demo`` end to end (its last step gates the 5-task
-model against the 4-task one), then the gate alone timed again on the demo's two files.
+"""Seconds of the release gate on digits (issue 19, "Must measure"): ``run_gate`` (what ``sdlora gate`` runs) on two
+exported models of one run, both evaluated by onnxruntime on the digits test shards; writes the table and timing.
 
-    python bench/bench_gate.py                     # full demo recipe, 2 ranks
-    python bench/bench_gate.py --out /tmp/demo     # reuses the demo's backbone file there when present
+    python bench/bench_gate.py --new NEW.onnx --baseline OLD.onnx --data shards/digits
+
+``sdlora demo`` ends with the same gate (its JSON line reports ``seconds.gate``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
-from sdlora_dist.demo import run_demo
 from sdlora_dist.export.gate import run_gate
 
 
 def main() -> None:
-    """Run the demo, time the gate once more on its files, write the JSON (table, verdict, seconds)."""
+    """Time the gate, print its table, write the JSON (command, seconds, images, verdict, table)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo_bench")
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--new", required=True)
+    parser.add_argument("--baseline", required=True)
+    parser.add_argument("--data", required=True)
     parser.add_argument("--json", default="bench/results/gate_digits.json")
     args = parser.parse_args()
-    result = run_demo(args.out, ranks=args.ranks)
     start = time.perf_counter()
-    gate = run_gate(result.onnx, Path(args.out) / "model_task3.onnx", result.shards)
+    gate = run_gate(args.new, args.baseline, args.data)
     seconds = time.perf_counter() - start
     images = sum(gate.models[k]["evaluation"]["total"] for k in ("baseline", "new"))
     out = {"machine": f"2-core CPU dev machine ({platform.processor() or platform.machine()}), shared",
-           "command": f"sdlora gate {result.onnx} --baseline {Path(args.out) / 'model_task3.onnx'} "
-                      f"--data {result.shards}",
-           "gate_s": round(seconds, 2), "images_evaluated": images, "demo_gate_s": round(result.times["gate"], 2),
-           "demo_times_s": {k: round(v, 1) for k, v in result.times.items()}, "passed": gate.passed,
-           "table": gate.table(), "old_classes": gate.old_classes, "tasks": gate.tasks}  # fmt: skip
+           "load_average": os.getloadavg(), "command": f"sdlora gate {args.new} --baseline {args.baseline} "
+           f"--data {args.data}", "gate_s": round(seconds, 2), "images_evaluated": images, "passed": gate.passed,
+           "old_classes": gate.old_classes, "table": gate.table(), "tasks": gate.tasks}  # fmt: skip
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(gate.table())
-    print(f"gate alone: {seconds:.2f} s for {images} test images (both models); wrote {args.json}")
+    print(f"gate: {seconds:.2f} s for {images} test images (both models); wrote {args.json}")
 
 
 if __name__ == "__main__":
