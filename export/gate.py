@@ -148,8 +148,9 @@ def run_gate(
     base, new = _by_name(base_meta, base_result), _by_name(new_meta, new_result)
     classes = []
     for name in base_meta.class_names:
-        b, n = _pct(*base.get(name, (0, 0))), _pct(*new.get(name, (0, 0)))
-        classes.append({"class": name, "baseline": b, "new": n, "drop": round(b - n, 4), "total": base[name][1]})
+        counts = base.get(name, (0, 0))
+        b, n = _pct(*counts), _pct(*new.get(name, (0, 0)))
+        classes.append({"class": name, "baseline": b, "new": n, "drop": round(b - n, 4), "total": counts[1]})
     old_b = _pct(sum(base[c][0] for c in base), sum(base[c][1] for c in base))
     old_n = _pct(sum(new[c][0] for c in base), sum(new[c][1] for c in base))
     old = {"baseline": old_b, "new": old_n, "drop": round(old_b - old_n, 4)}
