@@ -12,11 +12,13 @@ def demo(
     ranks: int = typer.Option(2, "--ranks", help="Training processes (gloo on CPU, one per GPU on CUDA)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key of the digits recipe (repeatable)."),
 ) -> None:
-    """Prepare digits shards, train SD-LoRA over 5 tasks on several ranks, report, export ONNX and predict."""
+    """Prepare digits shards, train SD-LoRA over 5 tasks on several ranks, report, export ONNX, predict, and gate the
+    5-task model against the 4-task one."""
     from sdlora_dist.demo import run_demo
 
     result = run_demo(out, ranks=ranks, overrides=set_)
-    typer.echo(json.dumps({"summary": result.summary, "seconds": {k: round(v, 1) for k, v in result.times.items()}}))
+    seconds = {k: round(v, 1) for k, v in result.times.items()}
+    typer.echo(json.dumps({"summary": result.summary, "gate_passed": result.gate_passed, "seconds": seconds}))
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,8 @@ def export(
     out: Path = typer.Argument(..., help="Output .onnx file (written atomically after verification)."),
     run: Path = typer.Option(None, "--run", help="Run directory; default: the newest complete run under --runs-root."),
     runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for runs when --run is omitted."),
+    task: int = typer.Option(None, "--task", help="Export the model after this task (default: the newest)."),
+    parent: Path = typer.Option(None, "--parent", help="The .onnx this model replaces (lineage; default: recorded)."),
     fp16: bool = typer.Option(False, "--fp16", help="Half-precision weights and compute (GPU serving); fp32 I/O."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17-23)."),
     with_preprocessing: bool = typer.Option(
@@ -25,7 +27,8 @@ def export(
     triton_max_batch: int = typer.Option(64, "--triton-max-batch", help="Triton max_batch_size."),
     force: bool = typer.Option(False, "--force", help="Replace OUT even when its metadata names another run."),
 ) -> None:
-    """Export the merged final model of a run as one ONNX file, verified against PyTorch with onnxruntime."""
+    """Export the merged model of a run (after its newest task, or --task K) as one ONNX file with its lineage,
+    verified against PyTorch with onnxruntime."""
     from sdlora_dist.checkpoint import find_latest_run
     from sdlora_dist.export.from_run import export_run
 
@@ -37,6 +40,8 @@ def export(
         out,
         run_dir=run,
         runs_root=runs_root,
+        task=task,
+        parent=parent,
         opset=opset,
         fp16=fp16,
         with_preprocessing=with_preprocessing,

@@ -9,7 +9,7 @@ import typer
 from sdlora_dist.errors import UserError
 
 # Packages a command imports only when it needs them -> the extra of pyproject.toml that installs them.
-OPTIONAL_PACKAGES = {"onnxruntime": "cpu", "onnxscript": "cpu", "tensorboard": "tensorboard"}
+OPTIONAL_PACKAGES = {"onnxruntime": "cpu", "onnxscript": "cpu", "tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 app = typer.Typer(
     name="sdlora",
@@ -43,9 +43,9 @@ def config_docs(
 
 def _register_commands() -> None:
     # Each command group lives in its own module and adds itself to ``app``.
-    from sdlora_dist.cli import data_cmds, demo_cmds, export_cmds, report_cmds, train_cmds
+    from sdlora_dist.cli import data_cmds, demo_cmds, export_cmds, lifecycle_cmds, report_cmds, train_cmds
 
-    for module in (data_cmds, train_cmds, export_cmds, report_cmds, demo_cmds):
+    for module in (data_cmds, train_cmds, export_cmds, lifecycle_cmds, report_cmds, demo_cmds):
         module.register(app)
 
 

@@ -1,20 +1,27 @@
 """``sdlora evaluate MODEL.onnx --data SHARDS``: accuracy of the exported file on the test shards, per task.
 
 Preprocessing comes from the file's metadata and runs through the data pipeline's eval transform (the one training
-evaluated with), so the counts are comparable with the PyTorch evaluation of the run.
+evaluated with), so the counts are comparable with the PyTorch evaluation of the run. A file with lineage
+(``lineage.py``) is evaluated on the shards the way its run read them: its own class order and task split, each
+class found by name, after checking the shard set's fingerprint; older files need the shards' default order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.inference import OnnxClassifier
+from sdlora_dist.export.lineage import check_shards, model_view, read_lineage
 from sdlora_dist.export.metadata import LAYOUT_UINT8, ModelMetadata
 from sdlora_dist.logs import log_rank_zero, progress_bar
+
+if TYPE_CHECKING:
+    from sdlora_dist.data.manifest import Manifest
 
 
 @dataclass
@@ -24,6 +31,7 @@ class EvalResult:
     correct: int = 0
     total: int = 0
     per_task: dict[int, tuple[int, int]] = field(default_factory=dict)  # task -> (correct, total)
+    per_class: dict[int, tuple[int, int]] = field(default_factory=dict)  # label -> (correct, total)
     skipped: int = 0  # corrupt samples the loader skipped
 
     @property
@@ -67,13 +75,11 @@ def evaluate_onnx(
     ``shards_dir`` is a folder or any URL the data pipeline streams from (``sdlora_dist.data.urls``).
     """
     from sdlora_dist.data import TransformSpec, make_eval_loader
-    from sdlora_dist.data.manifest import load_manifest
 
     classifier = OnnxClassifier(model_path, provider=provider)
     log_rank_zero(classifier.describe_provider())
     meta = classifier.metadata
-    manifest = load_manifest(shards_dir)
-    _check_shards_match(meta, manifest.class_names, str(shards_dir))
+    manifest = _model_manifest(meta, shards_dir, str(model_path))
     tasks = list(range(min(meta.num_tasks, manifest.num_tasks()))) if tasks is None else tasks
     uint8 = meta.input_layout == LAYOUT_UINT8
     # A uint8 model takes raw pixels: mean 0, std 1/255 makes the loader return the pixel values themselves.
@@ -82,18 +88,40 @@ def evaluate_onnx(
     result = EvalResult()
     for task in tasks:
         loader = make_eval_loader(
-            shards_dir, [task], spec=spec, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir
-        )
-        correct = total = 0
+            shards_dir, [task], spec=spec, batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
+            manifest=manifest,
+        )  # fmt: skip
         for images, labels in progress_bar(loader, desc=f"evaluate task {task}"):
             x = images.numpy()
             if uint8:
                 x = np.ascontiguousarray(x.round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
-            pred = classifier.run(x).argmax(axis=1)
-            correct += int((pred == labels.numpy()).sum())
-            total += len(labels)
-        result.per_task[task] = (correct, total)
-        result.correct += correct
-        result.total += total
+            _count(result, task, classifier.run(x).argmax(axis=1), labels.numpy())
+        result.per_task.setdefault(task, (0, 0))
         result.skipped += loader.stats.corrupt
     return result
+
+
+def _count(result: EvalResult, task: int, pred: np.ndarray, labels: np.ndarray) -> None:
+    """Add one batch's hits to the task's, each class's and the overall counts."""
+    hits = pred == labels
+    c, n = result.per_task.get(task, (0, 0))
+    result.per_task[task] = (c + int(hits.sum()), n + len(labels))
+    for label in np.unique(labels):
+        mask = labels == label
+        c, n = result.per_class.get(int(label), (0, 0))
+        result.per_class[int(label)] = (c + int(hits[mask].sum()), n + int(mask.sum()))
+    result.correct += int(hits.sum())
+    result.total += len(labels)
+
+
+def _model_manifest(meta: ModelMetadata, shards_dir: str | Path, model: str) -> Manifest:
+    """The shard set as the model's run saw it (lineage), or its default view for a file without lineage."""
+    from sdlora_dist.data.manifest import load_manifest
+
+    manifest = load_manifest(shards_dir)
+    lineage = read_lineage(meta, model)
+    if lineage is None:
+        _check_shards_match(meta, manifest.class_names, str(shards_dir))
+        return manifest
+    check_shards(lineage, manifest, str(shards_dir), model)
+    return model_view(lineage, manifest)

@@ -1,23 +1,33 @@
 """``sdlora export``: a training run directory -> merged, verified ONNX file (and optionally a Triton repository).
 
+Any completed task can be exported (``--task K``): the per-task checkpoints rebuild the model exactly as it was. The
+file's ``sdlora.lineage`` (``lineage.py``) is assembled here from run.json, the task's progress.json and
+RUN_DIR/exports.json (the sha256 of each task's newest export, so the next export names its parent).
+
 The export library (``onnx_export.export_onnx``) takes a plain model and a metadata dict; this module is the glue to
 the run directory (``checkpoint.load_run``) and the shards (real test images for the verification).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sdlora_dist.checkpoint import RunState, find_latest_run, load_run
+from sdlora_dist.checkpoint import RunState, file_sha256, find_latest_run, load_progress, load_run
+from sdlora_dist.data.classes import split_fingerprint
 from sdlora_dist.errors import UserError
+from sdlora_dist.export.lineage import Lineage
 from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
 from sdlora_dist.export.onnx_export import ExportReport, export_onnx
 from sdlora_dist.export.triton import write_triton_repo
+from sdlora_dist.fileio import atomic_write_json
 from sdlora_dist.logs import log_rank_zero
 from sdlora_dist.preprocess import describe_weights, transform_spec
+
+EXPORTS_FILE = "exports.json"  # RUN_DIR/exports.json: task -> sha256 and path of its newest export (parent links)
 
 
 def run_metadata(state: RunState) -> dict[str, Any]:
@@ -38,6 +48,84 @@ def run_metadata(state: RunState) -> dict[str, Any]:
     if weights:
         metadata["weights"] = describe_weights(weights).removeprefix("weights: ")
     return metadata
+
+
+def _test_accuracy(state: RunState, task: int) -> dict[str, Any] | None:
+    """The run's own evaluation after ``task`` (None when its progress file holds no accuracy row)."""
+    try:
+        log = load_progress(state.run_dir, task).log
+    except (UserError, KeyError, TypeError):  # runs written by tools that keep no record (tests, old runs)
+        return None
+    if log.num_tasks != task + 1:
+        return None
+    correct, totals = log.correct[-1], log.totals[: task + 1]
+    return {
+        "per_task": [round(v, 4) for v in log.matrix()[-1]],
+        "correct": correct,
+        "totals": totals,
+        "top1": round(log.top1_curve()[-1], 4),
+    }
+
+
+def _task_classes(state: RunState) -> tuple[list[list[str]], str]:
+    """Class names per task of the loaded model, and how the run chose the order."""
+    split = state.info.get("task_split")
+    counts = list(state.model.task_classes)
+    if split:
+        return [list(t) for t in split["task_classes"][: len(counts)]], str(split.get("class_order_from", ""))
+    offsets = [sum(counts[:t]) for t in range(len(counts) + 1)]  # runs from before the split was recorded
+    return [state.class_names[offsets[t] : offsets[t + 1]] for t in range(len(counts))], "the shard set's"
+
+
+def _data_fingerprint(state: RunState) -> str:
+    """The fingerprint recorded in run.json; for older runs, the manifest's when the shards are at hand."""
+    if state.info.get("data_fingerprint"):
+        return str(state.info["data_fingerprint"])
+    if state.shards and Path(state.shards).is_dir():
+        from sdlora_dist.data.manifest import load_manifest
+
+        return load_manifest(state.shards).fingerprint
+    return ""
+
+
+def parent_of(run_dir: Path, task: int) -> str | None:
+    """sha256 of the newest export of the nearest earlier task of the run (None when none was recorded)."""
+    path = run_dir / EXPORTS_FILE
+    if not path.is_file():
+        return None
+    exports = json.loads(path.read_text())
+    earlier = sorted((int(t) for t in exports if int(t) < task), reverse=True)
+    return exports[str(earlier[0])]["sha256"] if earlier else None
+
+
+def record_export(run_dir: Path, task: int, onnx_path: Path) -> None:
+    """Note in RUN_DIR/exports.json that ``onnx_path`` is task ``task``'s newest export (the next task's parent)."""
+    path = run_dir / EXPORTS_FILE
+    exports = json.loads(path.read_text()) if path.is_file() else {}
+    exports[str(task)] = {"sha256": file_sha256(onnx_path), "path": str(onnx_path.absolute())}
+    try:
+        atomic_write_json(path, exports)
+    except OSError:  # a read-only run directory still exports; the next export just has no parent link
+        pass
+
+
+def run_lineage(state: RunState, task: int, *, parent_sha256: str | None) -> Lineage:
+    """The lineage of the model after ``task`` of the loaded run."""
+    task_classes, order_from = _task_classes(state)
+    return Lineage(
+        run_id=state.run_dir.absolute().name,
+        task=task,
+        num_tasks=task + 1,
+        run_tasks_done=state.num_tasks_done,
+        benchmark=str(state.info.get("benchmark", "")),
+        data_fingerprint=_data_fingerprint(state),
+        class_order_from=order_from,
+        task_classes=task_classes,
+        split_fingerprint=split_fingerprint(task_classes),
+        config_hash=state.config_hash,
+        parent_sha256=parent_sha256,
+        test_accuracy=_test_accuracy(state, task),
+    )
 
 
 def real_test_images(shards_dir: str | Path, metadata: dict[str, Any], *, tasks: int, limit: int) -> np.ndarray:
@@ -88,11 +176,23 @@ def check_not_from_another_run(out_path: str | Path, config_hash: str, run_dir: 
         )
 
 
+def resolve_parent(state: RunState, task: int, parent: str | Path | None) -> str | None:
+    """sha256 of ``parent`` (an .onnx file) when given, else of the run's recorded export of an earlier task."""
+    if parent is None:
+        return parent_of(state.run_dir, task)
+    parent = Path(parent)
+    if not parent.is_file():
+        raise UserError(f"--parent {parent} does not exist: pass the .onnx file this model replaces")
+    return file_sha256(parent)
+
+
 def export_run(
     out_path: str | Path,
     *,
     run_dir: str | Path | None = None,
     runs_root: str | Path = "runs",
+    task: int | None = None,
+    parent: str | Path | None = None,
     opset: int = 17,
     fp16: bool = False,
     with_preprocessing: bool = False,
@@ -102,18 +202,24 @@ def export_run(
     triton_max_batch: int = 64,
     force: bool = False,
 ) -> ExportReport:
-    """Export the newest completed task of ``run_dir`` (default: the newest complete run under ``runs_root``).
+    """Export the model after ``task`` (default: the newest completed task) of ``run_dir`` (default: the newest
+    complete run under ``runs_root``), with its lineage in the metadata.
 
-    Verifies onnxruntime against the unmerged SD-LoRA model (so the merge is checked too) on fixed random inputs
-    and on up to ``verify_images`` real test images when the run's shards are at hand.
+    The model is rebuilt from the per-task checkpoints, so a task exported after later tasks were trained equals its
+    export made at the time. ``parent``: the file this model replaces (default: the run's newest export of an
+    earlier task, from RUN_DIR/exports.json). Verifies onnxruntime against the unmerged SD-LoRA model (so the merge
+    is checked too) on fixed random inputs and on up to ``verify_images`` real test images when the shards are at
+    hand.
     """
     if run_dir is None:
         run_dir = find_latest_run(runs_root)
         log_rank_zero(f"exporting {run_dir} (the newest run with a completed task under {runs_root}/)")
-    state = load_run(run_dir)
+    state = load_run(run_dir, task)
+    task = state.model.num_tasks - 1
     if not force:
         check_not_from_another_run(out_path, state.config_hash, run_dir)
     metadata = run_metadata(state)
+    metadata["lineage"] = run_lineage(state, task, parent_sha256=resolve_parent(state, task, parent)).to_json()
     images = None
     if verify_images > 0 and state.shards and Path(state.shards).is_dir():
         images = real_test_images(state.shards, metadata, tasks=state.model.num_tasks, limit=verify_images)
@@ -130,7 +236,8 @@ def export_run(
         verify_inputs=images,
         reference=state.model,
     )
+    record_export(state.run_dir, task, report.path)
     if triton_dir is not None:
         folder = write_triton_repo(report.path, triton_dir, model_name=triton_name, max_batch_size=triton_max_batch)
-        log_rank_zero(f"wrote Triton model repository entry {folder}")
+        log_rank_zero(f"published {folder} in the Triton model repository")
     return report

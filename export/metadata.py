@@ -3,6 +3,7 @@
 Every key lives under the ``sdlora.`` prefix; values are strings (JSON for lists). A serving process needs nothing
 but the ``.onnx`` file: class names, the preprocessing (mean/std, input size, interpolation, crop_pct) and the input
 contract (``input_layout``: ``NCHW_float32`` normalised pixels, or ``NHWC_uint8`` raw pixels normalised in-graph).
+``sdlora.lineage`` (JSON, ``export/lineage.py``) says where the model came from: run, task, data, parent, accuracy.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ INTERPOLATIONS = get_args(Interpolation)
 # Keys the caller of ``export_onnx`` provides; the exporter adds version, layout and precision itself.
 REQUIRED_KEYS = ("class_names", "mean", "std", "input_size", "interpolation", "crop_pct", "num_tasks", "config_hash")
 # Keys a file may lack (added after the first release); they default to "".
-_OPTIONAL = ("weights",)
+_OPTIONAL = ("weights", "lineage")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ModelMetadata:
     input_layout: str = LAYOUT_FLOAT
     precision: str = "fp32"
     weights: str = ""  # the pre-trained weights the run loaded: path, tensor count, sha256 prefix (provenance)
+    lineage: str = ""  # JSON: run, task, data and class split, parent, training-time accuracy (export/lineage.py)
 
     @property
     def num_classes(self) -> int:

@@ -402,8 +402,8 @@ class RunState:
     info: dict[str, Any]
 
 
-def load_run(run_dir: str | Path) -> RunState:
-    """The model after the newest completed task, with what export and evaluation need."""
+def load_run(run_dir: str | Path, task: int | None = None) -> RunState:
+    """The model after ``task`` (default: the newest completed task), with what export and evaluation need."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; pass --run RUN_DIR of a 'sdlora train' run")
@@ -411,8 +411,13 @@ def load_run(run_dir: str | Path) -> RunState:
     done = completed_tasks(run_dir)
     if not done:
         raise UserError(f"run {run_dir} has no completed task yet; train at least one task before exporting")
+    if task is not None and task not in done:
+        raise UserError(
+            f"--task {task} is not a completed task of {run_dir}: its completed tasks are {done[0]}..{done[-1]} "
+            f"(omit --task for the newest, {done[-1]})"
+        )
     info = read_json(run_dir / RUN_FILE)
-    model = load_task_model(run_dir, done[-1], cfg)
+    model = load_task_model(run_dir, done[-1] if task is None else task, cfg)
     seen = sum(model.task_classes)
     names = list(info.get("class_names", []))[:seen] or [str(i) for i in range(seen)]
     return RunState(

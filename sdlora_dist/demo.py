@@ -1,4 +1,5 @@
-"""The embedded end-to-end demo: digits shards -> multi-rank SD-LoRA training -> report -> ONNX -> predictions.
+"""The embedded end-to-end demo: digits shards -> multi-rank SD-LoRA training -> report -> ONNX -> predictions ->
+the release gate between the 4-task and the 5-task model (the step that decides whether an update ships).
 
 Everything runs on scikit-learn's bundled digits, so it needs no download: it is the README's first command and
 the quickest way to see every stage of the product work on a laptop or a CI machine.
@@ -27,6 +28,8 @@ class DemoResult:
     report_dir: Path
     summary: dict[str, float]
     times: dict[str, float] = field(default_factory=dict)
+    gate_report: Path | None = None  # out/gate_report.json: model.onnx (5 tasks) against model_task3.onnx (4 tasks)
+    gate_passed: bool | None = None
 
 
 def write_sample_images(folder: Path, per_class: int = 2) -> list[Path]:
@@ -56,6 +59,7 @@ def run_demo(
     """
     from sdlora_dist.data import prepare
     from sdlora_dist.export.from_run import export_run
+    from sdlora_dist.export.gate import run_gate
     from sdlora_dist.export.inference import OnnxClassifier, predict_files
     from sdlora_dist.jobs.frontdoor import resolve_config, start_training
     from sdlora_dist.jobs.launch import LaunchSpec
@@ -87,8 +91,9 @@ def run_demo(
     with timed(times, "report"):
         metrics = json.loads((run_dir / "metrics.json").read_text())
         report = write_report(run_dir)
-    onnx_path = out / "model.onnx"
+    onnx_path, previous = out / "model.onnx", out / "model_task3.onnx"
     with timed(times, "export"):
+        export_run(previous, run_dir=run_dir, task=3)  # the model production had before task 4 (its parent)
         export_run(onnx_path, run_dir=run_dir)
     predictions = out / "predictions.jsonl"
     with timed(times, "predict"):
@@ -96,8 +101,16 @@ def run_demo(
         found = predict_files(OnnxClassifier(onnx_path), [str(p) for p in samples], top_k=3)
         lines = [p.to_json() for p in found]
         atomic_write_text(predictions, "\n".join(lines) + "\n")
+    with timed(times, "gate"):
+        gate = run_gate(onnx_path, previous, shards)
+        gate_report = out / "gate_report.json"
+        atomic_write_text(gate_report, json.dumps(gate.to_dict(), indent=2) + "\n")
     times["total"] = time.perf_counter() - start
 
     log_rank_zero(f"report: {report.markdown}\nmodel: {onnx_path}\npredictions: {predictions} (first: {lines[0]})")
+    log_rank_zero(f"release gate: {onnx_path.name} (5 tasks) against {previous.name} (4 tasks)\n{gate.table()}\n"
+                  f"gate report: {gate_report}")  # fmt: skip
     summary = {k: metrics["accuracy"][k] for k in ("acc", "aaa", "mean_task_acc", "forgetting", "bwt")}
-    return DemoResult(shards, run_dir, onnx_path, predictions, report.out_dir, summary, times)
+    return DemoResult(
+        shards, run_dir, onnx_path, predictions, report.out_dir, summary, times, gate_report, gate.passed
+    )

@@ -408,6 +408,7 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
     model.to(env.device)
     if is_rank_zero():
         info = {"benchmark": manifest.benchmark, "shards": urls.display(cfg.data.shards)}
+        info["data_fingerprint"] = manifest.fingerprint  # exported models carry it (export/lineage.py)
         info |= {"class_names": manifest.class_names, "task_split": split}
         ckpt.write_run_header(run_dir, cfg, model, info)
     spec = transform_spec(model, cfg.data)

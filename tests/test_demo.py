@@ -41,6 +41,12 @@ def test_demo_end_to_end(tmp_path):
     names = classifier.metadata.class_names
     assert [line["top_k"][0]["class"] for line in lines] == [names[i] for i in torch_logits.argmax(1)]
 
+    # the demo ends with the release gate: 5-task model against the 4-task one, evaluated by onnxruntime
+    gate = json.loads(result.gate_report.read_text())
+    assert gate["passed"] is result.gate_passed and len(gate["tasks"]) == 5
+    assert [t["correct"] for t in gate["tasks"]] == metrics["accuracy"]["correct"][-1]
+    assert [c for row in gate["tasks"][:4] for c in row["classes"]] == [c["class"] for c in gate["classes"]]
+
 
 @pytest.mark.slow  # builds the demo backbone: over 2 s
 def test_toy_backbone_loads_as_local_weights(tmp_path):
