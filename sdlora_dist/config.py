@@ -256,7 +256,7 @@ class TrainConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3).")
     checkpoint_every: int = Field(0, ge=0, description="Mid-task engine checkpoint every N steps (0 = off).")
     checkpoint_every_s: float = Field(
-        1800, ge=0, description="Mid-task engine checkpoint every N seconds, decided on rank 0 (0 = off)."
+        1800.0, ge=0, description="Mid-task engine checkpoint every N seconds, decided on rank 0 (0 = off)."
     )
     max_steps_per_epoch: int | None = Field(None, gt=0, description="Cap steps per epoch (smoke runs).")
     timeout_s: int = Field(600, gt=0, description="Process-group timeout: a dead rank ends the job after this.")
