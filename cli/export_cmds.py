@@ -13,7 +13,9 @@ from sdlora_dist.errors import UserError
 def export(
     out: Path = typer.Argument(..., help="Output .onnx file (written atomically after verification)."),
     run: Path = typer.Option(None, "--run", help="Run directory; default: the newest complete run under --runs-root."),
-    runs_root: Path = typer.Option(Path("runs"), "--runs-root", help="Where to look for runs when --run is omitted."),
+    runs_root: Path = typer.Option(
+        Path("runs"), "--runs-root", envvar="SDLORA_RUNS_ROOT", help="Where to look for runs when --run is omitted."
+    ),
     fp16: bool = typer.Option(False, "--fp16", help="Half-precision weights and compute (GPU serving); fp32 I/O."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset (17-23)."),
     with_preprocessing: bool = typer.Option(
@@ -47,7 +49,9 @@ def predict(
     images: list[str] = typer.Argument(..., help="Image files."),
     top_k: int = typer.Option(5, "--top-k", help="Classes to print per image."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per onnxruntime call."),
-    provider: str = typer.Option(None, "--provider", help="cuda, tensorrt or cpu (default: CUDA when installed)."),
+    provider: str = typer.Option(
+        None, "--provider", envvar="SDLORA_PROVIDER", help="cuda, tensorrt or cpu (default: CUDA when installed)."
+    ),
 ) -> None:
     """Classify images with onnxruntime: one JSON line per image on stdout; unreadable files reported on stderr."""
     from sdlora_dist.export.inference import run_predict
@@ -61,7 +65,9 @@ def evaluate(
     model: Path = typer.Argument(..., help="An .onnx file written by 'sdlora export'."),
     data: str = typer.Option(..., "--data", help="Shard set (from 'sdlora data prepare'): a folder or URL."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per onnxruntime call."),
-    provider: str = typer.Option(None, "--provider", help="cuda, tensorrt or cpu (default: CUDA when installed)."),
+    provider: str = typer.Option(
+        None, "--provider", envvar="SDLORA_PROVIDER", help="cuda, tensorrt or cpu (default: CUDA when installed)."
+    ),
 ) -> None:
     """Accuracy of an exported model on the test shards of every task it has seen (JSON on stdout)."""
     from sdlora_dist.export.evaluate import evaluate_onnx
