@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class RankFailure(RuntimeError):
     """A collective failed: a peer rank died, or did not answer within the process-group timeout."""
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite: training stopped before that step changed any weight."""

@@ -16,7 +16,9 @@ engine checkpoint replays the uninterrupted run exactly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
 from sdlora_dist.data.classes import resolve_split, split_changes, task_view
 from sdlora_dist.data.planning import train_steps_per_epoch
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import NonFiniteLoss, UserError
 from sdlora_dist.jobs import distributed as dist
 from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.logs import log_all_ranks, log_rank_zero, progress_bar
@@ -40,6 +42,7 @@ from sdlora_dist.metrics import format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
 from sdlora_dist.preprocess import transform_spec
 from sdlora_dist.records import RunProgress, TaskRecord, TrainStats
+from sdlora_dist.tracking import TensorBoardTracker, Trackers
 
 ENGINE_DIR = "engine"
 MODES = ("fresh", "resume", "continue")
@@ -202,10 +205,12 @@ class TaskContext:
     spec: TransformSpec
     manifest: Manifest
     task: int
+    trackers: Trackers = dataclasses.field(default_factory=lambda: Trackers([]))
+    step_offset: int = 0  # optimizer steps of the run's earlier tasks: the tracking step axis continues from here
 
     @property
     def per_rank(self) -> int:
-        """Micro-batch of one rank (the global batch split evenly)."""
+        """Batch of one rank per optimizer step (the global batch split evenly)."""
         return self.cfg.data.batch_size // self.env.world_size
 
     @property
@@ -225,12 +230,19 @@ def train_task(ctx: TaskContext) -> TrainStats:
     cfg, env, model = ctx.cfg, ctx.env, ctx.model
     if cfg.data.batch_size % env.world_size:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {env.world_size} ranks")
+    accum = cfg.train.grad_accum
+    if ctx.per_rank % accum:
+        raise UserError(
+            f"train.grad_accum={accum} must divide each rank's batch (data.batch_size={cfg.data.batch_size} over "
+            f"{env.world_size} rank(s) = {ctx.per_rank}); pick a divisor of {ctx.per_rank}"
+        )
     precision = dist.precision_for(cfg.train.precision, env.device)
     params = model.trainable_parameters()
     optimizer = make_optimizer(cfg, params)
     ds_config = dist.deepspeed_config(
-        cfg.train, micro_batch_per_rank=ctx.per_rank, world_size=env.world_size, precision=precision
-    )
+        cfg.train, micro_batch_per_rank=ctx.per_rank // accum, world_size=env.world_size, precision=precision,
+        grad_accum=accum, grad_clip=cfg.train.grad_clip,
+    )  # fmt: skip
     engine = dist.build_engine(model, params, optimizer, None, ds_config)
     start = {"epoch": 0, "step": 0}
     tag = latest_engine_checkpoint(Path(cfg.run_dir), ctx.task)
@@ -256,7 +268,7 @@ class StepMonitor:
         self.total = task_epochs(ctx.cfg, ctx.task) * self.steps
         self.done = start["epoch"] * self.steps + start["step"]
         self.seen, self.loss, self.lr, self.epoch = 0, float("nan"), 0.0, start["epoch"]
-        self.t0 = time.perf_counter()
+        self.t0 = self.t_last = time.perf_counter()
         self.bar = progress_bar(
             total=self.total, initial=self.done, desc=f"task {ctx.task}", unit="step", disable=not is_rank_zero()
         )
@@ -271,14 +283,37 @@ class StepMonitor:
         """A new epoch starts at learning rate ``lr``."""
         self.epoch, self.lr = epoch, lr
 
+    def check_loss(self, loss: torch.Tensor) -> None:
+        """Stop every rank, before the backward pass, when any rank's loss is NaN or infinite: nothing of the bad
+        step reaches the weights, and the checkpoints written so far stay the run's last good state."""
+        bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.long).reshape(1))
+        if not bad.item():
+            return
+        run_dir = Path(self.ctx.cfg.run_dir)
+        tag = latest_engine_checkpoint(run_dir, self.ctx.task)
+        done = ckpt.completed_tasks(run_dir)
+        last = (self.ctx.engine_dir / tag if tag else ckpt.task_folder(run_dir / ckpt.TASKS_DIR, done[-1]) if done
+                else "none (no task finished yet)")  # fmt: skip
+        raise NonFiniteLoss(
+            f"task {self.ctx.task}: the training loss is {loss.item()} at step {self.done + 1} of {self.total} "
+            f"(epoch {self.epoch}, lr {self.lr:.3g}); stopped before that step changed any weight. Last good "
+            f"checkpoint: {last}. Lower train.lr or set train.grad_clip in {run_dir / ckpt.CONFIG_FILE}, then: "
+            f"sdlora train --resume {run_dir}"
+        )
+
     def on_step(self, step: int, loss: torch.Tensor, batch: int) -> None:
         """Step ``step`` of the epoch finished with ``loss`` on a per-rank batch of ``batch`` samples."""
         self.seen += batch * self.ctx.env.world_size
         self.done += 1
         self.bar.update(1)
-        if self.done % 10 == 0 or self.done == self.total:  # .item() waits for the device: not on every step
-            self.loss = loss.item()
-            rate = self.seen / (time.perf_counter() - self.t0)
+        self.loss = loss.item()  # the finite check already waited for the device this step
+        now = time.perf_counter()
+        rate = batch * self.ctx.env.world_size / max(now - self.t_last, 1e-9)
+        self.t_last = now
+        self.ctx.trackers.log({"train/loss": self.loss, "train/lr": self.lr, "train/images_per_s": rate},
+                              self.ctx.step_offset + self.done)  # fmt: skip
+        if self.done % 10 == 0 or self.done == self.total:
+            rate = self.seen / (now - self.t0)
             self.bar.set_postfix(loss=f"{self.loss:.3f}", lr=f"{self.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
         every = self.ctx.cfg.train.checkpoint_every
         if every and self.done % every == 0 and self.done < self.total:
@@ -310,13 +345,26 @@ def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> TrainSt
             for step, (x, y) in enumerate(loader):
                 if step < skip:
                     continue
-                logits = engine(x.to(env.device, dtype))
-                loss = masked_cross_entropy(logits.float(), y.to(env.device), offset, n_cls)
-                engine.backward(loss)
-                engine.step()
+                loss = optimizer_step(engine, monitor, x.to(env.device, dtype), y.to(env.device), offset, n_cls)
                 monitor.on_step(step, loss, x.shape[0])
             corrupt += loader.stats.corrupt
     return TrainStats(steps=monitor.total, final_loss=monitor.loss, images=monitor.seen, corrupt_skipped=corrupt)
+
+
+def optimizer_step(engine: Any, monitor: StepMonitor, x: torch.Tensor, y: torch.Tensor, offset: int,
+                   n_cls: int) -> torch.Tensor:  # fmt: skip
+    """One optimizer step over this rank's batch, as ``train.grad_accum`` equal micro-batches: forward, finite
+    check and backward for each (DeepSpeed divides each loss by the count and steps the optimizer at the last).
+    Returns the batch's mean loss, so the curve does not depend on the accumulation."""
+    losses = []
+    for xs, ys in zip(x.chunk(engine.gradient_accumulation_steps()), y.chunk(engine.gradient_accumulation_steps()),
+                      strict=True):  # fmt: skip
+        loss = masked_cross_entropy(engine(xs).float(), ys, offset, n_cls)
+        monitor.check_loss(loss)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -350,6 +398,8 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
     """Train every remaining task of the shard set on this rank (all ranks call this)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
+    if cfg.train.deterministic:
+        set_deterministic()
     env = dist.init_distributed(cfg.train.timeout_s)
     torch.manual_seed(cfg.train.seed)
     manifest, split = run_shards(cfg)
@@ -362,16 +412,53 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
         info |= {"class_names": manifest.class_names, "task_split": split}
         ckpt.write_run_header(run_dir, cfg, model, info)
     spec = transform_spec(model, cfg.data)
-    for task in range(first, last_task(cfg, manifest, mode)):
-        record = run_task(cfg, model, task, manifest, env, spec, progress)
-        log_rank_zero(
-            f"task {task}: top1 {progress.log.top1_curve()[-1]:.2f} | "
-            + " ".join(f"{k} {v:.1f}s" for k, v in record.time_s.items())
-        )
-    if is_rank_zero() and progress.log.num_tasks:
-        log_rank_zero(format_table(progress.log))
+    trackers = open_trackers(cfg, progress)
+    try:
+        for task in range(first, last_task(cfg, manifest, mode)):
+            record = run_task(cfg, model, task, manifest, env, spec, progress, trackers=trackers)
+            log_rank_zero(
+                f"task {task}: top1 {progress.log.top1_curve()[-1]:.2f} | "
+                + " ".join(f"{k} {v:.1f}s" for k, v in record.time_s.items())
+            )
+        if is_rank_zero() and progress.log.num_tasks:
+            log_rank_zero(format_table(progress.log))
+            trackers.artifacts(run_artifacts(run_dir, trackers))
+    finally:
+        trackers.close()
     dist.barrier()
     return progress
+
+
+def set_deterministic() -> None:
+    """``train.deterministic``: torch's deterministic algorithms and no cuDNN autotuning (bitwise-repeatable GPU
+    runs; an op without a deterministic kernel raises instead of running)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first handle
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def open_trackers(cfg: Config, progress: RunProgress) -> Trackers:
+    """The run's trackers on rank 0 (none elsewhere), continuing after the steps of the tasks already done."""
+    if not is_rank_zero():
+        return Trackers([])
+    from sdlora_dist import tracking
+
+    names = tracking.resolve(cfg.train.report_to)
+    log_rank_zero(f"tracking: {', '.join(names)} (train.report_to)")
+    start = sum(record.train.steps for record in progress.tasks)
+    return Trackers.open(names, Path(cfg.run_dir), start, cfg.to_dict())
+
+
+def run_artifacts(run_dir: Path, trackers: Trackers) -> list[Path]:
+    """Config, lineage (run.json, metrics.json) and, for a tracker that stores files, the report's PNGs."""
+    paths = [run_dir / ckpt.CONFIG_FILE, run_dir / ckpt.RUN_FILE, run_dir / ckpt.METRICS_FILE]
+    if not any(t.stores_files for t in trackers.trackers):
+        return paths
+    from sdlora_dist.report import write_report
+
+    files = write_report(run_dir, None)
+    return [*paths, files.markdown, *files.images.values()]
 
 
 def run_task(
@@ -382,8 +469,11 @@ def run_task(
     env: dist.DistEnv,
     spec: TransformSpec,
     progress: RunProgress,
+    trackers: Trackers | None = None,
 ) -> TaskRecord:
     """Consolidate the previous task, then train, evaluate, verify and checkpoint ``task``."""
+    trackers = trackers or Trackers([])
+    offset = sum(r.train.steps for r in progress.tasks)
     times: dict[str, float] = {}
     decision = None
     with timed(times, "consolidate"):
@@ -393,7 +483,7 @@ def run_task(
     model.add_task(manifest.classes_per_task[task])
     model.to(env.device)
     with timed(times, "train"):
-        train_stats = train_task(TaskContext(cfg, model, env, spec, manifest, task))
+        train_stats = train_task(TaskContext(cfg, model, env, spec, manifest, task, trackers, offset))
     aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times)  # 'none' does nothing
     with timed(times, "eval"):
         correct, totals = evaluate(cfg, model, task, env, spec, manifest)
@@ -418,7 +508,11 @@ def run_task(
         discard=ckpt.task_folder(run_dir / ENGINE_DIR, task), head_stats=aligned.stats,
     )  # fmt: skip
     dist.barrier()
-    if is_rank_zero():
+    summary = progress.log.to_dict()
+    trackers.log({"accuracy/acc": summary["acc"], "accuracy/aaa": summary["aaa"]}
+                 | {f"accuracy/task_{j:02d}": v for j, v in enumerate(progress.log.matrix()[-1])},
+                 offset + train_stats.steps)  # fmt: skip
+    if is_rank_zero() and any(isinstance(t, TensorBoardTracker) for t in trackers.trackers):
         write_tensorboard(run_dir, progress)
     return record
 
