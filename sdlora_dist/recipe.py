@@ -412,7 +412,7 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
         info |= {"class_names": manifest.class_names, "task_split": split}
         ckpt.write_run_header(run_dir, cfg, model, info)
     spec = transform_spec(model, cfg.data)
-    trackers = open_trackers(cfg, progress)
+    trackers = open_trackers(cfg, progress, first)
     try:
         for task in range(first, last_task(cfg, manifest, mode)):
             record = run_task(cfg, model, task, manifest, env, spec, progress, trackers=trackers)
@@ -438,15 +438,17 @@ def set_deterministic() -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def open_trackers(cfg: Config, progress: RunProgress) -> Trackers:
-    """The run's trackers on rank 0 (none elsewhere), continuing after the steps of the tasks already done."""
+def open_trackers(cfg: Config, progress: RunProgress, first: int) -> Trackers:
+    """The run's trackers on rank 0 (none elsewhere), continuing after the steps already done: those of the finished
+    tasks plus those of task ``first`` up to its newest mid-task engine checkpoint (where training resumes)."""
     if not is_rank_zero():
         return Trackers([])
     from sdlora_dist import tracking
 
     names = tracking.resolve(cfg.train.report_to)
     log_rank_zero(f"tracking: {', '.join(names)} (train.report_to)")
-    start = sum(record.train.steps for record in progress.tasks)
+    tag = latest_engine_checkpoint(Path(cfg.run_dir), first)
+    start = sum(record.train.steps for record in progress.tasks) + (int(tag.removeprefix("step_")) if tag else 0)
     return Trackers.open(names, Path(cfg.run_dir), start, cfg.to_dict())
 
 

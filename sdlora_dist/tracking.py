@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -159,20 +160,21 @@ class WandbTracker:
 
         folder = run_dir / TRACKING_DIR
         ids = folder / "wandb.json"
-        run_id = _read_json(ids).get("run_id") or wandb.util.generate_id()
+        run_id = _read_json(ids).get("run_id") or uuid.uuid4().hex[:8]  # W&B run ids: short, lowercase
         atomic_write_text(ids, json.dumps({"run_id": run_id}) + "\n")
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "sdlora"), dir=str(folder), id=run_id, resume="allow",
             name=run_dir.name, config=config, settings=wandb.Settings(console="off", silent=True),
         )  # fmt: skip
-        self.start = start_step
+        self.start, self.base = start_step, run_dir.parent
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if step > self.start or "train/loss" not in metrics:
             self.run.log(dict(metrics), step=step)
 
     def artifact(self, path: Path) -> None:
-        self.run.save(str(path), base_path=str(path.parent), policy="now")
+        # under files/<run dir name>/: W&B writes its own config.yaml in files/
+        self.run.save(str(path), base_path=str(self.base), policy="now")
 
     def close(self) -> None:
         self.run.finish()
@@ -217,7 +219,7 @@ class Trackers:
     @classmethod
     def open(cls, names: list[str], run_dir: Path, start_step: int, config: dict[str, Any]) -> Trackers:
         """Open ``names`` for the run in ``run_dir`` that continues after global step ``start_step``."""
-        return cls([TRACKERS[n](run_dir=run_dir, start_step=start_step, config=config) for n in names])
+        return cls([TRACKERS[n](run_dir=run_dir.absolute(), start_step=start_step, config=config) for n in names])
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Scalars at global step ``step``."""
