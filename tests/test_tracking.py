@@ -71,8 +71,9 @@ def test_two_tasks_and_resume_log_one_rising_step_axis(digits_shards, tmp_path, 
     monkeypatch.setitem(ENV, "MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setitem(ENV, "MLFLOW_EXPERIMENT_NAME", "p23-test")
     run_dir = tmp_path / "run"
+    trackers = "train.report_to=[csv, tensorboard, mlflow]"
     args = ["train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir),
-            *sets("train.tasks=2", "train.checkpoint_every=2", "train.report_to=[csv, tensorboard, mlflow]")]  # fmt: skip
+            *sets("train.tasks=2", "train.checkpoint_every=2", trackers)]  # fmt: skip
     kill_at_engine_checkpoint(args, run_dir, task=1)
     assert not (run_dir / "tasks" / "task_01").exists()  # killed inside task 1
     resumed = sdlora("train", "--resume", str(run_dir))
