@@ -29,6 +29,7 @@ import torch
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import head_align
+from sdlora_dist.class_metrics import class_counts
 from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
@@ -369,8 +370,10 @@ def optimizer_step(engine: Any, monitor: StepMonitor, x: torch.Tensor, y: torch.
 
 @torch.no_grad()
 def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: TransformSpec,
-             manifest: Manifest | None = None) -> tuple[list, list]:  # fmt: skip
-    """Correct counts and sizes per task group 0..task over all ranks (each test sample read exactly once)."""
+             manifest: Manifest | None = None, confusion: torch.Tensor | None = None
+             ) -> tuple[list, list]:  # fmt: skip
+    """Correct counts and sizes per task group 0..task over all ranks (each test sample read exactly once);
+    ``confusion`` ([seen classes, seen classes], int64), when given, is filled with (true, predicted) counts."""
     model.eval()
     offsets = torch.tensor([model.class_offset(j + 1) for j in range(task + 1)])
     counts = torch.zeros(2, task + 1, dtype=torch.long)
@@ -385,8 +388,12 @@ def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: 
         group = torch.bucketize(y, offsets, right=True)
         counts[0].index_add_(0, group, (pred == y).long())
         counts[1].index_add_(0, group, torch.ones_like(y))
+        if confusion is not None:
+            confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
     model.train()
     counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
+    if confusion is not None:
+        confusion.copy_(dist.all_reduce_sum(confusion.to(env.device)).cpu())
     return counts[0].tolist(), counts[1].tolist()
 
 
@@ -487,10 +494,15 @@ def run_task(
     with timed(times, "train"):
         train_stats = train_task(TaskContext(cfg, model, env, spec, manifest, task, trackers, offset))
     aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times)  # 'none' does nothing
+    seen = model.class_offset(task + 1)
+    confusion = torch.zeros(seen, seen, dtype=torch.long)
     with timed(times, "eval"):
-        correct, totals = evaluate(cfg, model, task, env, spec, manifest)
+        correct, totals = evaluate(cfg, model, task, env, spec, manifest, confusion=confusion)
     dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
     progress.log.add_row(correct, totals)
+    class_correct, progress.class_totals = class_counts(confusion.tolist())
+    progress.class_correct.append(class_correct)
+    progress.confusion = confusion.tolist()
     record = TaskRecord(
         task=task,
         classes=manifest.classes_per_task[task],
@@ -505,7 +517,9 @@ def run_task(
     progress.tasks.append(record)
     run_dir = Path(cfg.run_dir)
     ckpt.save_task_checkpoint(  # rank 0 only; sets times["checkpoint"] (shared by record) before serialising
-        run_dir, task, model, {"record": record.to_dict(), "correct": correct, "totals": totals}, times=times,
+        run_dir, task, model, {"record": record.to_dict(), "correct": correct, "totals": totals,
+                               "class_correct": class_correct, "class_totals": progress.class_totals,
+                               "confusion": progress.confusion}, times=times,
         metrics=progress.to_dict(), metrics_csv=matrix_csv(progress.log),
         discard=ckpt.task_folder(run_dir / ENGINE_DIR, task), head_stats=aligned.stats,
     )  # fmt: skip

@@ -88,6 +88,9 @@ def test_two_tasks_and_resume_log_one_rising_step_axis(digits_shards, tmp_path, 
     final = metrics(run_dir)["accuracy"]
     assert acc == [(6, pytest.approx(final["top1_curve"][0])), (12, pytest.approx(final["acc"]))]
     assert read_steps_csv(run_dir, "accuracy/aaa")[-1][1] == pytest.approx(final["aaa"])
+    # per-class counts survive the resume: one row per task, the confusion matrix of the last
+    per_class = metrics(run_dir)["per_class"]
+    assert len(per_class["correct"]) == 2 and metrics(run_dir)["confusion"]["after_task"] == 1
 
     # TensorBoard, through its own event reader: the purge on resume leaves each step once
     pytest.importorskip("tensorboard")
