@@ -11,7 +11,9 @@ from sdlora_dist.errors import UserError
 
 
 def export(
-    out: Path = typer.Argument(..., help="Output .onnx file (written atomically after verification)."),
+    out: Path = typer.Argument(
+        ..., help="Output .onnx file (written atomically after verification), or folder with --format timm."
+    ),
     run: Path = typer.Option(None, "--run", help="Run directory; default: the newest complete run under --runs-root."),
     runs_root: Path = typer.Option(
         Path("runs"), "--runs-root", envvar="SDLORA_RUNS_ROOT", help="Where to look for runs when --run is omitted."
@@ -25,9 +27,28 @@ def export(
     triton: Path = typer.Option(None, "--triton", help="Also write a Triton model repository entry here."),
     triton_name: str = typer.Option(None, "--triton-name", help="Triton model name (default: OUT's stem)."),
     triton_max_batch: int = typer.Option(64, "--triton-max-batch", help="Triton max_batch_size."),
+    format_: str = typer.Option(
+        "onnx", "--format", help="onnx (OUT: a .onnx file) or timm (OUT: a folder, model.safetensors + config.json)."
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="Also write OUT_STEM.int8.onnx (dynamic quantization), kept only if verified."
+    ),
 ) -> None:
-    """Export the merged final model of a run as one ONNX file, verified against PyTorch with onnxruntime."""
-    from sdlora_dist.export.from_run import export_run
+    """Export the merged final model of a run as one ONNX file, verified against PyTorch with onnxruntime (or, with
+    --format timm, as a folder timm loads); a model card is written beside it."""
+    from sdlora_dist.export.from_run import export_run, export_timm_run
+
+    if format_ not in ("onnx", "timm"):
+        raise UserError(f"--format must be onnx or timm (got {format_!r})")
+    if format_ == "timm":
+        if int8 or fp16 or triton:
+            raise UserError("--int8, --fp16 and --triton apply to --format onnx only; drop them for --format timm")
+        folder = export_timm_run(out, run_dir=run, runs_root=runs_root)
+        typer.echo(f"wrote {folder} (model.safetensors, config.json, README.md): "
+                   f"timm.create_model('local-dir:{folder}', pretrained=True)")  # fmt: skip
+        return
+    if int8 and fp16:
+        raise UserError("--int8 quantizes the fp32 model: drop --fp16")
 
     report = export_run(
         out,
@@ -40,6 +61,7 @@ def export(
         triton_dir=triton,
         triton_name=triton_name,
         triton_max_batch=triton_max_batch,
+        int8=int8,
     )
     typer.echo(report.summary())
 
