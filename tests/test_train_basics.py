@@ -96,3 +96,22 @@ def test_grad_accum_two_half_micro_batches_equal_one_batch(digits_shards, tmp_pa
     for t, row in enumerate(per_class["correct"]):
         assert len(row) == bounds[t + 1]
         assert [sum(row[bounds[j] : bounds[j + 1]]) for j in range(t + 1)] == m1["accuracy"]["correct"][t]
+
+
+@pytest.mark.slow
+def test_two_ranks_with_grad_accum_match_one_rank_without(digits_shards, tmp_path):
+    # samples per optimizer step stay data.batch_size whatever the ranks and the accumulation: 2 ranks x 2
+    # micro-batches of 4 take the same steps as 1 rank x 1 batch of 16
+    one = _train(digits_shards, tmp_path / "one")
+    two = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(tmp_path / "two"),
+                 "--gpus-per-node", "2", *sets("train.tasks=2", "train.grad_accum=2"))  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [t["world_size"] for t in m2["tasks"]] == [2, 2]
+    assert [(t["train"]["steps"], t["train"]["images"]) for t in m2["tasks"]] == [(6, 96), (6, 96)]
+    for task in ("task_00", "task_01"):
+        a = load_file(tmp_path / "one" / "tasks" / task / "adapters.safetensors")
+        b = load_file(tmp_path / "two" / "tasks" / task / "adapters.safetensors")
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+    assert m2["accuracy"]["correct"] == m1["accuracy"]["correct"]
