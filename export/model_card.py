@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from sdlora_dist.checkpoint import RunState
+from sdlora_dist.errors import UserError
 from sdlora_dist.fileio import atomic_write_text
-from sdlora_dist.report import load_run_metrics, markdown_table, pct
+from sdlora_dist.report import RunMetrics, load_run_metrics, markdown_table, pct
 
 
 def card_path(export_path: Path) -> Path:
@@ -32,23 +33,32 @@ def _class_rows(state: RunState) -> list[list[str]]:
     return rows
 
 
+def _accuracy_lines(m: RunMetrics | None) -> list[str]:
+    if m is None:
+        return ["Not recorded: the run directory has no metrics.json."]
+    acc = m.accuracy
+    lines = markdown_table(["Acc", "AAA", "forgetting", "BWT"],
+                           [[pct(acc["acc"]), pct(acc["aaa"]), pct(acc["forgetting"]), pct(acc["bwt"])]])  # fmt: skip
+    lines += ["", "Row t: after training task t; column j: the classes of task j.", ""]
+    lines += markdown_table(["after task", *[f"task {j}" for j in range(m.num_tasks)]],
+                            [[str(t), *[pct(v) for v in row]] for t, row in enumerate(m.matrix)])  # fmt: skip
+    return lines
+
+
 def render_card(state: RunState, metadata: dict[str, Any], files: dict[str, str]) -> str:
     """The card's Markdown for the run ``state`` exported as ``files`` (label -> file name)."""
-    m = load_run_metrics(state.run_dir)
-    acc, n = m.accuracy, m.num_tasks
+    try:
+        m = load_run_metrics(state.run_dir)
+    except UserError:  # a run directory without metrics.json (assembled by hand): the card says so
+        m = None
     cfg = state.config
-    lines = [f"# {cfg.model.name} + SD-LoRA, {len(state.class_names)} classes in {n} tasks", ""]
+    lines = [f"# {cfg.model.name} + SD-LoRA, {len(state.class_names)} classes in {state.model.num_tasks} tasks", ""]
     lines += ["Class-incremental classifier trained with SD-LoRA (sdlora-dist) and merged into a plain timm ViT: "]
     lines[-1] += "one forward pass, no adapters at inference."
     lines += ["", "## Files", ""] + [f"- `{name}`: {label}" for label, name in files.items()]
     lines += ["", "## Classes per task", ""]
     lines += markdown_table(["task", "labels", "classes"], _class_rows(state))
-    lines += ["", "## Accuracy (%, the run's test split)", ""]
-    lines += markdown_table(["Acc", "AAA", "forgetting", "BWT"],
-                            [[pct(acc["acc"]), pct(acc["aaa"]), pct(acc["forgetting"]), pct(acc["bwt"])]])  # fmt: skip
-    lines += ["", "Row t: after training task t; column j: the classes of task j.", ""]
-    lines += markdown_table(["after task", *[f"task {j}" for j in range(n)]],
-                            [[str(t), *[pct(v) for v in row]] for t, row in enumerate(m.matrix)])  # fmt: skip
+    lines += ["", "## Accuracy (%, the run's test split)", ""] + _accuracy_lines(m)
     lines += ["", "## Preprocessing", ""]
     lines += [f"RGB, resize (interpolation {metadata['interpolation']}, crop_pct {metadata['crop_pct']}) and center "
               f"crop to {metadata['input_size'][1]}x{metadata['input_size'][2]}, scale to [0, 1], normalise with "
@@ -61,8 +71,9 @@ def render_card(state: RunState, metadata: dict[str, Any], files: dict[str, str]
               f"- method: `{cfg.train.method}`, adapter rank {cfg.adapter.rank}, seed {cfg.train.seed}"]  # fmt: skip
     lines += ["", "## Intended use and known limits", ""]
     lines += ["- Closed-set classification over exactly the classes above; no out-of-distribution rejection.",
-              f"- Earlier tasks are forgotten in part: mean forgetting {pct(acc['forgetting'])} points, BWT "
-              f"{pct(acc['bwt'])} (per-task rows above); the oldest tasks are usually the weakest.",
+              "- Earlier tasks are forgotten in part" + (f": mean forgetting {pct(m.accuracy['forgetting'])} points, "
+              f"BWT {pct(m.accuracy['bwt'])} (per-task rows above)" if m else "") + "; the oldest tasks are usually "
+              "the weakest.",
               "- Accuracy is measured on the benchmark's test split only; images far from it (domain, resolution) "
               "can score much lower.",
               "- New classes need a new training task (`sdlora data add-task` + `sdlora train --continue`), not "

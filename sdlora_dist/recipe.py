@@ -296,7 +296,8 @@ class StepMonitor:
         last = (self.ctx.engine_dir / tag if tag else ckpt.task_folder(run_dir / ckpt.TASKS_DIR, done[-1]) if done
                 else "none (no task finished yet)")  # fmt: skip
         raise NonFiniteLoss(
-            f"task {self.ctx.task}: the training loss is {loss.item()} at step {self.done + 1} of {self.total} "
+            f"task {self.ctx.task}: the training loss is not finite on {int(bad.item())} rank(s) (rank "
+            f"{self.ctx.env.rank}: {loss.item()}) at step {self.done + 1} of {self.total} "
             f"(epoch {self.epoch}, lr {self.lr:.3g}); stopped before that step changed any weight. Last good "
             f"checkpoint: {last}. Lower train.lr or set train.grad_clip in {run_dir / ckpt.CONFIG_FILE}, then: "
             f"sdlora train --resume {run_dir}"
@@ -430,8 +431,10 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
         if is_rank_zero() and progress.log.num_tasks:
             log_rank_zero(format_table(progress.log))
             trackers.artifacts(run_artifacts(run_dir, trackers))
-    finally:
-        trackers.close()
+    except BaseException:
+        trackers.close(failed=True)  # the tracked run shows as failed; what it logged stays
+        raise
+    trackers.close()
     dist.barrier()
     return progress
 
@@ -448,11 +451,11 @@ def set_deterministic() -> None:
 def open_trackers(cfg: Config, progress: RunProgress, first: int) -> Trackers:
     """The run's trackers on rank 0 (none elsewhere), continuing after the steps already done: those of the finished
     tasks plus those of task ``first`` up to its newest mid-task engine checkpoint (where training resumes)."""
-    if not is_rank_zero():
-        return Trackers([])
     from sdlora_dist import tracking
 
-    names = tracking.resolve(cfg.train.report_to)
+    names = tracking.resolve(cfg.train.report_to)  # every rank: a missing package stops all of them at once
+    if not is_rank_zero():
+        return Trackers([])
     log_rank_zero(f"tracking: {', '.join(names)} (train.report_to)")
     tag = latest_engine_checkpoint(Path(cfg.run_dir), first)
     start = sum(record.train.steps for record in progress.tasks) + (int(tag.removeprefix("step_")) if tag else 0)

@@ -36,7 +36,7 @@ class Tracker(Protocol):
 
     def artifact(self, path: Path) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -68,7 +68,7 @@ class CsvTracker:
     def artifact(self, path: Path) -> None:
         """Nothing to do: the run directory already holds the file."""
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.file.close()
 
 
@@ -90,7 +90,7 @@ class TensorBoardTracker:
     def artifact(self, path: Path) -> None:
         """Nothing to do: the run directory already holds the file."""
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -145,8 +145,8 @@ class MlflowTracker:
     def artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class WandbTracker:
@@ -176,8 +176,8 @@ class WandbTracker:
         # under files/<run dir name>/: W&B writes its own config.yaml in files/
         self.run.save(str(path), base_path=str(self.base), policy="now")
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 # train.report_to name -> the tracker's constructor (run_dir, start_step, config)
@@ -233,10 +233,10 @@ class Trackers:
                 if path.is_file():
                     tracker.artifact(path)
 
-    def close(self) -> None:
-        """Flush and close every tracker."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and close every tracker (``failed``: the run ended with an error)."""
         for tracker in self.trackers:
-            tracker.close()
+            tracker.close(failed=failed)
 
 
 def read_steps_csv(run_dir: str | Path, metric: str) -> list[tuple[int, float]]:
