@@ -30,7 +30,7 @@ class _StderrHandler(logging.StreamHandler):
     """A StreamHandler bound to whatever ``sys.stderr`` is at emit time (pytest's capture swaps it)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr)
+        self.stream = sys.stderr  # not setStream(): that flushes the old stream, which may be closed by now
         super().emit(record)
 
 
