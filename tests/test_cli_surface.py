@@ -86,3 +86,19 @@ def test_data_inspect_json_and_help_wording(capsys, digits_shards: Path):
     assert [t["train"] for t in info["tasks"]] == [manifest.num_samples("train", t) for t in range(5)]
     rc, out, _ = run_main(capsys, "data", "--help")
     assert rc == 0 and "per-task" not in out and "grouped by class" in out
+
+
+def test_report_json_lists_the_files(capsys, tmp_path):
+    from sdlora_dist.metrics import AccuracyLog
+    from sdlora_dist.records import RunProgress, TaskRecord, TrainStats
+
+    log = AccuracyLog()
+    log.add_row([9], [10])
+    record = TaskRecord(task=0, classes=2, rank=4, consolidation_of_previous=None, magnitudes={"task_00": [1.0]},
+                        train=TrainStats(6, 0.5, 96, 0), world_size=1, time_s={"train": 1.0})  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(RunProgress(log, [record]).to_dict()))
+    rc, out, _ = run_main(capsys, "report", str(tmp_path), "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["aggregate"] is None
+    assert info["files"][0] == str(tmp_path / "report" / "report.md") and all(Path(f).is_file() for f in info["files"])
