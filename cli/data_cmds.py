@@ -10,7 +10,11 @@ import typer
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a command ended by Ctrl-C
 
-data_app = typer.Typer(name="data", help="Benchmark layouts -> per-task WebDataset shards.", no_args_is_help=True)
+data_app = typer.Typer(
+    name="data",
+    help="Benchmark layouts -> WebDataset shards grouped by class (each run picks its own task split).",
+    no_args_is_help=True,
+)
 
 
 @contextmanager
@@ -87,8 +91,16 @@ def inspect_cmd(
         ..., help="Shard set written by 'sdlora data prepare': folder or URL (http(s)://, s3://, gs://, hf://, pipe:)."
     ),
     verify: bool = typer.Option(False, "--verify", help="Check every shard's size and sha256 against the manifest."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout instead of the table."),
 ) -> None:
     """Print the tasks, their classes and sample counts; --verify checks checksums first."""
+    if as_json:
+        import json
+
+        from sdlora_dist.data.prepare import inspect_record
+
+        typer.echo(json.dumps(inspect_record(shards_dir, verify=verify)))
+        return
     from sdlora_dist.data.prepare import inspect_table
 
     typer.echo(inspect_table(shards_dir, verify=verify))

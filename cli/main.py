@@ -9,20 +9,48 @@ import typer
 from sdlora_dist.errors import UserError
 
 # Packages a command imports only when it needs them -> the extra of pyproject.toml that installs them.
-OPTIONAL_PACKAGES = {"onnxruntime": "cpu", "onnxscript": "cpu", "tensorboard": "tensorboard", "mlflow": "mlflow"}
+OPTIONAL_PACKAGES = {
+    "onnxruntime": "cpu", "onnxscript": "cpu", "tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb",
+}  # fmt: skip
 
 app = typer.Typer(
     name="sdlora",
     help="SD-LoRA class-incremental learning on ViTs: shards, DeepSpeed training, ONNX export and serving.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 
 
+def package_version() -> str:
+    """The installed distribution's version: pyproject.toml is the one source, read back from package metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdlora-dist")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sdlora {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only; no progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug messages too."),
+) -> None:
     """SD-LoRA class-incremental learning on ViTs: shards, DeepSpeed training, ONNX export and serving."""
+    from sdlora_dist.logs import set_verbosity
+
+    if quiet and verbose:
+        raise UserError("-q and -v contradict each other: pass one of them")
+    set_verbosity(quiet, verbose)
 
 
 @app.command("config-docs")

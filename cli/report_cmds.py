@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -17,6 +18,9 @@ def report(
         help="Report folder, replaced as a whole (default: RUN_DIR/report for one run, report-<benchmark>-<setting "
         "hash> beside several runs, one folder per setting).",
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object on stdout: the files written and, for several runs, the aggregate."
+    ),
 ) -> None:
     """One run: accuracy matrix, curve, magnitudes and time per task as PNG files plus report.md.
 
@@ -27,11 +31,17 @@ def report(
     from sdlora_dist.report import write_report
     from sdlora_dist.report_runs import expand_run_args, write_aggregate_report
 
+    aggregate = None
     if len(runs) == 1 and len(expand_run_args(runs)) == 1:
         files = write_report(expand_run_args(runs)[0], out)
     else:
         files, table = write_aggregate_report(runs, out)
-        typer.echo(table)
+        aggregate = json.loads(files.data[0].read_text())
+        if not as_json:
+            typer.echo(table)
+    if as_json:
+        typer.echo(json.dumps({"files": [str(p) for p in files.paths()], "aggregate": aggregate}))
+        return
     for path in files.paths():
         typer.echo(str(path))
 

@@ -20,7 +20,9 @@ def train(
     config: str | None = typer.Option(None, "--config", "-c", help="YAML merged over the recipe."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=0.01 (repeatable)."),
     data: str | None = typer.Option(None, "--data", help="Shard set from 'sdlora data prepare': folder or URL."),
-    run_dir: str | None = typer.Option(None, "--run-dir", help="Run directory (default runs/<benchmark>-<time>)."),
+    run_dir: str | None = typer.Option(
+        None, "--run-dir", help="Run directory (default $SDLORA_RUNS_ROOT/<benchmark>-<time>, runs/ when unset)."
+    ),
     resume: str | None = typer.Option(None, "--resume", help="Continue an interrupted run from its newest state."),
     continue_run: str | None = typer.Option(
         None, "--continue", help="Learn the tasks added (data add-task) after a finished run."
@@ -37,7 +39,9 @@ def train(
     master_port: int | None = typer.Option(None, "--master-port", help="Rendezvous port."),
     node_rank: int | None = typer.Option(None, "--node-rank", help="This node's index (with --no-ssh)."),
     no_ssh: bool = typer.Option(False, "--no-ssh", help="Start each node yourself (DeepSpeed runner --no_ssh)."),
-    launcher: str = typer.Option("auto", "--launcher", help="auto, local, deepspeed, slurm or env."),
+    launcher: str = typer.Option(
+        "auto", "--launcher", envvar="SDLORA_LAUNCHER", help="auto, local, deepspeed, slurm or env."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the launch command and exit."),
 ) -> None:
     """Train SD-LoRA over every task of a shard set (one DeepSpeed engine per task)."""

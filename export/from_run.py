@@ -21,7 +21,9 @@ from sdlora_dist.data.classes import split_fingerprint
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.lineage import Lineage
 from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
+from sdlora_dist.export.model_card import write_card
 from sdlora_dist.export.onnx_export import ExportReport, export_onnx
+from sdlora_dist.export.timm_format import CONFIG_FILE, WEIGHTS_FILE, write_timm_folder
 from sdlora_dist.export.triton import write_triton_repo
 from sdlora_dist.fileio import atomic_write_json
 from sdlora_dist.logs import log_rank_zero
@@ -201,6 +203,8 @@ def export_run(
     triton_name: str | None = None,
     triton_max_batch: int = 64,
     force: bool = False,
+    int8: bool = False,
+    int8_images: int = 1000,
 ) -> ExportReport:
     """Export the model after ``task`` (default: the newest completed task) of ``run_dir`` (default: the newest
     complete run under ``runs_root``), with its lineage in the metadata.
@@ -240,4 +244,31 @@ def export_run(
     if triton_dir is not None:
         folder = write_triton_repo(report.path, triton_dir, model_name=triton_name, max_batch_size=triton_max_batch)
         log_rank_zero(f"published {folder} in the Triton model repository")
+    files = {f"ONNX model, {report.precision}, input {report.input_layout}": report.path.name}
+    if int8:
+        from sdlora_dist.export.quantize import quantize_int8
+
+        all_images = real_test_images(state.shards, metadata, tasks=state.model.num_tasks, limit=int8_images) if (
+            state.shards and Path(state.shards).is_dir()) else np.zeros((0, 1, 1, 3), np.uint8)  # fmt: skip
+        quantized = quantize_int8(report.path, all_images)
+        log_rank_zero(quantized.summary())
+        files["ONNX model, INT8 dynamic quantization (CPU serving)"] = quantized.path.name
+    card = write_card(report.path, state, metadata, files)
+    log_rank_zero(f"wrote model card {card}")
     return report
+
+
+def export_timm_run(out_dir: str | Path, *, run_dir: str | Path | None = None,
+                    runs_root: str | Path = "runs") -> Path:  # fmt: skip
+    """``--format timm``: the merged model of the run as a timm folder (model.safetensors, config.json) plus its
+    model card README.md."""
+    if run_dir is None:
+        run_dir = find_latest_run(runs_root)
+        log_rank_zero(f"exporting {run_dir} (the newest run with a completed task under {runs_root}/)")
+    state = load_run(run_dir)
+    metadata = run_metadata(state)
+    folder = write_timm_folder(out_dir, state, metadata)
+    files = {"merged timm ViT weights (safetensors)": WEIGHTS_FILE, "timm config (architecture, classes, "
+             "preprocessing)": CONFIG_FILE}  # fmt: skip
+    write_card(folder, state, metadata, files)
+    return folder

@@ -385,7 +385,11 @@ def load_progress(run_dir: str | Path, task: int) -> RunProgress:
     correct = [list(d["correct"]) for d in own]
     totals = list(own[-1]["totals"]) if own else []
     records = [TaskRecord.from_dict(d["record"], path) for path, d in zip(paths, own, strict=True)]
-    return RunProgress(AccuracyLog(correct=correct, totals=totals), records)
+    progress = RunProgress(AccuracyLog(correct=correct, totals=totals), records)
+    if own and all("confusion" in d for d in own):  # per-class counts: runs written before them have none
+        progress.class_correct = [list(d["class_correct"]) for d in own]
+        progress.class_totals, progress.confusion = list(own[-1]["class_totals"]), own[-1]["confusion"]
+    return progress
 
 
 @dataclass

@@ -31,6 +31,7 @@ ComputeMode = Literal["dense", "lowrank"]
 Method = Literal["sdlora", "lora-seq"]
 Optimizer = Literal["sgd", "adam", "adamw"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Tracker = Literal["csv", "tensorboard", "mlflow", "wandb"]
 Normalize = Literal["model", "none", "imagenet", "half"]
 ShardPolicy = Literal["error", "skip"]
 _Finite = typing.Annotated[float, Field(allow_inf_nan=False)]
@@ -259,6 +260,26 @@ class TrainConfig(_Section):
         1800.0, ge=0, description="Mid-task engine checkpoint every N seconds, decided on rank 0 (0 = off)."
     )
     max_steps_per_epoch: int | None = Field(None, gt=0, description="Cap steps per epoch (smoke runs).")
+    grad_clip: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Clip the global gradient norm to this (0 = off)."
+    )
+    grad_accum: int = Field(
+        1, gt=0,
+        description=(
+            "Micro-batches per optimizer step: each rank's share of data.batch_size is split in this many, so the "
+            "global batch and the samples of every step stay the same (only memory changes)."
+        ),
+    )  # fmt: skip
+    deterministic: bool = Field(
+        False, description="torch.use_deterministic_algorithms: bitwise-repeatable GPU runs, slower (README)."
+    )
+    report_to: list[Tracker] | None = Field(
+        None,
+        description=(
+            "Experiment trackers: 'csv', 'tensorboard', 'mlflow', 'wandb' (null = csv, plus tensorboard when "
+            "installed). MLflow reads MLFLOW_TRACKING_URI, W&B its WANDB_* variables."
+        ),
+    )
     timeout_s: int = Field(600, gt=0, description="Process-group timeout: a dead rank ends the job after this.")
     tasks: int | None = Field(None, gt=0, description="Train only the first N tasks of the shards (null = all).")
     # not in the paper: 'none' keeps the paper's method exactly (head_align.py)

@@ -25,3 +25,7 @@ class RankFailure(RuntimeError):
 class ServerUnreachable(UserError):
     """A server holding the data could not be reached after the retries (5xx, resets, timeouts): the data is fine
     and the run is kept, to be resumed once the server is back."""
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite: training stopped before that step changed any weight."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ import torch
 
 from sdlora_dist import checkpoint as ckpt
 from sdlora_dist import drift, head_align, ridge_head
+from sdlora_dist.class_metrics import class_counts
 from sdlora_dist.config import Config, TrainConfig
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.data import Manifest, TransformSpec, load_manifest, make_eval_loader, make_train_loader, urls
 from sdlora_dist.data.classes import one_class_warning, resolve_split, split_changes, task_view
 from sdlora_dist.data.planning import train_steps_per_epoch
-from sdlora_dist.errors import UserError
+from sdlora_dist.errors import NonFiniteLoss, UserError
 from sdlora_dist.jobs import distributed as dist
 from sdlora_dist.jobs import preempt
 from sdlora_dist.jobs.rank import is_rank_zero
@@ -42,6 +44,7 @@ from sdlora_dist.metrics import format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
 from sdlora_dist.preprocess import transform_spec
 from sdlora_dist.records import RunProgress, TaskRecord, TrainStats
+from sdlora_dist.tracking import TensorBoardTracker, Trackers
 
 ENGINE_DIR = "engine"
 MODES = ("fresh", "resume", "continue")
@@ -223,10 +226,12 @@ class TaskContext:
     spec: TransformSpec
     manifest: Manifest
     task: int
+    trackers: Trackers = dataclasses.field(default_factory=lambda: Trackers([]))
+    step_offset: int = 0  # optimizer steps of the run's earlier tasks: the tracking step axis continues from here
 
     @property
     def per_rank(self) -> int:
-        """Micro-batch of one rank (the global batch split evenly)."""
+        """Batch of one rank per optimizer step (the global batch split evenly)."""
         return self.cfg.data.batch_size // self.env.world_size
 
     @property
@@ -246,12 +251,19 @@ def train_task(ctx: TaskContext) -> TrainStats:
     cfg, env, model = ctx.cfg, ctx.env, ctx.model
     if cfg.data.batch_size % env.world_size:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be divisible by the {env.world_size} ranks")
+    accum = cfg.train.grad_accum
+    if ctx.per_rank % accum:
+        raise UserError(
+            f"train.grad_accum={accum} must divide each rank's batch (data.batch_size={cfg.data.batch_size} over "
+            f"{env.world_size} rank(s) = {ctx.per_rank}); pick a divisor of {ctx.per_rank}"
+        )
     precision = dist.precision_for(cfg.train.precision, env.device)
     params = model.trainable_parameters()
     optimizer = make_optimizer(cfg, params)
     ds_config = dist.deepspeed_config(
-        cfg.train, micro_batch_per_rank=ctx.per_rank, world_size=env.world_size, precision=precision
-    )
+        cfg.train, micro_batch_per_rank=ctx.per_rank // accum, world_size=env.world_size, precision=precision,
+        grad_accum=accum, grad_clip=cfg.train.grad_clip,
+    )  # fmt: skip
     engine = dist.build_engine(model, params, optimizer, None, ds_config)
     start = {"epoch": 0, "step": 0}
     tag = latest_engine_checkpoint(Path(cfg.run_dir), ctx.task)
@@ -285,7 +297,7 @@ class StepMonitor:
         self.total = task_epochs(ctx.cfg, ctx.task) * self.steps
         self.done = start["epoch"] * self.steps + start["step"]
         self.seen, self.loss, self.lr, self.epoch = 0, float("nan"), 0.0, start["epoch"]
-        self.t0 = time.perf_counter()
+        self.t0 = self.t_last = time.perf_counter()
         self.saved_at = time.monotonic()  # train.checkpoint_every_s counts from the task's (re)start
         self.bar = progress_bar(
             total=self.total, initial=self.done, desc=f"task {ctx.task}", unit="step", disable=not is_rank_zero()
@@ -301,14 +313,38 @@ class StepMonitor:
         """A new epoch starts at learning rate ``lr``."""
         self.epoch, self.lr = epoch, lr
 
+    def check_loss(self, loss: torch.Tensor) -> None:
+        """Stop every rank, before the backward pass, when any rank's loss is NaN or infinite: nothing of the bad
+        step reaches the weights, and the checkpoints written so far stay the run's last good state."""
+        bad = dist.all_reduce_sum((~torch.isfinite(loss.detach())).to(torch.long).reshape(1))
+        if not bad.item():
+            return
+        run_dir = Path(self.ctx.cfg.run_dir)
+        tag = latest_engine_checkpoint(run_dir, self.ctx.task)
+        done = ckpt.completed_tasks(run_dir)
+        last = (self.ctx.engine_dir / tag if tag else ckpt.task_folder(run_dir / ckpt.TASKS_DIR, done[-1]) if done
+                else "none (no task finished yet)")  # fmt: skip
+        raise NonFiniteLoss(
+            f"task {self.ctx.task}: the training loss is not finite on {int(bad.item())} rank(s) (rank "
+            f"{self.ctx.env.rank}: {loss.item()}) at step {self.done + 1} of {self.total} "
+            f"(epoch {self.epoch}, lr {self.lr:.3g}); stopped before that step changed any weight. Last good "
+            f"checkpoint: {last}. Lower train.lr or set train.grad_clip in {run_dir / ckpt.CONFIG_FILE}, then: "
+            f"sdlora train --resume {run_dir}"
+        )
+
     def on_step(self, step: int, loss: torch.Tensor, batch: int) -> None:
         """Step ``step`` of the epoch finished with ``loss`` on a per-rank batch of ``batch`` samples."""
         self.seen += batch * self.ctx.env.world_size
         self.done += 1
         self.bar.update(1)
-        if self.done % 10 == 0 or self.done == self.total:  # .item() waits for the device: not on every step
-            self.loss = loss.item()
-            rate = self.seen / (time.perf_counter() - self.t0)
+        self.loss = loss.item()  # the finite check already waited for the device this step
+        now = time.perf_counter()
+        rate = batch * self.ctx.env.world_size / max(now - self.t_last, 1e-9)
+        self.t_last = now
+        self.ctx.trackers.log({"train/loss": self.loss, "train/lr": self.lr, "train/images_per_s": rate},
+                              self.ctx.step_offset + self.done)  # fmt: skip
+        if self.done % 10 == 0 or self.done == self.total:
+            rate = self.seen / (now - self.t0)
             self.bar.set_postfix(loss=f"{self.loss:.3f}", lr=f"{self.lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
         stop, due = self._decide()
         if stop or (due and self.done < self.total):
@@ -359,19 +395,34 @@ def _run_epochs(ctx: TaskContext, engine: Any, start: dict[str, int]) -> TrainSt
             for step, (x, y) in enumerate(loader):
                 if step < skip:
                     continue
-                logits = engine(x.to(env.device, dtype))
-                loss = masked_cross_entropy(logits.float(), y.to(env.device), offset, n_cls)
-                engine.backward(loss)
-                engine.step()
+                loss = optimizer_step(engine, monitor, x.to(env.device, dtype), y.to(env.device), offset, n_cls)
                 monitor.on_step(step, loss, x.shape[0])
             corrupt += loader.stats.corrupt
     return TrainStats(steps=monitor.total, final_loss=monitor.loss, images=monitor.seen, corrupt_skipped=corrupt)
 
 
+def optimizer_step(engine: Any, monitor: StepMonitor, x: torch.Tensor, y: torch.Tensor, offset: int,
+                   n_cls: int) -> torch.Tensor:  # fmt: skip
+    """One optimizer step over this rank's batch, as ``train.grad_accum`` equal micro-batches: forward, finite
+    check and backward for each (DeepSpeed divides each loss by the count and steps the optimizer at the last).
+    Returns the batch's mean loss, so the curve does not depend on the accumulation."""
+    losses = []
+    for xs, ys in zip(x.chunk(engine.gradient_accumulation_steps()), y.chunk(engine.gradient_accumulation_steps()),
+                      strict=True):  # fmt: skip
+        loss = masked_cross_entropy(engine(xs).float(), ys, offset, n_cls)
+        monitor.check_loss(loss)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: TransformSpec,
-             manifest: Manifest | None = None) -> tuple[list, list]:  # fmt: skip
-    """Correct counts and sizes per task group 0..task over all ranks (each test sample read exactly once)."""
+             manifest: Manifest | None = None, confusion: torch.Tensor | None = None
+             ) -> tuple[list, list]:  # fmt: skip
+    """Correct counts and sizes per task group 0..task over all ranks (each test sample read exactly once);
+    ``confusion`` ([seen classes, seen classes], int64), when given, is filled with (true, predicted) counts."""
     model.eval()
     offsets = torch.tensor([model.class_offset(j + 1) for j in range(task + 1)])
     counts = torch.zeros(2, task + 1, dtype=torch.long)
@@ -386,8 +437,12 @@ def evaluate(cfg: Config, model: SDLoRAViT, task: int, env: dist.DistEnv, spec: 
         group = torch.bucketize(y, offsets, right=True)
         counts[0].index_add_(0, group, (pred == y).long())
         counts[1].index_add_(0, group, torch.ones_like(y))
+        if confusion is not None:
+            confusion.index_put_((y, pred), torch.ones_like(y), accumulate=True)
     model.train()
     counts = dist.all_reduce_sum(counts.to(env.device)).cpu()
+    if confusion is not None:
+        confusion.copy_(dist.all_reduce_sum(confusion.to(env.device)).cpu())
     return counts[0].tolist(), counts[1].tolist()
 
 
@@ -399,6 +454,8 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
     """Train every remaining task of the shard set on this rank (all ranks call this)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r})")
+    if cfg.train.deterministic:
+        set_deterministic()
     env = dist.init_distributed(cfg.train.timeout_s)
     torch.manual_seed(cfg.train.seed)
     manifest, split = run_shards(cfg)
@@ -412,16 +469,57 @@ def run_training(cfg: Config, mode: str = "fresh") -> RunProgress:
         info |= {"class_names": manifest.class_names, "task_split": split}
         ckpt.write_run_header(run_dir, cfg, model, info)
     spec = transform_spec(model, cfg.data)
-    for task in range(first, last_task(cfg, manifest, mode)):
-        record = run_task(cfg, model, task, manifest, env, spec, progress)
-        log_rank_zero(
-            f"task {task}: top1 {progress.log.top1_curve()[-1]:.2f} | "
-            + " ".join(f"{k} {v:.1f}s" for k, v in record.time_s.items())
-        )
-    if is_rank_zero() and progress.log.num_tasks:
-        log_rank_zero(format_table(progress.log))
+    trackers = open_trackers(cfg, progress, first)
+    try:
+        for task in range(first, last_task(cfg, manifest, mode)):
+            record = run_task(cfg, model, task, manifest, env, spec, progress, trackers=trackers)
+            log_rank_zero(
+                f"task {task}: top1 {progress.log.top1_curve()[-1]:.2f} | "
+                + " ".join(f"{k} {v:.1f}s" for k, v in record.time_s.items())
+            )
+        if is_rank_zero() and progress.log.num_tasks:
+            log_rank_zero(format_table(progress.log))
+            trackers.artifacts(run_artifacts(run_dir, trackers))
+    except BaseException:
+        trackers.close(failed=True)  # the tracked run shows as failed; what it logged stays
+        raise
+    trackers.close()
     dist.barrier()
     return progress
+
+
+def set_deterministic() -> None:
+    """``train.deterministic``: torch's deterministic algorithms and no cuDNN autotuning (bitwise-repeatable GPU
+    runs; an op without a deterministic kernel raises instead of running)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first handle
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def open_trackers(cfg: Config, progress: RunProgress, first: int) -> Trackers:
+    """The run's trackers on rank 0 (none elsewhere), continuing after the steps already done: those of the finished
+    tasks plus those of task ``first`` up to its newest mid-task engine checkpoint (where training resumes)."""
+    from sdlora_dist import tracking
+
+    names = tracking.resolve(cfg.train.report_to)  # every rank: a missing package stops all of them at once
+    if not is_rank_zero():
+        return Trackers([])
+    log_rank_zero(f"tracking: {', '.join(names)} (train.report_to)")
+    tag = latest_engine_checkpoint(Path(cfg.run_dir), first)
+    start = sum(record.train.steps for record in progress.tasks) + (int(tag.removeprefix("step_")) if tag else 0)
+    return Trackers.open(names, Path(cfg.run_dir), start, cfg.to_dict())
+
+
+def run_artifacts(run_dir: Path, trackers: Trackers) -> list[Path]:
+    """Config, lineage (run.json, metrics.json) and, for a tracker that stores files, the report's PNGs."""
+    paths = [run_dir / ckpt.CONFIG_FILE, run_dir / ckpt.RUN_FILE, run_dir / ckpt.METRICS_FILE]
+    if not any(t.stores_files for t in trackers.trackers):
+        return paths
+    from sdlora_dist.report import write_report
+
+    files = write_report(run_dir, None)
+    return [*paths, files.markdown, *files.images.values()]
 
 
 def run_task(
@@ -432,8 +530,11 @@ def run_task(
     env: dist.DistEnv,
     spec: TransformSpec,
     progress: RunProgress,
+    trackers: Trackers | None = None,
 ) -> TaskRecord:
     """Consolidate the previous task, then train, evaluate, verify and checkpoint ``task``."""
+    trackers = trackers or Trackers([])
+    offset = sum(r.train.steps for r in progress.tasks)
     times: dict[str, float] = {}
     decision = None
     model.inference_head = None  # tasks train with the paper's head; train.head=ridge re-solves after training
@@ -447,17 +548,22 @@ def run_task(
     model.add_task(manifest.classes_per_task[task])
     model.to(env.device)
     with timed(times, "train"):
-        train_stats = _train_task_preemptible(TaskContext(cfg, model, env, spec, manifest, task))
+        train_stats = _train_task_preemptible(TaskContext(cfg, model, env, spec, manifest, task, trackers, offset))
     pairs = drift.after_task(cfg, model, task, env, spec, manifest, pairs, times)  # None unless drift/ridge
     aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times,
                              pairs if cfg.train.drift != "none" else None)  # 'none' does nothing  # fmt: skip
     head_stats = aligned.stats
     if cfg.train.head == "ridge":
         head_stats = ridge_head.run(cfg, model, task, env, pairs, times)
+    seen = model.class_offset(task + 1)
+    confusion = torch.zeros(seen, seen, dtype=torch.long)
     with timed(times, "eval"):
-        correct, totals = evaluate(cfg, model, task, env, spec, manifest)
+        correct, totals = evaluate(cfg, model, task, env, spec, manifest, confusion=confusion)
     dist.assert_ranks_agree(adapter_checksum(model), f"adapter state after task {task}")
     progress.log.add_row(correct, totals)
+    class_correct, progress.class_totals = class_counts(confusion.tolist())
+    progress.class_correct.append(class_correct)
+    progress.confusion = confusion.tolist()
     record = TaskRecord(
         task=task,
         classes=manifest.classes_per_task[task],
@@ -473,12 +579,18 @@ def run_task(
     progress.tasks.append(record)
     run_dir = Path(cfg.run_dir)
     ckpt.save_task_checkpoint(  # rank 0 only; sets times["checkpoint"] (shared by record) before serialising
-        run_dir, task, model, {"record": record.to_dict(), "correct": correct, "totals": totals}, times=times,
+        run_dir, task, model, {"record": record.to_dict(), "correct": correct, "totals": totals,
+                               "class_correct": class_correct, "class_totals": progress.class_totals,
+                               "confusion": progress.confusion}, times=times,
         metrics=progress.to_dict(), metrics_csv=matrix_csv(progress.log),
         discard=ckpt.task_folder(run_dir / ENGINE_DIR, task), head_stats=head_stats,
     )  # fmt: skip
     dist.barrier()
-    if is_rank_zero():
+    summary = progress.log.to_dict()
+    trackers.log({"accuracy/acc": summary["acc"], "accuracy/aaa": summary["aaa"]}
+                 | {f"accuracy/task_{j:02d}": v for j, v in enumerate(progress.log.matrix()[-1])},
+                 offset + train_stats.steps)  # fmt: skip
+    if is_rank_zero() and any(isinstance(t, TensorBoardTracker) for t in trackers.trackers):
         write_tensorboard(run_dir, progress)
     return record
 

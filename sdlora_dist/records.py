@@ -102,10 +102,21 @@ class RunProgress:
 
     log: AccuracyLog = field(default_factory=AccuracyLog)
     tasks: list[TaskRecord] = field(default_factory=list)
+    class_correct: list[list[int]] = field(default_factory=list)  # [after task t][global label]
+    class_totals: list[int] = field(default_factory=list)  # test samples per seen class
+    confusion: list[list[int]] | None = None  # [true][predicted] after the newest task
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything metrics.json holds."""
-        return {"accuracy": self.log.to_dict(), "tasks": [r.to_dict() for r in self.tasks]}
+        """Everything metrics.json holds (per-class sections only for runs that recorded them)."""
+        out = {"accuracy": self.log.to_dict(), "tasks": [r.to_dict() for r in self.tasks]}
+        if self.class_correct and self.confusion is not None:
+            accuracy = [
+                [100.0 * c / n if n else None for c, n in zip(row, self.class_totals, strict=False)]
+                for row in self.class_correct
+            ]
+            out["per_class"] = {"correct": self.class_correct, "totals": self.class_totals, "accuracy": accuracy}
+            out["confusion"] = {"after_task": len(self.class_correct) - 1, "matrix": self.confusion}
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | Path) -> RunProgress:

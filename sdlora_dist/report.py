@@ -8,6 +8,8 @@ folder that is filled under a temporary name and renamed into place::
       accuracy_curve.png    top-1 over all seen classes after each task, and the mean of the per-task accuracies
       magnitudes.png        each frozen direction's alpha over the tasks that followed (the paper's Fig. 3 view)
       time_per_task.png     seconds per task, stacked: train / eval / consolidate / checkpoint
+      confusion.png         confusion grouped by task, and the top class confusions (runs with per-class counts)
+      class_accuracy.png    final accuracy of every class, coloured by task (idem)
       report.md             summary metrics, the matrix, KD/RR decisions per task, the images linked relatively
 
 Plots use matplotlib's object API (``Figure`` + Agg canvas): no pyplot global state, no display needed.
@@ -34,7 +36,9 @@ MATRIX_PNG = "accuracy_matrix.png"
 CURVE_PNG = "accuracy_curve.png"
 MAGNITUDES_PNG = "magnitudes.png"
 TIME_PNG = "time_per_task.png"
-REPORT_FILES = (MARKDOWN_FILE, MATRIX_PNG, CURVE_PNG, MAGNITUDES_PNG, TIME_PNG)
+CONFUSION_PNG = "confusion.png"  # runs that recorded per-class counts (class_metrics.py)
+CLASS_ACC_PNG = "class_accuracy.png"
+REPORT_FILES = (MARKDOWN_FILE, MATRIX_PNG, CURVE_PNG, MAGNITUDES_PNG, TIME_PNG, CONFUSION_PNG, CLASS_ACC_PNG)
 TIME_PHASES = ("train", "eval", "consolidate", "checkpoint")  # recipe.run_task's timers, in stacking order
 # summary metrics of metrics.json's accuracy section -> column label (one run's table and the aggregate's)
 SUMMARY_KEYS = {"acc": "Acc", "aaa": "AAA", "mean_task_acc": "Mean task acc", "forgetting": "Forgetting", "bwt": "BWT"}
@@ -63,6 +67,8 @@ class RunMetrics:
     tasks: list[TaskRecord]
     info: dict[str, Any]
     config: dict[str, Any]
+    per_class: dict[str, Any] | None = None  # metrics.json 'per_class' (absent in runs written before it)
+    confusion: dict[str, Any] | None = None  # metrics.json 'confusion'
 
     @property
     def matrix(self) -> list[list[float | None]]:
@@ -100,7 +106,8 @@ def load_run_metrics(run_dir: str | Path) -> RunMetrics:
     _check_shapes(path, accuracy, len(tasks))
     records = [TaskRecord.from_dict(r, path) for r in tasks]
     info = ckpt.read_json(run_dir / ckpt.RUN_FILE) if (run_dir / ckpt.RUN_FILE).is_file() else {}
-    return RunMetrics(accuracy=accuracy, tasks=records, info=info, config=_read_config(run_dir))
+    return RunMetrics(accuracy=accuracy, tasks=records, info=info, config=_read_config(run_dir),
+                      per_class=data.get("per_class"), confusion=data.get("confusion"))  # fmt: skip
 
 
 def _check_shapes(path: Path, accuracy: dict[str, Any], num_records: int) -> None:
@@ -396,7 +403,40 @@ def render_markdown(m: RunMetrics, title: str) -> str:
         lines += [f"Per-layer magnitudes ({slots} slots per task): the plot shows each task's mean, band min..max."]
         lines += [""]
     lines += [f"![time per task]({TIME_PNG})", ""]
+    lines += class_lines(m)
     return "\n".join(lines)
+
+
+def class_lines(m: RunMetrics) -> list[str]:
+    """The per-class section: worst classes, top confusions and the two plots (runs with per-class counts)."""
+    from sdlora_dist.class_metrics import top_confusions
+
+    if m.per_class is None or m.confusion is None:
+        return []
+    names = list(m.info.get("class_names", []))
+    final = m.per_class["accuracy"][-1]
+    worst = sorted((v, i) for i, v in enumerate(final) if v is not None)[:10]
+    lines = ["## Per class", "", "Lowest final accuracy:", ""]
+    lines += markdown_table(["class", "name", "accuracy (%)"],
+                            [[str(i), names[i] if i < len(names) else "", pct(v)] for v, i in worst])  # fmt: skip
+    lines += ["", f"Top confusions after task {m.confusion['after_task']}:", ""]
+    rows = [[f"{c['true']} {c['true_name']}", f"{c['predicted']} {c['predicted_name']}", str(c["count"]),
+             pct(c["percent"])] for c in top_confusions(m.confusion["matrix"], names, k=10)]  # fmt: skip
+    lines += markdown_table(["true", "predicted", "samples", "% of true class"], rows)
+    lines += ["", f"![confusion]({CONFUSION_PNG})", "", f"![per-class accuracy]({CLASS_ACC_PNG})", ""]
+    return lines
+
+
+def plot_class_metrics(m: RunMetrics, out: Path) -> None:
+    """confusion.png and class_accuracy.png when the run recorded per-class counts."""
+    from sdlora_dist.class_metrics import plot_class_accuracy, plot_confusion
+
+    if m.per_class is None or m.confusion is None:
+        return
+    names = list(m.info.get("class_names", []))
+    per_task = [r.classes for r in m.tasks]
+    plot_confusion(m.confusion["matrix"], names, per_task, out / CONFUSION_PNG, figure)
+    plot_class_accuracy(m.per_class["accuracy"][-1], per_task, out / CLASS_ACC_PNG, figure)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -432,11 +472,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Repo
         plot_accuracy_curve(metrics.accuracy["top1_curve"], task_mean_curve(metrics.matrix), tmp / CURVE_PNG)
         plot_magnitudes(metrics.tasks, tmp / MAGNITUDES_PNG)
         plot_time_per_task(metrics.tasks, tmp / TIME_PNG)
+        plot_class_metrics(metrics, tmp)
         (tmp / MARKDOWN_FILE).write_text(render_markdown(metrics, title))
 
     try:
         atomic_dir(out_dir, fill)
     except OSError as exc:
         raise UserError(f"cannot write the report to {out_dir} ({exc.strerror or exc}); pass another --out") from exc
-    images = {name: out_dir / name for name in (MATRIX_PNG, CURVE_PNG, MAGNITUDES_PNG, TIME_PNG)}
+    names = (MATRIX_PNG, CURVE_PNG, MAGNITUDES_PNG, TIME_PNG, CONFUSION_PNG, CLASS_ACC_PNG)
+    images = {name: out_dir / name for name in names if (out_dir / name).is_file()}
     return ReportFiles(out_dir=out_dir, markdown=out_dir / MARKDOWN_FILE, images=images)

@@ -660,6 +660,26 @@ def inspect_table(shards_dir: str | Path, *, verify: bool = False) -> str:
     return "\n".join(lines)
 
 
+def inspect_record(shards_dir: str | Path, *, verify: bool = False) -> dict[str, Any]:
+    """What :func:`inspect_table` prints, as a JSON-ready dict (``sdlora data inspect --json``)."""
+    manifest = load_manifest(shards_dir)
+    verified = verify_shards(manifest, shards_dir) if verify else None
+    tasks = [
+        {
+            "task": t, "labels": [manifest.task_labels(t).start, manifest.task_labels(t).stop - 1],
+            "classes": [manifest.class_names[g] for g in manifest.task_labels(t)],
+            "train": manifest.num_samples("train", t), "test": manifest.num_samples("test", t),
+            "shards": sum(len(manifest.task_shards(s, t)) for s in SPLITS),
+        }
+        for t in range(manifest.num_tasks())
+    ]  # fmt: skip
+    return {
+        "benchmark": manifest.benchmark, "num_classes": len(manifest.class_names), "seed": manifest.seed,
+        "resize": manifest.resize, "fingerprint": manifest.fingerprint, "verified_shards": verified, "tasks": tasks,
+        "stored_classes": manifest.stored_names, "skipped": len(manifest.skipped), "missing": manifest.missing,
+    }  # fmt: skip
+
+
 def _class_index_line(names: list[str], shown: int = 40) -> str:
     """The stored class indices a run's ``data.class_order`` lists (the order and split above are the defaults)."""
     listed = ", ".join(f"{i} {n}" for i, n in enumerate(names[:shown]))

@@ -214,13 +214,16 @@ def deepspeed_config(
     world_size: int,
     precision: str,
     template: str | Path | None = None,
+    grad_accum: int = 1,
+    grad_clip: float = 0.0,
 ) -> dict[str, Any]:
     """DeepSpeed config for one task's engine, from ``configs/deepspeed/template.json``.
 
     ``train_cfg`` is the ``TrainConfig`` (its ``zero_stage`` is used); ``precision`` must already be resolved by
-    :func:`precision_for`. One optimizer step per micro batch (no gradient accumulation), so the global batch is
-    ``micro_batch_per_rank * world_size``. The optimizer and LR schedule are torch objects made by the caller and
-    passed to :func:`build_engine`: DeepSpeed then builds no optimizer of its own and no fused op.
+    :func:`precision_for`. One optimizer step per ``grad_accum`` micro batches, so the global batch is
+    ``micro_batch_per_rank * world_size * grad_accum``; ``grad_clip`` > 0 clips the global gradient norm. The
+    optimizer and LR schedule are torch objects made by the caller and passed to :func:`build_engine`: DeepSpeed
+    then builds no optimizer of its own and no fused op.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be resolved to one of {PRECISIONS} first (got {precision!r})")
@@ -232,8 +235,9 @@ def deepspeed_config(
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"DeepSpeed template {path} could not be read as JSON: {exc}") from exc
     cfg["train_micro_batch_size_per_gpu"] = micro_batch_per_rank
-    cfg["gradient_accumulation_steps"] = 1
-    cfg["train_batch_size"] = micro_batch_per_rank * world_size
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch_per_rank * world_size * grad_accum
+    cfg["gradient_clipping"] = float(grad_clip)
     cfg.setdefault("zero_optimization", {})["stage"] = int(train_cfg.zero_stage)
     cfg.setdefault("bf16", {})["enabled"] = precision == "bf16"
     cfg.setdefault("fp16", {})["enabled"] = precision == "fp16"

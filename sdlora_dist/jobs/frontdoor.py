@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shutil
 import sys
 import time
@@ -91,7 +92,8 @@ def resolve_config(
         if "benchmark" not in raw["data"] and readable:
             raw["data"]["benchmark"] = shards_benchmark()
     bench = raw.get("data", {}).get("benchmark", "run")
-    chosen = run_dir or raw.get("run_dir") or f"runs/{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = os.environ.get("SDLORA_RUNS_ROOT") or "runs"  # per-machine default (README: environment variables)
+    chosen = run_dir or raw.get("run_dir") or f"{root}/{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
     raw["run_dir"] = str(Path(chosen).absolute())
     cfg = config_from_dict(raw)
     return _fill_from_weights(cfg, _user_model(config, sets))
