@@ -41,3 +41,10 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "digits"
     prepare("digits", None, out, shard_size=DIGITS_SHARD_SIZE, progress=False, workers=2)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _log_level_per_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts at the default log level: ``sdlora -q``/``-v`` export SDLORA_LOG_LEVEL so launched ranks
+    follow it, and a CLI call made in this process by an earlier test would otherwise silence later tests' output."""
+    monkeypatch.delenv("SDLORA_LOG_LEVEL", raising=False)
