@@ -26,6 +26,7 @@ def pasted(line: str, after: str) -> list[str]:
     return argv[1:]
 
 
+@pytest.mark.slow  # runs prepare twice: over 3 s
 def test_truncated_shard_advice_runs_as_printed(digits_shards, tmp_path, capsys):
     shards = tmp_path / "digits"
     shutil.copytree(digits_shards, shards)

@@ -29,6 +29,7 @@ def test_version_comes_from_package_metadata(capsys):
     assert out.strip() == f"sdlora {version('sdlora-dist')}"
 
 
+@pytest.mark.slow  # launches the CLI in subprocesses
 def test_completion_script_and_completion(tmp_path):
     script = [sys.executable, "-m", "sdlora_dist.cli.main"]
     shown = subprocess.run([*script, "--show-completion", "bash"], capture_output=True, text=True, env=ENV, timeout=60)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
 
@@ -16,6 +18,7 @@ def _pytest(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=NO_GPU, cwd=REPO)
 
 
+@pytest.mark.slow  # launches pytest in a subprocess
 def test_gpu_tests_are_collected_and_skipped_without_cuda():
     listed = _pytest("--collect-only", "-q")
     assert listed.returncode == 0, listed.stdout[-2000:]

@@ -142,6 +142,7 @@ def test_num_workers_default_follows_the_cores_per_rank(monkeypatch):
     assert workers_per_rank(None) == 0 and workers_per_rank(3) == 3
 
 
+@pytest.mark.slow  # prepares and starts a run: over 3 s
 def test_one_class_tasks_warn_once_from_prepare_and_train(tmp_path):
     write_class_folders(tmp_path / "photos", OWN_CLASSES)
     shards = tmp_path / "shards"
