@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sdlora_dist.checkpoint import RunState, file_sha256, find_latest_run, load_progress, load_run
+from sdlora_dist.checkpoint import RunState, find_latest_run, load_progress, load_run
 from sdlora_dist.data.classes import split_fingerprint
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.lineage import Lineage
@@ -25,7 +25,7 @@ from sdlora_dist.export.model_card import write_card
 from sdlora_dist.export.onnx_export import ExportReport, export_onnx
 from sdlora_dist.export.timm_format import CONFIG_FILE, WEIGHTS_FILE, write_timm_folder
 from sdlora_dist.export.triton import write_triton_repo
-from sdlora_dist.fileio import atomic_write_json
+from sdlora_dist.fileio import atomic_write_json, file_sha256
 from sdlora_dist.logs import log_rank_zero
 from sdlora_dist.preprocess import describe_weights, transform_spec
 

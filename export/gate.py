@@ -32,7 +32,7 @@ from sdlora_dist.export.evaluate import EvalResult, evaluate_onnx
 from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.export.lineage import Lineage, read_lineage
 from sdlora_dist.export.metadata import ModelMetadata
-from sdlora_dist.export.triton import file_sha256
+from sdlora_dist.fileio import file_sha256
 
 GATE_FAILED = 3  # the exit code of a failed gate: distinct from 1 (crash) and 2 (refused input)
 DEFAULT_MAX_DROP = 2.0

@@ -19,7 +19,7 @@ from typing import Any
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.export.lineage import read_lineage
-from sdlora_dist.export.triton import file_sha256
+from sdlora_dist.fileio import file_sha256
 
 CHAMPION = "champion"
 EXPERIMENT = "sdlora-models"

@@ -21,7 +21,6 @@ to a temp name and renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ import onnx
 
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.metadata import ModelMetadata
-from sdlora_dist.fileio import atomic_write_text, dir_mode
+from sdlora_dist.fileio import atomic_write_text, dir_mode, file_sha256
 
 # ONNX TensorProto element type -> Triton data_type.
 _TRITON_TYPES = {
@@ -110,15 +109,6 @@ def triton_config(
         f"  max_queue_delay_microseconds: {max_queue_delay_us}\n"
         "}\n"
     )
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file (read in 1 MiB blocks); kept here so a serving host needs no torch."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def versions(folder: Path) -> list[int]:

@@ -33,7 +33,6 @@ mutates the model. Only rank 0 writes (:func:`save_task_checkpoint` checks).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -50,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from sdlora_dist import __version__
 from sdlora_dist.config import Config, load_config, save_config
 from sdlora_dist.errors import UserError
-from sdlora_dist.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from sdlora_dist.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, file_sha256
 from sdlora_dist.jobs.rank import is_rank_zero
 from sdlora_dist.metrics import AccuracyLog
 from sdlora_dist.model import task_key
@@ -93,15 +92,6 @@ def _group_of(name: str) -> str | None:
     if parts[1] in ("lora_A", "lora_B"):
         return parts[2]
     return f"head.{parts[2]}" if parts[0] == "head" and parts[1] in HEAD_PARTS else None
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_base_key(key: str) -> bool:

@@ -10,6 +10,7 @@ what a writer puts into an atomic folder: safetensors' ``save_file`` also create
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -96,3 +97,12 @@ def atomic_dir(final: Path, fill: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (torch-free: serving hosts and Triton publishing use it)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

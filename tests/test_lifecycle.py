@@ -12,11 +12,12 @@ from cli_helpers import error_line, metrics, run_main, sdlora
 from data_fixtures import make_image_folder
 from lifecycle_helpers import scramble_head, shard_crops, start_run, train_tasks
 
-from sdlora_dist.checkpoint import file_sha256, load_run
+from sdlora_dist.checkpoint import load_run
 from sdlora_dist.cli.main import main
 from sdlora_dist.export.from_run import export_run
 from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.export.lineage import read_lineage
+from sdlora_dist.fileio import file_sha256
 
 KD_RR = ("adapter.kd=true", "adapter.rank_schedule=[[0,4],[2,2]]")
 

@@ -26,7 +26,6 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 from sdlora_dist.data import urls
-from sdlora_dist.errors import UserError
 from sdlora_dist.logs import log_rank_zero
 
 HTTP_TIMEOUT_S = 60.0  # per socket operation; a stalled server fails like a cut connection and is retried
@@ -118,16 +117,12 @@ def _range_start(content_range: str | None) -> int | None:
 
 
 def _s3_ranged(url: str, begin: int, end: int) -> tuple[IO[bytes], int]:
-    try:
-        import boto3  # noqa: F401  (imported here to give the install hint)
-        import botocore.exceptions
-    except ImportError as exc:
-        raise UserError(f"{url}: s3:// needs boto3; install it with pip install 'sdlora-dist[s3]'") from exc
-    parsed = urlparse(url)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    bucket, key, endpoint = urls.s3_target(url)
+    import botocore.exceptions  # installed with boto3 (s3_target checked)
+
     try:
         client = _s3_client(os.getpid(), endpoint)
-        answer = client.get_object(Bucket=parsed.netloc, Key=parsed.path[1:], Range=f"bytes={begin}-{end - 1}")
+        answer = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={begin}-{end - 1}")
     except botocore.exceptions.ClientError as exc:  # classified like the forward opener's (urls.s3_error)
         raise urls.s3_error(url, exc) from exc
     except botocore.exceptions.NoCredentialsError as exc:

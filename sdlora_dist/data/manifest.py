@@ -32,7 +32,7 @@ from typing import Any
 
 from sdlora_dist.data import urls
 from sdlora_dist.errors import UserError
-from sdlora_dist.fileio import atomic_write_text
+from sdlora_dist.fileio import atomic_write_text, file_sha256
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 2
@@ -200,15 +200,6 @@ def load_manifest(shards_dir: str | Path) -> Manifest:
 def write_manifest(manifest: Manifest, shards_dir: str | Path) -> None:
     """Write ``manifest.json`` atomically (temp file, fsync, rename)."""
     atomic_write_text(Path(shards_dir) / MANIFEST_NAME, manifest.to_json())
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prepare_command(manifest: Manifest, shards_dir: str | Path) -> str:

@@ -145,6 +145,17 @@ def http_error(url: str, status: int, reason: str) -> OSError:
     return RemoteUnavailable(reason)
 
 
+def s3_target(url: str) -> tuple[str, str, str | None]:
+    """(bucket, key, endpoint) of an ``s3://`` URL; UserError naming the extra when boto3 is not installed."""
+    try:
+        import boto3  # noqa: F401  (imported here to give the install hint)
+    except ImportError as exc:
+        raise UserError(f"{url}: s3:// needs boto3; install it with pip install 'sdlora-dist[s3]'") from exc
+    parsed = urlparse(url)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return parsed.netloc, parsed.path[1:], endpoint
+
+
 def s3_client(endpoint: str | None) -> Any:
     """A boto3 S3 client that tries each request once: our retry policy is the only one (see the module doc)."""
     import boto3
@@ -175,16 +186,12 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[b
     """webdataset opener for ``s3://bucket/key``: the object body as a forward-only stream (boto3)."""
     if mode[0] != "r":
         raise ValueError(f"{url}: only reading is supported")
-    try:
-        import boto3  # noqa: F401  (imported here to give the install hint)
-        import botocore.exceptions
-    except ImportError as exc:
-        raise UserError(f"{url}: s3:// needs boto3; install it with pip install 'sdlora-dist[s3]'") from exc
-    parsed = urlparse(url)
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    bucket, key, endpoint = s3_target(url)
+    import botocore.exceptions  # installed with boto3 (s3_target checked)
+
     try:
         client = s3_client(endpoint)
-        body = client.get_object(Bucket=parsed.netloc, Key=parsed.path[1:])["Body"]
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
     except botocore.exceptions.ClientError as exc:
         raise s3_error(url, exc) from exc
     except botocore.exceptions.NoCredentialsError as exc:
