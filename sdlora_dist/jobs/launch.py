@@ -272,6 +272,10 @@ def launch(spec: LaunchSpec, worker_argv: list[str], run_dir: str | Path | None 
     else:
         env.pop(ranklog.FRONTDOOR_ENV)
     code, stopped_by = _wait(_start(argv, env, log), resolve_launcher(spec))
+    if stopped_by is not None and threading.current_thread() is threading.main_thread():
+        # The job is over: a further Ctrl-C (a copy that arrives late on a loaded machine) must not turn the exit
+        # code we report (130, 143) into death by signal between our last line and the exit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     if echo is not None:
         echo.stop()
     if code == 0:
