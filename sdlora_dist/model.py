@@ -23,7 +23,8 @@ from sdlora_dist.adapters import MagnitudeBank, SDLoRAQKV
 from sdlora_dist.config import AdapterConfig, Config, ModelConfig
 from sdlora_dist.consolidate import Decision, fit_in_span, plan_absorption, plan_freeze, rank_for_task
 from sdlora_dist.errors import UserError, listed
-from sdlora_dist.weights import embedding_mismatch, read_state_dict
+from sdlora_dist.fileio import file_sha256
+from sdlora_dist.weights import beside_config, embedding_mismatch, read_state_dict
 
 
 def task_key(task: int) -> str:
@@ -73,15 +74,10 @@ def weights_preprocessing(path: str | Path) -> tuple[dict[str, Any], str | None]
                 except json.JSONDecodeError:
                     found[key] = meta[key]  # plain strings such as bicubic
         source = f"{path} metadata" if found else None
-    beside = path.parent / "config.json"
-    if beside.is_file():
-        try:
-            from_json = _preprocessing_from_mapping(json.loads(beside.read_text()))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"model.weights: {beside} beside the weights is not valid JSON ({exc})") from exc
-        if from_json:
-            found.update(from_json)
-            source = str(beside)
+    from_json = _preprocessing_from_mapping(beside_config(path))
+    if from_json:
+        found.update(from_json)
+        source = str(path.parent / "config.json")
     return found, source
 
 
@@ -99,16 +95,6 @@ def fill_preprocessing_from_weights(model_cfg: ModelConfig) -> tuple[ModelConfig
     return (model_cfg.model_copy(update=fill), source) if fill else (model_cfg, None)  # caller validates
 
 
-def _sha256_prefix(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 def load_backbone_weights(backbone: nn.Module, path: str | Path, *, resize: bool = False) -> dict[str, Any]:
     """Load pre-trained weights from a local file into a timm ViT (head weights are ignored).
 
@@ -120,7 +106,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path, *, resize: bool
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model.weights: file {path} does not exist; pass a local weights file, 'hub' or 'random'")
-    report = {"path": str(path.absolute()), "tensors": 0, "sha256": _sha256_prefix(path)}
+    report = {"path": str(path.absolute()), "tensors": 0, "sha256": file_sha256(path)[:16]}
     if path.suffix.lower() == ".npz":
         try:
             backbone.load_pretrained(str(path))

@@ -285,8 +285,9 @@ def _train_task_preemptible(ctx: TaskContext) -> TrainStats:
 
 
 class StepMonitor:
-    """Everything around the optimizer step: progress bar, loss read every 10 steps, mid-task engine checkpoints
-    (every ``train.checkpoint_every`` steps and ``train.checkpoint_every_s`` seconds) and preemption (SIGTERM).
+    """Everything around the optimizer step: progress bar (refreshed every 10 steps), the loss and rate sent to the
+    trackers every step, mid-task engine checkpoints (every ``train.checkpoint_every`` steps and
+    ``train.checkpoint_every_s`` seconds) and preemption (SIGTERM).
 
     ``on_step`` runs after each ``engine.step()``; the step loop itself stays forward, backward, step.
     """

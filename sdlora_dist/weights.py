@@ -140,7 +140,8 @@ class Architecture:
         return ", ".join(facts)
 
 
-def _beside_config(path: Path) -> dict[str, Any]:
+def beside_config(path: Path) -> dict[str, Any]:
+    """The timm/Hugging Face ``config.json`` beside a weights file ({} when there is none or it is not an object)."""
     beside = path.parent / "config.json"
     if not beside.is_file():
         return {}
@@ -161,7 +162,7 @@ def weights_architecture(path: str | Path) -> Architecture | None:
     path = Path(path)
     if path.suffix.lower() == ".npz" or not path.is_file():
         return None  # big_vision .npz names differ; a missing file is reported when loading
-    raw = _beside_config(path)
+    raw = beside_config(path)
     geometry = geometry_from_shapes(tensor_shapes(path))
     arch_name = raw.get("architecture") if isinstance(raw.get("architecture"), str) else None
     model_args = raw.get("model_args") if isinstance(raw.get("model_args"), dict) else {}
