@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sdlora_dist.checkpoint import RunState, find_latest_run, load_progress, load_run
+from sdlora_dist.checkpoint import RunState, load_progress, load_run
 from sdlora_dist.data.classes import split_fingerprint
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.lineage import Lineage
@@ -191,8 +191,7 @@ def resolve_parent(state: RunState, task: int, parent: str | Path | None) -> str
 def export_run(
     out_path: str | Path,
     *,
-    run_dir: str | Path | None = None,
-    runs_root: str | Path = "runs",
+    run_dir: str | Path,
     task: int | None = None,
     parent: str | Path | None = None,
     opset: int = 17,
@@ -206,8 +205,8 @@ def export_run(
     int8: bool = False,
     int8_images: int = 1000,
 ) -> ExportReport:
-    """Export the model after ``task`` (default: the newest completed task) of ``run_dir`` (default: the newest
-    complete run under ``runs_root``), with its lineage in the metadata.
+    """Export the model after ``task`` (default: the newest completed task) of ``run_dir``, with its lineage in the
+    metadata (``sdlora export`` picks the newest run under ``--runs-root`` when ``--run`` is omitted).
 
     The model is rebuilt from the per-task checkpoints, so a task exported after later tasks were trained equals its
     export made at the time. ``parent``: the file this model replaces (default: the run's newest export of an
@@ -215,9 +214,6 @@ def export_run(
     is checked too) on fixed random inputs and on up to ``verify_images`` real test images when the shards are at
     hand.
     """
-    if run_dir is None:
-        run_dir = find_latest_run(runs_root)
-        log_rank_zero(f"exporting {run_dir} (the newest run with a completed task under {runs_root}/)")
     state = load_run(run_dir, task)
     task = state.model.num_tasks - 1
     if not force:
@@ -258,13 +254,9 @@ def export_run(
     return report
 
 
-def export_timm_run(out_dir: str | Path, *, run_dir: str | Path | None = None,
-                    runs_root: str | Path = "runs") -> Path:  # fmt: skip
+def export_timm_run(out_dir: str | Path, *, run_dir: str | Path) -> Path:
     """``--format timm``: the merged model of the run as a timm folder (model.safetensors, config.json) plus its
     model card README.md."""
-    if run_dir is None:
-        run_dir = find_latest_run(runs_root)
-        log_rank_zero(f"exporting {run_dir} (the newest run with a completed task under {runs_root}/)")
     state = load_run(run_dir)
     metadata = run_metadata(state)
     folder = write_timm_folder(out_dir, state, metadata)
