@@ -45,15 +45,17 @@ def export(
 
     if format_ not in ("onnx", "timm"):
         raise UserError(f"--format must be onnx or timm (got {format_!r})")
-    if format_ == "timm" and (int8 or fp16 or triton):
-        raise UserError("--int8, --fp16 and --triton apply to --format onnx only; drop them for --format timm")
+    if format_ == "timm" and (int8 or fp16 or triton or parent):
+        raise UserError(
+            "--int8, --fp16, --triton and --parent apply to --format onnx only; drop them for --format timm"
+        )
     if int8 and fp16:
         raise UserError("--int8 quantizes the fp32 model: drop --fp16")
     if run is None:
         run = find_latest_run(runs_root)
         typer.echo(f"run: {run} (the newest run with a completed task under {runs_root}/; --run picks another)")
     if format_ == "timm":
-        folder = export_timm_run(out, run_dir=run)
+        folder = export_timm_run(out, run_dir=run, task=task)
         typer.echo(f"wrote {folder} (model.safetensors, config.json, README.md): "
                    f"timm.create_model('local-dir:{folder}', pretrained=True)")  # fmt: skip
         return

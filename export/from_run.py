@@ -254,10 +254,10 @@ def export_run(
     return report
 
 
-def export_timm_run(out_dir: str | Path, *, run_dir: str | Path) -> Path:
-    """``--format timm``: the merged model of the run as a timm folder (model.safetensors, config.json) plus its
-    model card README.md."""
-    state = load_run(run_dir)
+def export_timm_run(out_dir: str | Path, *, run_dir: str | Path, task: int | None = None) -> Path:
+    """``--format timm``: the merged model of the run after ``task`` (default: the newest) as a timm folder
+    (model.safetensors, config.json) plus its model card README.md."""
+    state = load_run(run_dir, task)
     metadata = run_metadata(state)
     folder = write_timm_folder(out_dir, state, metadata)
     files = {"merged timm ViT weights (safetensors)": WEIGHTS_FILE, "timm config (architecture, classes, "

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlora_dist.data.classes import even_split
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.evaluate import EvalResult, evaluate_onnx
 from sdlora_dist.export.inference import OnnxClassifier
@@ -96,8 +97,9 @@ def _tasks_of(meta: ModelMetadata, lineage: Lineage | None) -> list[list[str]]:
     """Class names per task (lineage; a file from before lineage is assumed split evenly, the default)."""
     if lineage is not None:
         return lineage.task_classes
-    size = meta.num_classes // meta.num_tasks
-    return [list(meta.class_names[t * size : (t + 1) * size]) for t in range(meta.num_tasks)]
+    sizes = even_split(meta.num_classes, meta.num_tasks)
+    starts = [sum(sizes[:t]) for t in range(meta.num_tasks)]
+    return [list(meta.class_names[a : a + n]) for a, n in zip(starts, sizes, strict=True)]
 
 
 def _by_name(meta: ModelMetadata, result: EvalResult) -> dict[str, tuple[int, int]]:

@@ -39,7 +39,7 @@ from sdlora_dist.errors import NonFiniteLoss, UserError
 from sdlora_dist.jobs import distributed as dist
 from sdlora_dist.jobs import preempt
 from sdlora_dist.jobs.rank import is_rank_zero
-from sdlora_dist.logs import log_all_ranks, log_rank_zero, progress_bar
+from sdlora_dist.logs import log_all_ranks, log_rank_zero, log_warning, progress_bar
 from sdlora_dist.metrics import format_table, matrix_csv
 from sdlora_dist.model import SDLoRAViT, build_model, masked_cross_entropy
 from sdlora_dist.preprocess import transform_spec
@@ -110,12 +110,12 @@ def warn_small_tasks(cfg: Config, view: Manifest) -> None:
         per_task, f"pass --set data.tasks={at_most} or fewer, or data.classes_per_task with two or more per task"
     )
     if warning:
-        log_rank_zero(warning)
+        log_warning(warning)
     batch = cfg.data.batch_size
     small = {t: n for t in range(len(per_task)) if (n := view.num_samples("train", t)) < batch}
     if small:
         listed = ", ".join(f"task {t}: {n}" for t, n in small.items())
-        log_rank_zero(
+        log_warning(
             f"warning: fewer training samples than one global batch (data.batch_size={batch}) in {listed}: an epoch "
             f"of such a task is one step of repeated images; pass --set data.batch_size={min(small.values())} or less"
         )

@@ -26,7 +26,7 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 from sdlora_dist.data import urls
-from sdlora_dist.logs import log_rank_zero
+from sdlora_dist.logs import log_warning
 
 HTTP_TIMEOUT_S = 60.0  # per socket operation; a stalled server fails like a cut connection and is retried
 _DROP_CHUNK = 1 << 20
@@ -155,7 +155,7 @@ def _warn_no_ranges(url: str) -> None:
     if host not in _warned:
         _warned.add(host)
         # once per process: rank 0's loader workers each say it once
-        log_rank_zero(
+        log_warning(
             f"warning: {host} ignores byte-range requests (answered 200 with the whole shard); each stream reads "
             "its shards from the start and drops the samples before its own (slower); serve the shards from a "
             "server with Range support (nginx, S3, GCS) or set data.cache_dir"

@@ -72,6 +72,7 @@ from sdlora_dist.data.reading import (
 )
 from sdlora_dist.data.transforms import TransformSpec, eval_crop, normalize_batch, sample_rng, to_uint8_chw, train_crop
 from sdlora_dist.errors import ServerUnreachable, UserError
+from sdlora_dist.jobs.slurm import local_world_size
 
 Stage = Callable[[Iterator[Any]], Iterator[Any]]
 
@@ -375,12 +376,13 @@ MAX_DEFAULT_WORKERS = 4
 
 def workers_per_rank(requested: int | None) -> int:
     """``data.num_workers``, or when null: the CPU cores this process may use, shared by the ranks on its node
-    (``LOCAL_WORLD_SIZE``), less one for the rank itself, at most 4 (more workers than cores only make torch warn).
+    (``LOCAL_WORLD_SIZE`` or ``LOCAL_SIZE``), less one for the rank itself, at most 4 (more workers than cores only
+    make torch warn).
     """
     if requested is not None:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    ranks_here = max(1, local_world_size(os.environ) or 1)
     return max(0, min(MAX_DEFAULT_WORKERS, cores // ranks_here - 1))
 
 

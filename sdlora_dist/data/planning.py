@@ -13,7 +13,7 @@ import numpy as np
 
 from sdlora_dist.data.manifest import Manifest, ShardInfo
 from sdlora_dist.errors import UserError
-from sdlora_dist.logs import log_rank_zero
+from sdlora_dist.logs import log_warning
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def stream_count(streams: int, world_size: int, batch_size: int) -> int:
     if streams % world_size == 0 and (batch_size * world_size) % streams == 0:
         return streams
     fallback = world_size * math.gcd(batch_size, max(1, streams // world_size))
-    log_rank_zero(
+    log_warning(
         f"warning: data.streams={streams} does not split over {world_size} ranks x per-rank batch {batch_size}; "
         f"using {fallback} streams, so these batches differ from runs on another number of ranks"
     )

@@ -69,7 +69,7 @@ from sdlora_dist.data.sources import (
     read_source,
 )
 from sdlora_dist.errors import UserError, listed
-from sdlora_dist.logs import log_rank_zero, progress_bar
+from sdlora_dist.logs import log_rank_zero, log_warning, progress_bar
 
 JPEG_QUALITY = 95
 STATE_NAME = "prepare-state.json"
@@ -308,7 +308,7 @@ def _report_skipped(skipped: list[dict[str, str]]) -> None:
     if skipped:
         shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5])
         more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        log_rank_zero(
+        log_warning(
             f"warning: skipped {len(skipped)} unreadable source image(s) (listed in the manifest): {shown}{more}"
         )
 
@@ -415,7 +415,7 @@ def _plan_job(args: dict[str, Any], workers: int, progress: bool) -> _Job:
         per_task, f"pass --tasks {at_most} or fewer, or split at train time with data.tasks or data.classes_per_task"
     )
     if warning:
-        log_rank_zero(warning)
+        log_warning(warning)
     # "layout" stays in the options so fingerprints of shard sets already written keep matching
     options = {**{k: args[k] for k in ("tasks", "seed", "resize", "shard_size", "split_seed")}, "layout": "class"}
     fingerprint = dataset_fingerprint(source, options)  # the listing as the metadata gives it, missing files too
@@ -621,7 +621,7 @@ def _check_not_interrupted(shards_dir: str | Path) -> None:
         args = json.loads((stage / STATE_NAME).read_text()).get("prepare_args")
     except (OSError, ValueError):
         return  # no interrupted prepare: load_manifest says what is missing
-    command = command_from_args(args, out) if args else "the same 'sdlora data prepare ... --out {out}' command"
+    command = command_from_args(args, out) if args else f"the same 'sdlora data prepare ... --out {out}' command"
     raise UserError(
         f"{out} holds no finished shard set: a 'sdlora data prepare' into it was interrupted and its work so far "
         f"is in {stage}; finish it with: {command}"

@@ -35,7 +35,7 @@ from sdlora_dist.data.images import open_rgb
 from sdlora_dist.data.manifest import Manifest, ShardInfo, prepare_command, shard_problem
 from sdlora_dist.data.planning import Piece, Segment
 from sdlora_dist.errors import UserError
-from sdlora_dist.logs import log_rank_zero
+from sdlora_dist.logs import log_warning
 
 POLICIES = get_args(ShardPolicy)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -315,7 +315,7 @@ def usable_shards(
             advice = advice or repair_advice(location, None)
             raise UserError(f"shard {shard.path} is unreadable ({problem}) at {where}; {advice}")
         bad.append(shard.path)
-        log_rank_zero(f"warning: skipping shard {shard.path} ({problem}) under bad_shard='skip'")
+        log_warning(f"warning: skipping shard {shard.path} ({problem}) under bad_shard='skip'")
     return usable
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from sdlora_dist.config import Precision, config_root
 from sdlora_dist.errors import RankFailure, UserError
 from sdlora_dist.jobs.rank import global_rank, is_rank_zero
-from sdlora_dist.jobs.slurm import env_int, slurm_to_torch_env
+from sdlora_dist.jobs.slurm import env_int, local_world_size, slurm_to_torch_env
 
 PRECISIONS = tuple(p for p in get_args(Precision) if p != "auto")  # what "auto" resolves among
 DEFAULT_TEMPLATE_NAME = "template.json"
@@ -71,7 +71,7 @@ def _node_rank(environ: dict[str, str] | os._Environ, rank: int) -> int:
         value = env_int(environ, name)
         if value is not None:
             return value
-    local_world = env_int(environ, "LOCAL_WORLD_SIZE") or env_int(environ, "LOCAL_SIZE")
+    local_world = local_world_size(environ)
     return rank // local_world if local_world else 0
 
 

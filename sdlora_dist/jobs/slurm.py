@@ -75,6 +75,11 @@ def first_slurm_host(nodelist: str) -> str:
     return hosts[0]
 
 
+def local_world_size(environ: Mapping[str, str]) -> int | None:
+    """Ranks on this node as the launcher says: torchrun's LOCAL_WORLD_SIZE or DeepSpeed's LOCAL_SIZE (None: unset)."""
+    return env_int(environ, "LOCAL_WORLD_SIZE") or env_int(environ, "LOCAL_SIZE")
+
+
 def env_int(environ: Mapping[str, str], name: str) -> int | None:
     """``environ[name]`` as an int (None when unset or empty); UserError naming the variable when it is not one."""
     value = environ.get(name)
