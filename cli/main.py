@@ -22,13 +22,10 @@ app = typer.Typer(
 
 
 def package_version() -> str:
-    """The installed distribution's version: pyproject.toml is the one source, read back from package metadata."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The installed distribution's version (``sdlora_dist.__version__``: pyproject.toml via package metadata)."""
+    from sdlora_dist import __version__
 
-    try:
-        return version("sdlora-dist")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed: pip install -e .)"
+    return __version__ if __version__ != "0+unknown" else "unknown (not installed: pip install -e .)"
 
 
 def _print_version(value: bool) -> None:

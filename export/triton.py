@@ -200,12 +200,6 @@ def write_triton_repo(
     return publish_triton(onnx_path, repo_dir, model_name=model_name, max_batch_size=max_batch_size).folder
 
 
-def served_version(folder: Path) -> int:
-    """The version Triton serves under the folder's config: the specific one after a rollback, else the newest."""
-    match = re.search(r"specific:\s*\{\s*versions:\s*\[\s*(\d+)", (folder / "config.pbtxt").read_text())
-    return int(match.group(1)) if match else versions(folder)[-1]
-
-
 def rollback(repo_dir: str | Path, model_name: str, version: int | None) -> int:
     """Serve ``version`` of ``repo_dir/<model_name>`` (None: the newest again); returns the version now served."""
     folder = Path(repo_dir) / model_name

@@ -9,4 +9,14 @@ from sdlora_dist._compat import ensure_torchvision_importable
 
 ensure_torchvision_importable()
 
-__version__ = "0.1.0"
+def _installed_version() -> str:
+    """pyproject.toml is the one source of the version, read back from the installed package's metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdlora-dist")
+    except PackageNotFoundError:  # a checkout run without installing it
+        return "0+unknown"
+
+
+__version__ = _installed_version()

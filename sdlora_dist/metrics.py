@@ -51,10 +51,6 @@ class AccuracyLog:
         """Counts plus every derived metric, for metrics.json."""
         return {"correct": self.correct, "totals": self.totals, "matrix": self.matrix(), **summary(self)}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AccuracyLog:
-        """Inverse of :meth:`to_dict` (only the counts are read)."""
-        return cls(correct=[list(r) for r in data.get("correct", [])], totals=list(data.get("totals", [])))
 
 
 def forgetting(matrix: list[list[float | None]]) -> float:

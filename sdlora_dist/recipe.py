@@ -508,7 +508,7 @@ def open_trackers(cfg: Config, progress: RunProgress, first: int) -> Trackers:
         return Trackers([])
     log_rank_zero(f"tracking: {', '.join(names)} (train.report_to)")
     tag = latest_engine_checkpoint(Path(cfg.run_dir), first)
-    start = sum(record.train.steps for record in progress.tasks) + (int(tag.removeprefix("step_")) if tag else 0)
+    start = progress.steps + (int(tag.removeprefix("step_")) if tag else 0)
     return Trackers.open(names, Path(cfg.run_dir), start, cfg.to_dict())
 
 
@@ -535,7 +535,7 @@ def run_task(
 ) -> TaskRecord:
     """Consolidate the previous task, then train, evaluate, verify and checkpoint ``task``."""
     trackers = trackers or Trackers([])
-    offset = sum(r.train.steps for r in progress.tasks)
+    offset = progress.steps
     times: dict[str, float] = {}
     decision = None
     model.inference_head = None  # tasks train with the paper's head; train.head=ridge re-solves after training

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdlora_dist.class_metrics import class_accuracy
 from sdlora_dist.consolidate import Decision
 from sdlora_dist.errors import UserError
 from sdlora_dist.metrics import AccuracyLog
@@ -106,20 +107,17 @@ class RunProgress:
     class_totals: list[int] = field(default_factory=list)  # test samples per seen class
     confusion: list[list[int]] | None = None  # [true][predicted] after the newest task
 
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of every finished task: where the run's step axis (tracking) stands."""
+        return sum(record.train.steps for record in self.tasks)
+
     def to_dict(self) -> dict[str, Any]:
         """Everything metrics.json holds (per-class sections only for runs that recorded them)."""
         out = {"accuracy": self.log.to_dict(), "tasks": [r.to_dict() for r in self.tasks]}
         if self.class_correct and self.confusion is not None:
-            accuracy = [
-                [100.0 * c / n if n else None for c, n in zip(row, self.class_totals, strict=False)]
-                for row in self.class_correct
-            ]
+            # an earlier row covers fewer classes (those seen by then): its totals are the first len(row)
+            accuracy = [class_accuracy(row, self.class_totals[: len(row)]) for row in self.class_correct]
             out["per_class"] = {"correct": self.class_correct, "totals": self.class_totals, "accuracy": accuracy}
             out["confusion"] = {"after_task": len(self.class_correct) - 1, "matrix": self.confusion}
         return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str | Path) -> RunProgress:
-        """Inverse of :meth:`to_dict` (only the counts of the accuracy section are read); ``source`` names the file."""
-        records = [TaskRecord.from_dict(r, source) for r in data.get("tasks", [])]
-        return cls(AccuracyLog.from_dict(data.get("accuracy", {})), records)

@@ -156,7 +156,7 @@ def run(
     own = task_sums(pairs, proj, model.task_classes[task], model.class_offset(task), env.device)
     count, sums, gram = own["count"], own["sums"], own["gram"]
     if prev is not None:
-        old_sums, old_gram = compensate(cfg, prev, pairs if task > 0 else None, env.device)
+        old_sums, old_gram = compensate(cfg, prev, pairs, env.device)
         count, sums, gram = torch.cat([prev["ridge_count"], count]), torch.cat([old_sums, sums]), old_gram + gram
     times["ridge_stats"] = time.perf_counter() - mark
     mark = time.perf_counter()
@@ -167,13 +167,14 @@ def run(
     head = RidgeHead(proj, weight)
     model.inference_head = head.to(env.device)
     times["ridge_solve"] = time.perf_counter() - mark
-    dist.assert_ranks_agree(checksum(head), f"ridge head after task {task}")
-    log_all_ranks(f"task {task}: ridge head checksum {checksum(head)[:16]}")
+    digest = checksum(head)
+    dist.assert_ranks_agree(digest, f"ridge head after task {task}")
+    log_all_ranks(f"task {task}: ridge head checksum {digest[:16]}")
     log_rank_zero(f"task {task}: ridge head solved on {len(count)} classes (M = {t.ridge_dim})")
     return {
         "ridge_count": count,
         "ridge_sums": sums,
         "ridge_gram": gram,
         "ridge_projection": proj.float(),
-        "ridge_weight": weight.float().cpu(),
+        "ridge_weight": weight,
     }

@@ -258,20 +258,21 @@ def launch(spec: LaunchSpec, worker_argv: list[str], run_dir: str | Path | None 
     one line naming the rank, its host and its error, with exit code 2 (user error), 130 (Ctrl-C) or 1.
     """
     argv, extra_env = build_command(spec, worker_argv)
-    _check_tools(argv, spec, resolve_launcher(spec))
+    launcher = resolve_launcher(spec)
+    _check_tools(argv, spec, launcher)
     env = {**os.environ, **extra_env, ranklog.FRONTDOOR_ENV: f"{socket.gethostname()}:{os.getpid()}"}
     echo = log = None
     ranks = range(0)
     if run_dir is not None:
         logs = Path(run_dir) / ranklog.LOGS_DIR
         logs.mkdir(parents=True, exist_ok=True)
-        ranks = _own_ranks(spec, resolve_launcher(spec))
+        ranks = _own_ranks(spec, launcher)
         ranklog.clear_records(run_dir, ranks)
         log = logs / ("launcher.log" if ranks[0] == 0 else f"launcher_rank{ranks[0]}.log")
         echo = ranklog.LogEcho(ranklog.log_path(run_dir, ranks[0]))
     else:
         env.pop(ranklog.FRONTDOOR_ENV)
-    code, stopped_by = _wait(_start(argv, env, log), resolve_launcher(spec))
+    code, stopped_by = _wait(_start(argv, env, log), launcher)
     if stopped_by is not None and threading.current_thread() is threading.main_thread():
         # The job is over: a further Ctrl-C (a copy that arrives late on a loaded machine) must not turn the exit
         # code we report (130, 143) into death by signal between our last line and the exit.
