@@ -117,18 +117,9 @@ def _range_start(content_range: str | None) -> int | None:
 
 
 def _s3_ranged(url: str, begin: int, end: int) -> tuple[IO[bytes], int]:
-    bucket, key, endpoint = urls.s3_target(url)
-    import botocore.exceptions  # installed with boto3 (s3_target checked)
-
-    try:
-        client = _s3_client(os.getpid(), endpoint)
-        answer = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={begin}-{end - 1}")
-    except botocore.exceptions.ClientError as exc:  # classified like the forward opener's (urls.s3_error)
-        raise urls.s3_error(url, exc) from exc
-    except botocore.exceptions.NoCredentialsError as exc:
-        raise urls.no_credentials(url) from exc
-    except botocore.exceptions.BotoCoreError as exc:
-        raise urls.RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
+    answer = urls.s3_get_object(
+        url, lambda endpoint: _s3_client(os.getpid(), endpoint), Range=f"bytes={begin}-{end - 1}"
+    )  # failures classified like the forward opener's
     start = _range_start(answer.get("ContentRange"))
     return answer["Body"], begin if start == begin else 0
 

@@ -205,25 +205,12 @@ def write_manifest(manifest: Manifest, shards_dir: str | Path) -> None:
 def prepare_command(manifest: Manifest, shards_dir: str | Path) -> str:
     """The ``sdlora data prepare`` command that re-creates (or repairs) this shard set, ready to paste in a shell."""
     args = manifest.prepare_args
-    argv = ["sdlora", "data", "prepare", "--benchmark", manifest.benchmark]
-    if args.get("root"):
-        argv += ["--root", str(args["root"])]
-    elif "root" not in args and manifest.benchmark != "digits":  # written before the arguments were recorded
-        argv += ["--root", "DATASET_FOLDER"]
-    argv += [
-        "--out",
-        str(shards_dir),
-        "--tasks",
-        str(args.get("tasks", manifest.num_tasks() - len(manifest.added_tasks))),
-    ]
-    argv += ["--seed", str(manifest.seed), "--resize", str(manifest.resize), "--shard-size", str(manifest.shard_size)]
-    if args.get("split_seed"):
-        argv += ["--split-seed", str(args["split_seed"])]
-    if args.get("max_missing"):
-        argv += ["--max-missing", str(args["max_missing"])]
-    if args.get("subset"):
-        argv += ["--subset"]
-    return shlex.join(argv)
+    # a set written before the arguments were recorded: the root is a placeholder (digits needs none)
+    root = args.get("root") or ("DATASET_FOLDER" if "root" not in args and manifest.benchmark != "digits" else None)
+    tasks = args.get("tasks", manifest.num_tasks() - len(manifest.added_tasks))
+    return command_from_args({**args, "benchmark": manifest.benchmark, "root": root, "tasks": tasks,
+                              "seed": manifest.seed, "resize": manifest.resize, "shard_size": manifest.shard_size},
+                             shards_dir)  # fmt: skip
 
 
 def command_from_args(args: dict[str, Any], out: str | Path) -> str:

@@ -186,19 +186,23 @@ def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[b
     """webdataset opener for ``s3://bucket/key``: the object body as a forward-only stream (boto3)."""
     if mode[0] != "r":
         raise ValueError(f"{url}: only reading is supported")
+    return s3_get_object(url)["Body"]  # botocore StreamingBody: read(n), close()
+
+
+def s3_get_object(url: str, get_client: Callable[[str | None], Any] = s3_client, **kwargs: Any) -> dict[str, Any]:
+    """boto3's ``get_object`` answer for an ``s3://`` URL (``kwargs``: e.g. ``Range``), its failures classified:
+    refusals (credentials, policy, no such bucket or key) as RemoteRefused, the rest as RemoteUnavailable."""
     bucket, key, endpoint = s3_target(url)
     import botocore.exceptions  # installed with boto3 (s3_target checked)
 
     try:
-        client = s3_client(endpoint)
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        return get_client(endpoint).get_object(Bucket=bucket, Key=key, **kwargs)
     except botocore.exceptions.ClientError as exc:
         raise s3_error(url, exc) from exc
     except botocore.exceptions.NoCredentialsError as exc:
         raise no_credentials(url) from exc
     except botocore.exceptions.BotoCoreError as exc:
         raise RemoteUnavailable(f"{type(exc).__name__}: {exc}") from exc
-    return body  # botocore StreamingBody: read(n), close()
 
 
 wds_gopen.gopen_schemes["s3"] = _gopen_s3
