@@ -355,6 +355,7 @@ class StepMonitor:
                 else {"epoch": self.epoch + 1, "step": 0}
             )
             tag = f"step_{self.done:08d}"
+            self.ctx.trackers.flush()  # every step up to the checkpoint is kept; a crash loses only what is replayed
             dist.save_engine_checkpoint(self.engine, self.ctx.engine_dir, tag, client_state=nxt)
             self.saved_at = time.monotonic()
             log_all_ranks(f"task {self.ctx.task}: engine checkpoint {tag} written")
@@ -579,6 +580,7 @@ def run_task(
     )
     progress.tasks.append(record)
     run_dir = Path(cfg.run_dir)
+    trackers.flush()  # the task's steps before its checkpoint: a finished task is never replayed
     ckpt.save_task_checkpoint(  # rank 0 only; sets times["checkpoint"] (shared by record) before serialising
         run_dir, task, model, {"record": record.to_dict(), "correct": correct, "totals": totals,
                                "class_correct": class_correct, "class_totals": progress.class_totals,
@@ -591,6 +593,7 @@ def run_task(
     trackers.log({"accuracy/acc": summary["acc"], "accuracy/aaa": summary["aaa"]}
                  | {f"accuracy/task_{j:02d}": v for j, v in enumerate(progress.log.matrix()[-1])},
                  offset + train_stats.steps)  # fmt: skip
+    trackers.flush()
     if is_rank_zero() and any(isinstance(t, TensorBoardTracker) for t in trackers.trackers):
         write_tensorboard(run_dir, progress)
     return record

@@ -4,6 +4,10 @@
 axis is the run's optimizer step counted across tasks (previous tasks' steps + this task's), so it keeps rising
 across tasks and across ``--resume``: a resumed run first drops what was logged past its restart point (csv,
 TensorBoard's purge) or skips the steps the tracker already holds (MLflow), because the replay is exact.
+
+Logging a step only buffers (no disk write, no request on rank 0 while the other ranks wait at the next
+collective); :meth:`Trackers.flush` sends it all before every engine checkpoint and after every task, so whatever a
+crash loses lies after the newest checkpoint and is logged again by the exact replay of ``--resume``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from sdlora_dist.logs import log_warning
 
 TRACKING_DIR = "tracking"  # RUN_DIR/tracking: steps.csv and the external trackers' run ids
 STEPS_CSV = "steps.csv"
+MLFLOW_BATCH = 1000  # MLflow's limit on metrics in one log_batch request
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # tracker -> package/extra
 
 
@@ -33,6 +38,8 @@ class Tracker(Protocol):
     stores_files: bool  # True when artifacts are copied to the tracker (the report is then rendered for it)
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def flush(self) -> None: ...
 
     def artifact(self, path: Path) -> None: ...
 
@@ -63,7 +70,9 @@ class CsvTracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.writer.writerows([step, k, repr(float(v))] for k, v in metrics.items())
-        self.file.flush()  # a killed run keeps every step it logged
+
+    def flush(self) -> None:
+        self.file.flush()
 
     def artifact(self, path: Path) -> None:
         """Nothing to do: the run directory already holds the file."""
@@ -85,6 +94,8 @@ class TensorBoardTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
+
+    def flush(self) -> None:
         self.writer.flush()
 
     def artifact(self, path: Path) -> None:
@@ -126,6 +137,7 @@ class MlflowTracker:
         self.run_id = run_id
         history = self.client.get_metric_history(run_id, "train/loss")  # steps already held: the replay skips them
         self.logged = max((m.step for m in history), default=0)
+        self.pending: list[Any] = []  # metrics not sent yet (one request per flush, not per step)
 
     def _params(self, run_id: str, config: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -140,12 +152,20 @@ class MlflowTracker:
         if step <= self.logged and "train/loss" in metrics:
             return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.pending) >= MLFLOW_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.pending), MLFLOW_BATCH):
+            self.client.log_batch(self.run_id, metrics=self.pending[i : i + MLFLOW_BATCH])
+        self.pending = []
 
     def artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
     def close(self, failed: bool = False) -> None:
+        self.flush()
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
@@ -171,6 +191,9 @@ class WandbTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if step > self.start or "train/loss" not in metrics:
             self.run.log(dict(metrics), step=step)
+
+    def flush(self) -> None:
+        """Nothing to do: wandb sends from its own process."""
 
     def artifact(self, path: Path) -> None:
         # under files/<run dir name>/: W&B writes its own config.yaml in files/
@@ -225,6 +248,11 @@ class Trackers:
         """Scalars at global step ``step``."""
         for tracker in self.trackers:
             tracker.log(metrics, step)
+
+    def flush(self) -> None:
+        """Write or send what every tracker buffered (before an engine checkpoint, after a task)."""
+        for tracker in self.trackers:
+            tracker.flush()
 
     def artifacts(self, paths: list[Path]) -> None:
         """Attach the files that exist (config, lineage, report PNGs) to the tracked run."""

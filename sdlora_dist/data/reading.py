@@ -50,7 +50,7 @@ class LoaderStats:
     corrupt: int = 0  # samples that could not be decoded (skipped)
     corrupt_keys: list[str] = field(default_factory=list)  # the first few of them, "shard:key"
     refilled: int = 0  # train slots refilled with another sample of the same batch
-    bad_shards: list[str] = field(default_factory=list)  # shards left out under bad_shard="skip"
+    bad_shards: list[str] = field(default_factory=list)  # shards left out under bad_shard="skip" (usable_shards)
 
     def add(self, delta: dict[str, Any]) -> None:
         """Merge a worker's delta."""
@@ -58,7 +58,6 @@ class LoaderStats:
         self.corrupt += delta["corrupt"]
         self.refilled += delta["refilled"]
         self.corrupt_keys += delta["corrupt_keys"][: max(0, _MAX_KEYS_KEPT - len(self.corrupt_keys))]
-        self.bad_shards += [s for s in delta["bad_shards"] if s not in self.bad_shards]
 
     def summary(self) -> str:
         """One line for the log."""
@@ -72,7 +71,7 @@ class LoaderStats:
 
 def new_delta() -> dict[str, Any]:
     """A worker's counts since its last batch (merged into ``LoaderStats`` by the loader)."""
-    return {"samples": 0, "corrupt": 0, "corrupt_keys": [], "refilled": 0, "bad_shards": []}
+    return {"samples": 0, "corrupt": 0, "corrupt_keys": [], "refilled": 0}
 
 
 class ShardError(Exception):
@@ -300,7 +299,7 @@ def check_policy(name: str, value: str) -> None:
 
 
 def usable_shards(
-    location: str, shards: list[ShardInfo], bad_shard: str, bad: list[str], advice: str = ""
+    location: str, shards: list[ShardInfo], bad_shard: str, bad: list[str], advice: str
 ) -> list[ShardInfo]:
     """Existence and size of every local shard (no hashing); bad ones raise (with ``advice``, see
     :func:`repair_advice`) or are listed in ``bad`` and left out."""
@@ -312,7 +311,6 @@ def usable_shards(
             continue
         if bad_shard == "error":
             where = urls.join(location, shard.path)
-            advice = advice or repair_advice(location, None)
             raise UserError(f"shard {shard.path} is unreadable ({problem}) at {where}; {advice}")
         bad.append(shard.path)
         log_warning(f"warning: skipping shard {shard.path} ({problem}) under bad_shard='skip'")
