@@ -13,11 +13,11 @@ from sdlora_dist.errors import UserError
 
 def inspect(model: Path = typer.Argument(..., help="An .onnx file written by 'sdlora export'.")) -> None:
     """Print a model's metadata and lineage: run, task, data, class split, parent, training-time accuracy."""
-    from sdlora_dist.export.inference import OnnxClassifier
     from sdlora_dist.export.lineage import describe, read_lineage
-    from sdlora_dist.export.triton import file_sha256
+    from sdlora_dist.export.metadata import read_metadata
+    from sdlora_dist.fileio import file_sha256
 
-    meta = OnnxClassifier(model, provider="cpu").metadata
+    meta = read_metadata(model)
     typer.echo(describe(meta, read_lineage(meta, str(model)), str(model), file_sha256(model)))
 
 

@@ -32,12 +32,14 @@ def report(
     from sdlora_dist.report_runs import expand_run_args, write_aggregate_report
 
     aggregate = None
-    if len(runs) == 1 and len(expand_run_args(runs)) == 1:
-        files = write_report(expand_run_args(runs)[0], out)
+    expanded = expand_run_args(runs) if len(runs) == 1 else runs
+    if len(expanded) == 1:
+        files = write_report(expanded[0], out)
     else:
         files, table = write_aggregate_report(runs, out)
-        aggregate = json.loads(files.data[0].read_text())
-        if not as_json:
+        if as_json:  # the numbers as written to aggregate.json
+            aggregate = json.loads(files.data[0].read_text())
+        else:
             typer.echo(table)
     if as_json:
         typer.echo(json.dumps({"files": [str(p) for p in files.paths()], "aggregate": aggregate}))

@@ -20,7 +20,7 @@ from sdlora_dist.checkpoint import RunState, load_progress, load_run
 from sdlora_dist.data.classes import split_fingerprint
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.lineage import Lineage
-from sdlora_dist.export.metadata import metadata_from_pretrained_cfg
+from sdlora_dist.export.metadata import metadata_from_pretrained_cfg, read_props
 from sdlora_dist.export.model_card import write_card
 from sdlora_dist.export.onnx_export import ExportReport, export_onnx
 from sdlora_dist.export.timm_format import CONFIG_FILE, WEIGHTS_FILE, write_timm_folder
@@ -161,14 +161,12 @@ def check_not_from_another_run(out_path: str | Path, config_hash: str, run_dir: 
 
     A file that is not an sdlora ONNX export (no readable metadata) is not judged here: it is replaced as before.
     """
-    import onnx
-
     out_path = Path(out_path)
     if not out_path.is_file():
         return
     try:
-        props = {p.key: p.value for p in onnx.load(str(out_path), load_external_data=False).metadata_props}
-    except Exception:  # noqa: BLE001  (onnx raises DecodeError and others on a file that is not ONNX)
+        props = read_props(out_path)
+    except UserError:  # not ONNX at all
         return
     previous = props.get("sdlora.config_hash")
     if previous is not None and previous != config_hash:

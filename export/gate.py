@@ -30,9 +30,8 @@ from typing import Any
 from sdlora_dist.data.classes import even_split
 from sdlora_dist.errors import UserError
 from sdlora_dist.export.evaluate import EvalResult, evaluate_onnx
-from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.export.lineage import Lineage, read_lineage
-from sdlora_dist.export.metadata import ModelMetadata
+from sdlora_dist.export.metadata import ModelMetadata, read_metadata
 from sdlora_dist.fileio import file_sha256
 
 GATE_FAILED = 3  # the exit code of a failed gate: distinct from 1 (crash) and 2 (refused input)
@@ -89,7 +88,7 @@ def _open(path: Path, role: str) -> tuple[ModelMetadata, Lineage | None]:
     """Metadata and lineage of a file; a non-sdlora ONNX is refused with one line."""
     if not path.is_file():
         raise UserError(f"{role} {path} does not exist: pass a file written by 'sdlora export'")
-    meta = OnnxClassifier(path, provider="cpu").metadata
+    meta = read_metadata(path)
     return meta, read_lineage(meta, str(path))
 
 

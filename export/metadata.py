@@ -13,6 +13,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, get_args
 
 from sdlora_dist import __version__
@@ -174,3 +175,24 @@ def metadata_from_pretrained_cfg(
         "num_tasks": int(num_tasks),
         "config_hash": config_hash,
     }
+
+
+def read_props(path: str | Path) -> dict[str, str]:
+    """An ONNX file's ``metadata_props`` without building an onnxruntime session (no graph optimisation); a missing
+    or unreadable file is a UserError."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist: pass a file written by 'sdlora export'")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001  (onnx raises DecodeError and others on a file that is not ONNX)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a loadable ONNX model ({first_line[:200]}); export it again") from exc
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_metadata(path: str | Path) -> ModelMetadata:
+    """The sdlora metadata of an exported file (UserError naming the file when it has none)."""
+    return ModelMetadata.from_props(read_props(path), source=str(path))

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from sdlora_dist.errors import UserError
-from sdlora_dist.export.inference import OnnxClassifier
 from sdlora_dist.export.lineage import read_lineage
+from sdlora_dist.export.metadata import read_metadata
 from sdlora_dist.fileio import file_sha256
 
 CHAMPION = "champion"
@@ -44,7 +44,7 @@ def _gate_verdict(report: Path | None, sha256: str) -> str:
 
 def version_tags(model: Path, sha256: str, verdict: str) -> tuple[dict[str, str], str]:
     """The ``sdlora.*`` tags of a model version, and the full lineage JSON (logged as an artifact)."""
-    meta = OnnxClassifier(model, provider="cpu").metadata
+    meta = read_metadata(model)
     lineage = read_lineage(meta, str(model))
     tags = {"sdlora.sha256": sha256, "sdlora.classes": str(meta.num_classes), "sdlora.num_tasks": str(meta.num_tasks),
             "sdlora.config_hash": meta.config_hash, "sdlora.gate": verdict}  # fmt: skip

@@ -31,7 +31,7 @@ from pathlib import Path
 import onnx
 
 from sdlora_dist.errors import UserError
-from sdlora_dist.export.metadata import ModelMetadata
+from sdlora_dist.export.metadata import read_metadata
 from sdlora_dist.fileio import atomic_write_text, dir_mode, file_sha256
 
 # ONNX TensorProto element type -> Triton data_type.
@@ -119,8 +119,7 @@ def versions(folder: Path) -> list[int]:
 
 
 def _class_names(onnx_path: Path) -> tuple[str, ...]:
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    return ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props}, source=str(onnx_path)).class_names
+    return read_metadata(onnx_path).class_names
 
 
 def _check_name(name: str, max_batch_size: int) -> None:

@@ -440,6 +440,4 @@ def run(
     (counts per task group), called once more to record the accuracy before alignment; ``times`` gets
     ``eval_before_align``, ``head_stats`` and ``head_align`` (seconds).
     """
-    if pairs is None:
-        return ALIGNERS[cfg.train.head_align](cfg, model, task, env, spec, manifest, evaluate, times)
     return ALIGNERS[cfg.train.head_align](cfg, model, task, env, spec, manifest, evaluate, times, pairs)

@@ -552,8 +552,8 @@ def run_task(
     with timed(times, "train"):
         train_stats = _train_task_preemptible(TaskContext(cfg, model, env, spec, manifest, task, trackers, offset))
     pairs = drift.after_task(cfg, model, task, env, spec, manifest, pairs, times)  # None unless drift/ridge
-    aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times,
-                             pairs if cfg.train.drift != "none" else None)  # 'none' does nothing  # fmt: skip
+    # 'none' does nothing; with gaussian, pairs is set only when train.drift is on (ridge excludes gaussian)
+    aligned = head_align.run(cfg, model, task, env, spec, manifest, evaluate, times, pairs)
     head_stats = aligned.stats
     if cfg.train.head == "ridge":
         head_stats = ridge_head.run(cfg, model, task, env, pairs, times)

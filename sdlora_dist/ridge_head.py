@@ -90,18 +90,24 @@ def checksum(head: RidgeHead) -> str:
 # Statistics over tasks
 
 
+def projected(pairs: drift.FeaturePairs, projection: torch.Tensor) -> drift.FeaturePairs:
+    """``pairs`` in the projected space ``relu(f @ P)``, computed once for the sums, the drift map and SDC."""
+    return drift.FeaturePairs(keys=pairs.keys, labels=pairs.labels, old=[project(f, projection) for f in pairs.old],
+                              new=[project(f, projection) for f in pairs.new])  # fmt: skip
+
+
 def task_sums(
-    pairs: drift.FeaturePairs, projection: torch.Tensor, num_classes: int, offset: int, device: torch.device
+    hidden: drift.FeaturePairs, m: int, num_classes: int, offset: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """This task's ridge sums from its features after training (``pairs.new``), all-reduced over ranks."""
-    m = projection.shape[1]
+    """This task's ridge sums from its projected features after training (``hidden.new``, width ``m``: a rank
+    without samples still contributes zeros of the right shape), all-reduced over ranks."""
     total = {
         "count": torch.zeros(num_classes, dtype=torch.float64),
         "sums": torch.zeros(num_classes, m, dtype=torch.float64),
         "gram": torch.zeros(m, m, dtype=torch.float64),
     }
-    for feats, labels in zip(pairs.new, pairs.labels, strict=True):
-        for key, value in ridge_sums(project(feats, projection), labels - offset, num_classes).items():
+    for feats, labels in zip(hidden.new, hidden.labels, strict=True):
+        for key, value in ridge_sums(feats, labels - offset, num_classes).items():
             total[key] += value
     return {k: dist.all_reduce_sum(v.to(device)).cpu() for k, v in total.items()}
 
@@ -125,20 +131,19 @@ def previous_sums(cfg: Config, task: int) -> dict[str, torch.Tensor] | None:
 
 
 def compensate(
-    cfg: Config, prev: dict[str, torch.Tensor], pairs: drift.FeaturePairs | None, device: torch.device
+    cfg: Config, prev: dict[str, torch.Tensor], hidden: drift.FeaturePairs, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Earlier tasks' (sums, gram) moved into the current projected space (``train.drift``); as stored with none."""
+    """Earlier tasks' (sums, gram) moved into the current projected space (``train.drift``; ``hidden``: this task's
+    projected pairs); as stored with none."""
     sums, gram, count = prev["ridge_sums"], prev["ridge_gram"], prev["ridge_count"]
-    if cfg.train.drift == "none" or pairs is None:
+    if cfg.train.drift == "none":
         return sums, gram
-    proj = prev["ridge_projection"]
-    to_h = lambda f: project(f, proj)  # noqa: E731
-    paired = drift.reduce_paired_sums(pairs, proj.shape[1], device, transform=to_h)
+    paired = drift.reduce_paired_sums(hidden, prev["ridge_projection"].shape[1], device)
     if cfg.train.drift == "linear":
         return drift.fit_linear_map(paired, cfg.train.drift_ridge).raw_sums(count, sums, gram)
     means = sums / count.clamp(min=1)[:, None]
     sigma2 = drift.sdc_sigma2(paired, cfg.train.sdc_bandwidth)
-    shifts = drift.sdc_shifts(pairs, means, sigma2, device, transform=to_h)
+    shifts = drift.sdc_shifts(hidden, means, sigma2, device)
     return drift.shift_raw_sums(count, sums, gram, shifts)
 
 
@@ -153,10 +158,11 @@ def run(
     t = cfg.train
     prev = previous_sums(cfg, task)
     proj = random_projection(model.head.in_features, t.ridge_dim, t.seed) if prev is None else prev["ridge_projection"]
-    own = task_sums(pairs, proj, model.task_classes[task], model.class_offset(task), env.device)
+    hidden = projected(pairs, proj)
+    own = task_sums(hidden, t.ridge_dim, model.task_classes[task], model.class_offset(task), env.device)
     count, sums, gram = own["count"], own["sums"], own["gram"]
     if prev is not None:
-        old_sums, old_gram = compensate(cfg, prev, pairs, env.device)
+        old_sums, old_gram = compensate(cfg, prev, hidden, env.device)
         count, sums, gram = torch.cat([prev["ridge_count"], count]), torch.cat([old_sums, sums]), old_gram + gram
     times["ridge_stats"] = time.perf_counter() - mark
     mark = time.perf_counter()

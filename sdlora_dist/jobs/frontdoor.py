@@ -7,6 +7,7 @@ options) is checked here, in the calling process, so it fails in one line before
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import shutil
@@ -74,8 +75,8 @@ def resolve_config(
     """
     shards_benchmark = _manifest_benchmark(data) if data is not None else None
     raw = _recipe_for(benchmark, shards_benchmark) if benchmark is not None or config is None else {}
-    if config is not None:
-        raw = _merge(raw, read_yaml_mapping(Path(config)))
+    mine = read_yaml_mapping(Path(config)) if config is not None else {}
+    raw = _merge(raw, copy.deepcopy(mine))  # the overrides below must not reach mine (see _user_model)
     apply_overrides(raw, sets)
     if data is not None:
         raw.setdefault("data", {})["shards"] = data
@@ -96,12 +97,11 @@ def resolve_config(
     chosen = run_dir or raw.get("run_dir") or f"{root}/{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
     raw["run_dir"] = str(Path(chosen).absolute())
     cfg = config_from_dict(raw)
-    return _fill_from_weights(cfg, _user_model(config, sets))
+    return _fill_from_weights(cfg, _user_model(mine, sets))
 
 
-def _user_model(config: str | None, sets: list[str]) -> dict[str, Any]:
-    """The ``model`` keys the user gave (``--config`` file, ``--set``), not those of a shipped recipe."""
-    mine = read_yaml_mapping(Path(config)) if config is not None else {}
+def _user_model(mine: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    """The ``model`` keys the user gave (``--config`` file ``mine``, ``--set``), not those of a shipped recipe."""
     model = apply_overrides(mine, sets).get("model")
     return model if isinstance(model, dict) else {}
 
