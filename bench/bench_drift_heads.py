@@ -1,14 +1,16 @@
 """Drift compensation and the ridge head (issue 21): none, gaussian, gaussian + drift, ridge, ridge + drift.
 
-    python bench/bench_drift_heads.py --backbone FILE --digits SHARDS --animals SHARDS \\
+    python bench/bench_drift_heads.py --backbone FILE --digits SHARDS --animals SHARDS --omniglot SHARDS \\
         [--seeds 1993 1994 1995] [--epochs 3] [--drift linear] [--out bench/results/drift_heads.json]
 
 ``--digits``: ``sdlora data prepare --benchmark digits``; ``--animals``: the Animal-MNIST silhouettes
-(``bench/prepare_animal_shapes.py`` then ``sdlora data prepare --benchmark imagefolder --tasks 5``). ``--backbone``:
+(``bench/prepare_animal_shapes.py`` then ``sdlora data prepare --benchmark imagefolder --tasks 5``);
+``--omniglot``: 100 Omniglot characters (``bench/prepare_omniglot.py`` then ``... --tasks 10``). ``--backbone``:
 the demo's glyph-pretrained toy ViT (``toy_backbone.pretrain_toy_backbone``). Every run is the real CLI on 1 rank
-with the digits recipe's model and optimiser (both data sets in 5 tasks of 2 classes); seed s sets ``train.seed``
-and ``data.class_order_seed``. The seeds of each setting are aggregated by ``sdlora report`` (mean +- std of Acc,
-AAA, forgetting); this script adds task 0's accuracy at the end and the seconds per task of each added pass.
+with the digits recipe's model and optimiser (digits and animals in 5 tasks of 2 classes, Omniglot in 10 of 10);
+seed s sets ``train.seed`` and ``data.class_order_seed``. The seeds of each setting are aggregated by ``sdlora
+report`` (mean +- std of Acc, AAA, forgetting); this script adds task 0's accuracy at the end and the seconds per
+task of each added pass.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ PASSES = ("drift_before", "features_after", "head_stats", "eval_before_align", "
 def modes(drift: str) -> dict[str, list[str]]:
     """Setting name -> its ``--set`` values."""
     return {
-        "none": [],
-        "gaussian": ["train.head_align=gaussian"],
-        f"gaussian+{drift}": ["train.head_align=gaussian", f"train.drift={drift}"],
+        "none": ["train.head=linear"],
+        "gaussian": ["train.head=linear", "train.head_align=gaussian"],
+        f"gaussian+{drift}": ["train.head=linear", "train.head_align=gaussian", f"train.drift={drift}"],
         "ridge": ["train.head=ridge"],
         f"ridge+{drift}": ["train.head=ridge", f"train.drift={drift}"],
     }
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--backbone", required=True, type=Path)
     parser.add_argument("--digits", type=Path, help="digits shards")
     parser.add_argument("--animals", type=Path, help="Animal-MNIST imagefolder shards")
+    parser.add_argument("--omniglot", type=Path, help="Omniglot imagefolder shards")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1993, 1994, 1995])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--drift", default="linear", choices=["linear", "sdc"])
@@ -104,7 +107,8 @@ def main() -> None:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {}
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     results.setdefault("runs", {})
-    sources = (("digits", args.digits, "digits"), ("animals", args.animals, "generic"))
+    sources = (("digits", args.digits, "digits"), ("animals", args.animals, "generic"),
+               ("omniglot", args.omniglot, "generic"))  # fmt: skip
     data = [(name + args.tag, path, bench) for name, path, bench in sources if path]
     with tempfile.TemporaryDirectory() as tmp:
         for name, shards, benchmark in data:
