@@ -264,6 +264,17 @@ def join_stats(prev: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> d
     return out
 
 
+def _read_cumulative(cfg: Config, task: int) -> dict[str, torch.Tensor]:
+    """Task ``task``'s stored statistics of every seen class (with drift on), from the run directory."""
+    prev = ckpt.load_head_stats(Path(cfg.run_dir), task)
+    if prev is None or CUMULATIVE_KEY not in prev:
+        raise UserError(
+            f"task {task} of {cfg.run_dir} has no drift-compensated head statistics: it was trained with "
+            "another train.head_align/drift; keep the run's settings or start a fresh run"
+        )
+    return prev
+
+
 def cumulative_stats(cfg: Config, model: torch.nn.Module, task: int, env: dist.DistEnv,
                      pairs: drift.FeaturePairs) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # fmt: skip
     """Every seen class's statistics in the current feature space (what task ``task``'s file holds with drift),
@@ -272,12 +283,7 @@ def cumulative_stats(cfg: Config, model: torch.nn.Module, task: int, env: dist.D
     n_cls, offset, d = model.task_classes[task], model.class_offset(task), model.head.in_features
     own = finalize(sums_from_pairs(pairs, n_cls, offset, cov, d, env.device), cov)
     if task > 0:
-        prev = ckpt.load_head_stats(Path(cfg.run_dir), task - 1)
-        if prev is None or CUMULATIVE_KEY not in prev:
-            raise UserError(
-                f"task {task - 1} of {cfg.run_dir} has no drift-compensated head statistics: it was trained with "
-                "another train.head_align/drift; keep the run's settings or start a fresh run"
-            )
+        prev = dist.tensors_from_rank_zero(lambda: _read_cumulative(cfg, task - 1), env.device)
         moved = compensate_stats(prev, pairs, cfg, env.device)
         shift = (moved["mean"] - prev["mean"]).norm(dim=1) / prev["mean"].norm(dim=1).clamp(min=1e-12)
         shift_info = {"drift_mean_shift": float(shift.mean())}  # how far the map moved the old means (relative)

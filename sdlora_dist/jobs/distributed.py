@@ -391,6 +391,33 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
                 t.copy_(buf)
 
 
+def tensors_from_rank_zero(
+    read: Callable[[], dict[str, torch.Tensor] | None], device: torch.device | str
+) -> dict[str, torch.Tensor] | None:
+    """Rank 0's ``read()`` (CPU tensors) on every rank. Only rank 0 reads: the other nodes may not see the files
+    rank 0 wrote (a run directory on node-local disk). A ``UserError`` of rank 0's read is raised on every rank."""
+    if not _active():
+        return read()
+    meta: Any = None
+    mine: dict[str, torch.Tensor] | None = None
+    if dist.get_rank() == 0:
+        try:
+            mine = read()
+        except UserError as exc:
+            broadcast_object(("error", str(exc)))
+            raise
+        meta = None if mine is None else ("ok", {k: (tuple(v.shape), v.dtype) for k, v in mine.items()})
+    meta = broadcast_object(meta)
+    if meta is None:
+        return None
+    if meta[0] == "error":
+        raise UserError(meta[1])
+    out = {k: (mine[k] if mine is not None else torch.empty(shape, dtype=dtype)).to(device)
+           for k, (shape, dtype) in meta[1].items()}  # fmt: skip
+    broadcast_tensors(list(out.values()))
+    return {k: v.cpu() for k, v in out.items()}
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over ranks in place and return it."""
     if _active():
@@ -511,6 +538,7 @@ __all__ = [
     "peer_failures",
     "broadcast_object",
     "broadcast_tensors",
+    "tensors_from_rank_zero",
     "all_reduce_sum",
     "barrier",
     "all_gather_object",
