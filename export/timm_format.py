@@ -10,7 +10,8 @@ The folder follows timm's own Hugging Face layout (what ``timm.models.push_to_hf
                       pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file="OUT_DIR/model.safetensors"))
 
 gives the exported classifier, and ``timm.data.resolve_data_config(model=m)`` its preprocessing. (The overlay must
-carry ``num_classes``: with the architecture's default of 1000, timm would drop the exported head.)
+carry ``num_classes``: with the architecture's default of 1000, timm would drop the exported head.) Only runs with the
+paper's linear head (``train.head=linear``) can be written: a ridge head is not a layer timm's ViT has.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def write_timm_folder(out_dir: str | Path, state: RunState, metadata: dict[str, 
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    if state.config.train.head != "linear":
+        raise UserError(
+            f"--format timm needs the paper's linear head, but this run was trained with train.head="
+            f"{state.config.train.head} (a random projection, ReLU and ridge layer that timm's ViT head cannot hold): "
+            "export ONNX instead (sdlora export model.onnx), or train with --set train.head=linear"
+        )
     if out.exists() and (not out.is_dir() or any(p.name not in _OWN for p in out.iterdir())):
         raise UserError(f"{out} exists and is not an export folder: pass a new folder for --format timm")
     merged = state.model.merge()

@@ -47,7 +47,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sdlora_dist import __version__
-from sdlora_dist.config import Config, load_config, save_config
+from sdlora_dist.config import Config, config_from_dict, read_yaml_mapping, save_config
 from sdlora_dist.errors import UserError
 from sdlora_dist.fileio import atomic_dir, atomic_path, atomic_write_json, atomic_write_text, file_sha256
 from sdlora_dist.jobs.rank import is_rank_zero
@@ -290,7 +290,10 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} has no {CONFIG_FILE}: not a run directory written by 'sdlora train'")
-    cfg = load_config(path)
+    raw = read_yaml_mapping(path)
+    if isinstance(raw.get("train"), dict):  # written before train.head existed (issue 21): the paper's head
+        raw["train"].setdefault("head", "linear")
+    cfg = config_from_dict(raw)
     cfg.run_dir = str(path.parent.absolute())  # where it is now: a run directory can be moved
     return cfg
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from sdlora_dist.errors import UserError
@@ -303,12 +303,14 @@ class TrainConfig(_Section):
         0.01, gt=0, allow_inf_nan=False, description="head_align: SGD (momentum 0.9) learning rate."
     )
     head_align_batch_size: int = Field(128, gt=0, description="head_align: batch size of sampled features.")
-    # not in the paper: 'linear' keeps the paper's head (ridge_head.py)
+    # not in the paper: the default since issue 21 (BENCHMARKS.md); the paper recipes set 'linear' (ridge_head.py)
     head: Head = Field(
-        "linear",
+        "ridge",
         description=(
-            "'linear' (the paper's head, trained with the tasks) or 'ridge': evaluate, export and predict with a "
-            "closed-form ridge classifier on fixed random ReLU features of the backbone (RanPAC-style)."
+            "'ridge' (default): evaluate, export and predict with a closed-form ridge classifier on fixed random "
+            "ReLU features of the backbone (RanPAC-style; tasks still train the paper's head), or 'linear' (the "
+            "paper's head, trained with the tasks; what the paper recipes and --format timm use). Unset, "
+            "head_align=gaussian selects 'linear' (the head it aligns)."
         ),
     )
     ridge_dim: int = Field(1024, gt=0, description="head=ridge: width M of the random projection.")
@@ -331,11 +333,20 @@ class TrainConfig(_Section):
         1.0, gt=0, allow_inf_nan=False, description="drift=sdc: kernel width^2 relative to the features' spread."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gaussian_aligns_the_linear_head(cls, data: Any) -> Any:
+        """``head_align=gaussian`` with no ``head`` given selects the linear head it aligns."""
+        if isinstance(data, dict) and "head" not in data and data.get("head_align") == "gaussian":
+            return {**data, "head": "linear"}
+        return data
+
     @field_validator("head")
     @classmethod
     def _one_head_fix(cls, head: str, info: ValidationInfo) -> str:
         if head == "ridge" and info.data.get("head_align") == "gaussian":
-            raise ValueError("head=ridge replaces the aligned linear head at inference; set train.head_align=none")
+            raise ValueError("head=ridge replaces the aligned linear head at inference; set train.head=linear to "
+                             "align the paper's head, or train.head_align=none")  # fmt: skip
         return head
 
     @field_validator("drift")

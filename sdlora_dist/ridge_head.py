@@ -1,4 +1,5 @@
-"""Analytic ridge head (``train.head: ridge``, RanPAC-style). Not part of SD-LoRA.
+"""Analytic ridge head (``train.head: ridge``, RanPAC-style; the default since issue 21, the paper recipes set
+``linear``). Not part of SD-LoRA: it beat the paper's head on every benchmark and seed measured (BENCHMARKS.md).
 
 Training is unchanged: every task trains its adapters and its linear head rows with the masked cross-entropy. The
 classifier used for evaluation, export and prediction is then replaced by a closed-form one:
@@ -8,7 +9,8 @@ classifier used for evaluation, export and prediction is then replaced by a clos
 2. float64 sums over every seen class's train samples: per class the count and ``sum h`` [C, M] (the ridge targets
    are one-hot, so ``H^T Y`` is these class sums) and the Gram matrix ``G = sum h h^T`` [M, M]. One pass over the
    current task's train samples (eval transform) adds its sums, all-reduced over ranks; earlier tasks' sums come
-   from task t-1's folder (cumulative: ``head_stats.safetensors`` of task t holds the sums of tasks 0..t);
+   from task t-1's folder (cumulative: ``head_stats.safetensors`` of task t holds the sums of tasks 0..t), read by
+   rank 0 and broadcast (other nodes may not see rank 0's run directory);
 3. rank 0 solves ``W = (G + lam I)^-1 H^T Y`` with ``lam = train.ridge_lambda * trace(G) / M`` (scale-free) and
    broadcasts ``W``; the logits are ``h @ W``.
 
@@ -112,10 +114,14 @@ def task_sums(
     return {k: dist.all_reduce_sum(v.to(device)).cpu() for k, v in total.items()}
 
 
-def previous_sums(cfg: Config, task: int) -> dict[str, torch.Tensor] | None:
-    """Task ``task - 1``'s cumulative ridge sums (None for task 0)."""
+def previous_sums(cfg: Config, task: int, device: torch.device | str) -> dict[str, torch.Tensor] | None:
+    """Task ``task - 1``'s cumulative ridge sums (None for task 0), read by rank 0 and broadcast."""
     if task == 0:
         return None
+    return dist.tensors_from_rank_zero(lambda: _read_previous(cfg, task), device)
+
+
+def _read_previous(cfg: Config, task: int) -> dict[str, torch.Tensor]:
     stats = ckpt.load_head_stats(Path(cfg.run_dir), task - 1)
     if stats is None or any(k not in stats for k in KEYS):
         raise UserError(
@@ -156,7 +162,7 @@ def run(
     """
     mark = time.perf_counter()
     t = cfg.train
-    prev = previous_sums(cfg, task)
+    prev = previous_sums(cfg, task, env.device)
     proj = random_projection(model.head.in_features, t.ridge_dim, t.seed) if prev is None else prev["ridge_projection"]
     hidden = projected(pairs, proj)
     own = task_sums(hidden, t.ridge_dim, model.task_classes[task], model.class_offset(task), env.device)

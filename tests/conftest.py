@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,14 +11,22 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 torch.set_num_threads(2)
+# A runner started in the background (nohup, `cmd &` in a script) hands its processes SIGINT ignored, and an ignored
+# signal stays ignored across exec: every process the tests start would shrug off the Ctrl-C they send. A handled
+# signal is reset to the default in a child, so handling it here gives the children what a terminal gives them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DIGITS_SHARD_SIZE = 37  # 287 train samples per digits task = 7 x 37 + 28: uneven shards in every task
 TINY_VIT = "{img_size: 32, patch_size: 8, depth: 3, embed_dim: 48, num_heads: 3}"
 
 
 def tiny_overrides(*extra: str) -> list[str]:
-    """Overrides for a seeded tiny random-init ViT (3 blocks, width 48, 17 tokens)."""
-    return ["model.name=vit_tiny_patch16_224", "model.weights=random", f"model.kwargs={TINY_VIT}", *extra]
+    """Overrides for a seeded tiny random-init ViT (3 blocks, width 48, 17 tokens) with the paper's linear head: the
+    runs these tests build by hand save no ridge statistics (the default ridge head is tested by test_ridge_head.py
+    and every ``sdlora train`` run of the suite)."""
+    return ["model.name=vit_tiny_patch16_224", "model.weights=random", f"model.kwargs={TINY_VIT}", "train.head=linear",
+            *extra]  # fmt: skip
 
 
 @pytest.fixture

@@ -76,14 +76,16 @@ def shard_crops(shards: Path, count: int = 40) -> np.ndarray:
 
 def scramble_head(src: Path, dst: Path, rows: int) -> None:
     """Copy an exported model with the first ``rows`` rows of its classifier head (weight and bias) rotated by one:
-    a model whose old classes answer each other's names, metadata and lineage unchanged."""
+    a model whose old classes answer each other's names, metadata and lineage unchanged. The head is the paper's
+    ``head.weight``/``head.bias`` or the ridge head's last layer ``head.2.weight`` (its zero bias may be folded away
+    by the exporter)."""
     import onnx
     from onnx import numpy_helper
 
     proto = onnx.load(str(src))
     classes = len(json.loads({p.key: p.value for p in proto.metadata_props}["sdlora.class_names"]))
     heads = [t for t in proto.graph.initializer if t.name.startswith("head.") and t.dims and t.dims[0] == classes]
-    assert len(heads) == 2, [t.name for t in heads]  # head.weight, head.bias
+    assert any(t.name.endswith("weight") for t in heads) and len(heads) <= 2, [t.name for t in heads]
     for tensor in heads:
         value = numpy_helper.to_array(tensor).copy()
         value[:rows] = np.roll(value[:rows], 1, axis=0)

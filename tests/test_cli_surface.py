@@ -32,7 +32,11 @@ def test_version_comes_from_package_metadata(capsys):
 @pytest.mark.slow  # launches the CLI in subprocesses
 def test_completion_script_and_completion(tmp_path):
     script = [sys.executable, "-m", "sdlora_dist.cli.main"]
-    shown = subprocess.run([*script, "--show-completion", "bash"], capture_output=True, text=True, env=ENV, timeout=60)
+    # typer reads the shell off the process tree unless its own switch makes --show-completion take one: under a
+    # runner with no shell among its parents (nohup, a CI agent) detection fails and "bash" would be ignored
+    shell_given = {**ENV, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    shown = subprocess.run([*script, "--show-completion", "bash"], capture_output=True, text=True, env=shell_given,
+                           timeout=60)  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     assert "_SDLORA_COMPLETE=complete_bash" in shown.stdout
     # the script asks the program itself: answer a real completion request for "sdlora da"

@@ -198,7 +198,8 @@ def test_kd_gram_matches_dense_least_squares():
 
 
 def test_save_load_round_trip(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("adapter.rank_schedule=[[0,4],[2,2]]", "adapter.kd=true")
+    # the paper's head: this test saves no head statistics (ridge runs: tests/test_ridge_head.py)
+    cfg = tiny_cfg("adapter.rank_schedule=[[0,4],[2,2]]", "adapter.kd=true", "train.head=linear")
     model = build_model(cfg)
     run_tasks(model, 3)
     write_run_header(tmp_path, cfg, model, {"benchmark": "test"})

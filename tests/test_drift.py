@@ -117,7 +117,7 @@ def test_drift_without_stored_statistics_is_one_readable_config_error(tiny_cfg):
     from sdlora_dist.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.drift: drift compensation needs stored statistics"):
-        tiny_cfg("train.drift=linear")
+        tiny_cfg("train.head=linear", "train.drift=linear")
     with pytest.raises(ConfigError, match="train.drift: .*got 'affine'"):
         tiny_cfg("train.head_align=gaussian", "train.drift=affine")
 
@@ -125,7 +125,7 @@ def test_drift_without_stored_statistics_is_one_readable_config_error(tiny_cfg):
 def test_none_adds_no_pass_and_no_record_key(tiny_cfg):
     from sdlora_dist.recipe import extra_heads_record
 
-    cfg = tiny_cfg()
+    cfg = tiny_cfg("train.head=linear")
     times: dict[str, float] = {}
     assert drift.before_task(cfg, None, 1, ENV, None, None, times) is None  # type: ignore[arg-type]
     assert drift.after_task(cfg, None, 1, ENV, None, None, None, times) is None  # type: ignore[arg-type]

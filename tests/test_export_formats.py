@@ -44,10 +44,15 @@ print(json.dumps({"max_ab": float(np.abs(la - lb).max()), "mean": list(data["mea
 
 @pytest.fixture(scope="module")
 def trained(digits_shards, tmp_path_factory) -> Path:
-    """All 5 digits tasks, 2 epochs each: confident enough predictions for the INT8 agreement to mean something."""
+    """All 5 digits tasks, 2 epochs each: confident enough predictions for the INT8 agreement to mean something.
+
+    The paper's linear head: what timm's ViT holds, and on this random-init toy the default ridge head, fitted on
+    weak features, has margins so small that INT8 agrees on only 92.8 % (the gate refuses it, as it should); with the
+    demo's pre-trained backbone ridge agrees on 98.3 % (BENCHMARKS.md, "INT8 export")."""
     run_dir = tmp_path_factory.mktemp("export") / "run"
-    done = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir),
-                  *sets("train.epochs=2", "train.max_steps_per_epoch=null"), timeout=900)  # fmt: skip
+    extra = sets("train.epochs=2", "train.max_steps_per_epoch=null", "train.head=linear")
+    done = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir), *extra,
+                  timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return run_dir
 

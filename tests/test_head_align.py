@@ -250,9 +250,9 @@ def test_none_trains_exactly_what_gaussian_trains_apart_from_the_head(digits_sha
     Adapter factors and magnitudes of every task are bit-identical between the two runs: the alignment step draws
     nothing from the global RNG and leaves the training path (data order, init, steps) untouched.
     """
-    run_dir = tmp_path / "none"
+    run_dir = tmp_path / "none"  # the paper's method: linear head, no alignment (the default head is ridge)
     none = sdlora("train", "-b", "digits", "--data", str(digits_shards), "--run-dir", str(run_dir),
-                  *sets("train.tasks=3", *KILLABLE))  # fmt: skip
+                  *sets("train.tasks=3", "train.head=linear", *KILLABLE))  # fmt: skip
     assert none.returncode == 0, none.stderr[-3000:]
     for task in range(3):
         folder = run_dir / "tasks" / f"task_{task:02d}"

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_helpers import kill_at_engine_checkpoint, metrics, sdlora, sets
+import yaml
+from cli_helpers import error_line, kill_at_engine_checkpoint, metrics, sdlora, sets
 from safetensors.torch import load_file
 
 from sdlora_dist import ridge_head as rh
@@ -62,10 +63,29 @@ def test_plain_layers_and_the_merged_model_compute_the_ridge_head(tiny_cfg):
 def test_ridge_with_gaussian_alignment_is_one_readable_config_error(tiny_cfg):
     from sdlora_dist.config import ConfigError
 
-    with pytest.raises(ConfigError, match="train.head: head=ridge replaces the aligned linear head"):
+    with pytest.raises(ConfigError, match="train.head: head=ridge replaces the aligned .*set train.head=linear"):
         tiny_cfg("train.head_align=gaussian", "train.head=ridge")
     with pytest.raises(ConfigError, match=r"train.ridge_dim: must be > 0 \(got 0\)"):
         tiny_cfg("train.head=ridge", "train.ridge_dim=0")
+
+
+def test_ridge_is_the_default_head_and_the_paper_recipes_keep_the_papers(tiny_cfg, tmp_path):
+    from sdlora_dist.checkpoint import load_run_config
+    from sdlora_dist.config import config_from_dict, config_yaml, load_config
+    from sdlora_dist.jobs.frontdoor import benchmark_recipes
+
+    assert load_config().train.head == "ridge"
+    aligned = load_config(overrides=["train.head_align=gaussian"])
+    assert aligned.train.head == "linear"  # the head it aligns, when none is named
+    heads = {name: load_config(path).train.head for name, path in benchmark_recipes().items()}
+    assert heads.pop("digits") == heads.pop("generic") == "ridge"
+    assert set(heads.values()) == {"linear"} and {"imagenet-r", "cifar100", "domainnet"} <= set(heads), heads
+    # a run written before train.head existed trained and evaluated the paper's head: it still loads as such
+    old = config_from_dict(yaml.safe_load(config_yaml(tiny_cfg("train.head=linear"))))
+    raw = old.to_dict()
+    del raw["train"]["head"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert load_run_config(tmp_path).train.head == "linear"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,3 +223,13 @@ def test_export_of_a_ridge_run_is_verified_against_the_run_model(ridge_run, tmp_
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert "Relu" in ops  # the projection's non-linearity is in the graph: backbone, P, ReLU, W
     assert metrics(ridge_run)["tasks"][-1]["drift"] == "none"
+
+
+@pytest.mark.slow
+def test_timm_format_of_a_ridge_run_is_one_clear_line_and_writes_nothing(ridge_run, tmp_path):
+    out = tmp_path / "timm"
+    proc = sdlora("export", str(out), "--run", str(ridge_run), "--format", "timm")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc.stderr)
+    assert "train.head=ridge" in line and "--set train.head=linear" in line, line
+    assert "Traceback" not in proc.stderr and not out.exists()
