@@ -163,8 +163,20 @@ def scenario_decide(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None
     (out / f"decide_rank{env.rank}.json").write_text(json.dumps(record))
 
 
+def _only_rank_zero_reads(env: D.DistEnv, what: str) -> dict[str, torch.Tensor] | None:
+    """What tensors_from_rank_zero's reader sees: a file only rank 0's node has (no other rank may call this)."""
+    if env.rank != 0:
+        raise AssertionError(f"rank {env.rank} read a file only rank 0 has")
+    if what == "fail":
+        raise UserError("task 0 of RUN has no ridge head statistics; keep the run's settings")
+    if what == "none":
+        return None
+    return {"sums": torch.arange(6, dtype=torch.float64).reshape(2, 3), "count": torch.tensor([4, 5])}
+
+
 def scenario_collectives(env: D.DistEnv, out: Path, args: argparse.Namespace) -> None:
-    """Broadcast, all-reduce and all-gather results, plus the error assert_ranks_agree raises on disagreement."""
+    """Broadcast, all-reduce and all-gather results, the error assert_ranks_agree raises on disagreement, and what
+    tensors_from_rank_zero gives every rank (tensors, a read error, nothing)."""
     obj = D.broadcast_object({"from": env.rank, "payload": [env.rank] * 3})
     t = torch.full((2, 3), float(env.rank + 1)).t()  # non-contiguous on purpose
     D.broadcast_tensors([t], src=1)
@@ -176,6 +188,13 @@ def scenario_collectives(env: D.DistEnv, out: Path, args: argparse.Namespace) ->
         error = None
     except RuntimeError as exc:
         error = str(exc)
+    read = D.tensors_from_rank_zero(lambda: _only_rank_zero_reads(env, "ok"), "cpu")
+    try:
+        D.tensors_from_rank_zero(lambda: _only_rank_zero_reads(env, "fail"), "cpu")
+        read_error = None
+    except UserError as exc:
+        read_error = str(exc)
+    nothing = D.tensors_from_rank_zero(lambda: _only_rank_zero_reads(env, "none"), "cpu")
     D.barrier()
     record = {
         "obj": obj,
@@ -183,6 +202,9 @@ def scenario_collectives(env: D.DistEnv, out: Path, args: argparse.Namespace) ->
         "sum": summed.item(),
         "gathered": gathered,
         "error": error,
+        "read": {k: [str(v.dtype), v.tolist()] for k, v in read.items()},
+        "read_error": read_error,
+        "read_nothing": nothing,
     }
     (out / f"collectives_rank{env.rank}.json").write_text(json.dumps(record))
 

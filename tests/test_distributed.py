@@ -268,6 +268,11 @@ def test_collectives_across_two_ranks(two_rank_job):
         assert rec["error"] is not None
         assert "adapter checksum: ranks [1] disagree with rank 0" in rec["error"]
         assert "state-of-0" in rec["error"] and "state-of-1" in rec["error"]
+        # stored statistics only rank 0's node can see: read there, the same tensors (dtype too) on every rank
+        assert rec["read"] == {"sums": ["torch.float64", [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]],
+                               "count": ["torch.int64", [4, 5]]}  # fmt: skip
+        assert rec["read_error"] == "task 0 of RUN has no ridge head statistics; keep the run's settings"
+        assert rec["read_nothing"] is None
 
 
 @pytest.mark.slow
