@@ -26,6 +26,7 @@ TINY = [
     "train.lr=0.01",
     "train.max_steps_per_epoch=6",
     "train.timeout_s=60",
+    "train.ridge_dim=128",  # the default ridge head at a width in proportion to this ViT's 32 (default 1024)
 ]
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 CLI = [sys.executable, "-m", "sdlora_dist.cli.main"]
